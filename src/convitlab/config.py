@@ -1,0 +1,203 @@
+"""The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra checks types and unknown keys while composing; `validate` then checks values, so a
+bad value fails before any work with one line naming the key, the value and what is allowed.
+"""
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from convitlab.errors import check, bad_value
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING                # a name from convitlab.models.list_models()
+    img_size: Any = "${data.img_size}"  # int or [H, W]
+    patch_size: int = "${data.patch_size}"  # type: ignore[assignment]
+    in_chans: int = "${data.in_chans}"  # type: ignore[assignment]
+    num_classes: int = "${data.num_classes}"  # type: ignore[assignment]
+    embed_dim: int = MISSING           # per head, as in the reference
+    num_heads: int = MISSING
+    depth: int = MISSING
+    mlp_ratio: float = 4.0
+    local_up_to_layer: int = MISSING   # number of leading GPSA blocks; 0 = DeiT-style ViT
+    locality_strength: float = 1.0
+    use_local_init: bool = True
+    train_gating: bool = True
+    train_gpsa: bool = True
+    use_pos_embed: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class AugmentConfig:
+    random_crop: bool = False          # pad then crop back to img_size
+    crop_padding: int = 1
+    random_resized_crop: bool = False  # ImageNet-style scale/aspect jitter
+    hflip: bool = False
+    randaugment: bool = False
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    randaugment_magnitude_std: float = 0.5
+    random_erasing: float = 0.0        # probability per image
+    mixup: float = 0.0                 # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0                # Beta(alpha, alpha); 0 = off
+    mix_prob: float = 1.0              # probability a batch is mixed at all
+    mix_switch_prob: float = 0.5       # with both on: probability of cutmix over mixup
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING                # digits | cifar10 | cifar100 | imagefolder
+    root: Optional[str] = None         # where the files are (cifar, imagefolder)
+    download: bool = False             # cifar: let Paddle download when online
+    img_size: Any = MISSING            # int or [H, W] fed to the model
+    patch_size: int = MISSING          # the patch the model uses at this resolution
+    in_chans: int = 3
+    num_classes: int = MISSING
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    fraction: float = 1.0              # per-class fraction of the training split kept
+    subset: str = "random"             # random | first (the reference: first files in sorted order)
+    subset_seed: Optional[int] = None  # None: the run's seed
+    val_split: float = 0.2             # digits only: share held out for validation
+    split_seed: int = 0                # digits only: the fixed train/validation split
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    drop_last: bool = True
+    num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"                # adamw | adam | sgd
+    lr: float = 1e-3
+    scale_lr: bool = False             # lr × global batch / 512, as the reference
+    weight_decay: float = 0.05
+    no_decay_on_1d: bool = True        # the reference groups: no decay on biases, norms, pos_embed, cls_token, gating
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9              # sgd only
+    nesterov: bool = False             # sgd only
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"               # cosine | constant
+    epochs: int = 30
+    scale_epochs: bool = False         # epochs × 1/fraction, as the paper's small-sample runs
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"               # auto | cpu | gpu
+    amp: str = "off"                   # off | fp16 | bf16 (GPU)
+    label_smoothing: float = 0.1
+    grad_clip: Optional[float] = None  # max global gradient norm
+    ema: bool = False
+    ema_decay: float = 0.999
+    resume: Any = "auto"               # auto: continue an unfinished run, report a finished one; false: start afresh
+    keep_checkpoints: int = 2          # checkpoint generations kept, so a torn one has a fallback
+    save_best: bool = True
+    measure_locality: bool = True
+    locality_batch_size: int = 64      # images used to measure nonlocality each epoch
+    progress_bar: bool = True
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (debugging)
+    to_static: bool = False            # paddle.jit.to_static the model
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    seed: int = 0
+    tags: List[str] = field(default_factory=list)
+    study: str = "default"             # names the sweep directory; presets set it
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    ckpt: str = MISSING                # .safetensors, .pth or .pdparams
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+def image_size_pair(value, key: str = "data.img_size"):
+    """An int or [H, W] as an (H, W) tuple of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise bad_value(key, value, "an int or a list [H, W]") from None
+    check(len(pair) == 2 and min(pair) > 0, key, value, "a positive int or [H, W]")
+    return pair
+
+
+def validate(cfg) -> None:
+    """Check the values of a composed train or eval config; raise UserError on the first bad one."""
+    from convitlab.models import list_models
+
+    m, d = cfg.model, cfg.data
+    check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
+    check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
+    h, w = image_size_pair(m.img_size, "model.img_size")
+    check(m.patch_size >= 1, "model.patch_size", m.patch_size, "an int >= 1")
+    check(h % m.patch_size == 0 and w % m.patch_size == 0, "model.img_size", m.img_size,
+          f"sides divisible by model.patch_size={m.patch_size}")
+    for key in ("embed_dim", "num_heads", "depth", "num_classes", "in_chans"):
+        check(m[key] >= 1, f"model.{key}", m[key], "an int >= 1")
+    check(0 <= m.local_up_to_layer <= m.depth, "model.local_up_to_layer", m.local_up_to_layer,
+          f"0..model.depth={m.depth}")
+    check(m.locality_strength >= 0, "model.locality_strength", m.locality_strength, "a number >= 0")
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        check(0 <= m[key] < 1, f"model.{key}", m[key], "a number in [0, 1)")
+    check(0 < d.fraction <= 1, "data.fraction", d.fraction, "a number in (0, 1]")
+    check(d.subset in ("random", "first"), "data.subset", d.subset, "random or first")
+    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an int >= 1")
+    check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size",
+          d.eval_batch_size, "an int >= 1 or null")
+    check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0")
+    check(d.name != "imagefolder" or d.root, "data.root", d.root, "the folder holding train/ and val/")
+    check(len(d.mean) == d.in_chans and len(d.std) == d.in_chans, "data.mean", list(d.mean),
+          f"one value per channel (data.in_chans={d.in_chans})")
+    t = cfg.trainer
+    check(t.device in ("auto", "cpu", "gpu"), "trainer.device", t.device, "auto, cpu or gpu")
+    check(t.amp in ("off", "fp16", "bf16"), "trainer.amp", t.amp, "off, fp16 or bf16")
+    check(t.resume in ("auto", False, True), "trainer.resume", t.resume, "auto, true or false")
+    check(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
+    check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an int >= 1")
+    if "optimizer" in cfg:
+        o, s = cfg.optimizer, cfg.schedule
+        check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
+        check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
+        check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+        check(s.name in SCHEDULES, "schedule.name", s.name, f"one of {', '.join(SCHEDULES)}")
+        check(s.epochs >= 1, "schedule.epochs", s.epochs, "an int >= 1")
+        check(0 <= s.warmup_epochs, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")

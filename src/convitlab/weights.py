@@ -1,0 +1,122 @@
+"""Import of reference checkpoints: timm's .safetensors, the authors' .pth, our own .pdparams.
+
+Reference (PyTorch) checkpoints use the same parameter names as convitlab; only Linear
+weights differ, stored [out, in] there and [in, out] in Paddle.
+"""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from convitlab.errors import UserError
+from convitlab.models.convit import resize_pos_embed, square_grid
+
+log = logging.getLogger(__name__)
+FORMATS = (".safetensors", ".pth", ".pdparams")
+
+
+def read_checkpoint(path):
+    """(state dict of NumPy arrays, layout) where layout is "reference" or "paddle"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist: give a {', '.join(FORMATS)} file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            return load_file(str(path)), "reference"
+        if suffix == ".pth":
+            return _read_torch(path), "reference"
+        if suffix == ".pdparams":
+            state = paddle.load(str(path))
+            state = state.get("model", state) if isinstance(state, dict) else state
+            return {k: np.asarray(v) for k, v in state.items()}, "paddle"
+    except UserError:
+        raise
+    except Exception as exc:  # a torn or foreign file: say which file and why, in one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({reason})") from None
+    raise UserError(f"checkpoint {str(path)!r} has an unknown format: expected one of {', '.join(FORMATS)}")
+
+
+def _read_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"reading {str(path)!r} needs PyTorch: pip install -e '.[torch]' "
+                        "(or convert it to .safetensors elsewhere)") from None
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+
+def linear_weight_names(model):
+    return {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
+
+
+def load_state_dict(model, state, layout="paddle"):
+    """Assign a NumPy state dict to `model` after checking every name and shape.
+
+    A classifier head of another size is skipped with a warning (fine-tuning); a position
+    embedding of another grid is interpolated. Anything else that does not fit is an error
+    that lists the missing, unexpected and mis-shaped keys.
+    """
+    linear = linear_weight_names(model) if layout == "reference" else set()
+    targets = model.state_dict()
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    misshaped, values = [], {}
+    for name in sorted(set(targets) & set(state)):
+        value = np.asarray(state[name], dtype=np.float32)
+        if name in linear:
+            value = value.T
+        want = list(targets[name].shape)
+        if list(value.shape) != want:
+            if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
+                value = _resize_pos_embed(value, model.grid_size)
+            elif name.startswith("head."):
+                log.warning("skipping %s: checkpoint shape %s, model %s (new num_classes)",
+                            name, list(value.shape), want)
+                continue
+            else:
+                misshaped.append(f"{name} {list(value.shape)} vs model {want}")
+                continue
+        values[name] = value
+    if missing or unexpected or misshaped:
+        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("mis-shaped", misshaped)) if keys]
+        raise UserError("checkpoint does not fit the model (" + "; ".join(parts) + ")")
+    for name, value in values.items():
+        targets[name].set_value(value)
+
+
+def _resize_pos_embed(value, grid):
+    old = square_grid(value.shape[1])
+    if old is None:
+        raise UserError(f"pos_embed has {value.shape[1]} positions, not a square grid: "
+                        "cannot infer its resolution to interpolate")
+    return resize_pos_embed(paddle.to_tensor(value), old, grid).numpy()
+
+
+def load_reference_state_dict(model, state):
+    """A state dict in the reference layout (PyTorch names, Linear weights [out, in])."""
+    load_state_dict(model, state, layout="reference")
+
+
+def load_pretrained(model, path):
+    """Load a .safetensors (timm), .pth (authors, needs PyTorch) or .pdparams checkpoint."""
+    state, layout = read_checkpoint(path)
+    load_state_dict(model, state, layout)
+    return model
+
+
+def save_pdparams(model, path):
+    """Save the model's weights as .pdparams, atomically."""
+    from convitlab.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        paddle.save(model.state_dict(), str(tmp))
+    return os.fspath(path)
