@@ -1,0 +1,126 @@
+"""Training checkpoints: complete or absent, never half-written, and checked when read.
+
+Each checkpoint is a folder `epoch_NNNN/` (model.pdparams, optimizer.pdopt, ema.pdparams,
+rng.pkl, state.json with the files' SHA-256) built under a temporary name and renamed into
+place. The newest `keep` generations are kept, so a damaged one has a fallback;
+`best.pdparams` holds the weights of the best epoch for evaluation.
+"""
+import hashlib
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import paddle
+
+from convitlab.atomic import atomic_path
+from convitlab.errors import UserError
+
+_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def optimizer_state_by_name(optimizer, model):
+    """Optimizer state keyed by structured parameter names, not Paddle's per-process ids."""
+    ids = {p.name: name for name, p in model.named_parameters()}
+    return {_rename(key, ids): value for key, value in optimizer.state_dict().items()}
+
+
+def _rename(key, mapping):
+    for old, new in mapping.items():
+        if key == old or key.startswith(old + "_"):
+            return new + key[len(old):]
+    return key
+
+
+def rng_state():
+    state = {"cpu": paddle.get_rng_state()}
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        state["cuda"] = paddle.get_cuda_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    paddle.set_rng_state(state["cpu"])
+    if "cuda" in state and paddle.is_compiled_with_cuda():
+        paddle.set_cuda_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, directory, keep: int = 2):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def generations(self):
+        """Checkpoint folders, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir()
+                 if p.is_dir() and (m := _EPOCH_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self):
+        generations = self.generations()
+        return generations[-1] if generations else None
+
+    def save(self, epoch, model, optimizer, state: dict, ema=None, scaler=None):
+        final = self.directory / f"epoch_{epoch:04d}"
+        tmp = self.directory / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paddle.save(model.state_dict(), str(tmp / "model.pdparams"))
+        paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / "optimizer.pdopt"))
+        if ema is not None:
+            paddle.save(ema.state_dict(), str(tmp / "ema.pdparams"))
+        extras = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+        with open(tmp / "rng.pkl", "wb") as f:
+            pickle.dump(extras, f)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a same-epoch leftover from a killed run
+        tmp.rename(final)
+        for old in self.generations()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save_best(self, model):
+        with atomic_path(self.directory / "best.pdparams") as tmp:
+            paddle.save(model.state_dict(), str(tmp))
+
+    def verify(self, folder: Path) -> dict:
+        """state.json of a checkpoint whose files all match their checksums, else UserError."""
+        previous = [g for g in self.generations() if g != folder]
+        way_out = ("set trainer.resume=false to start afresh"
+                   + (f", or delete it to resume from {previous[-1].name}" if previous else ""))
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            for name, digest in state["files"].items():
+                if _sha256(folder / name) != digest:
+                    raise ValueError(f"{name} does not match its checksum")
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {folder} is damaged ({exc}): {way_out}") from None
+        return state
+
+    def load(self, folder, model, optimizer, ema=None, scaler=None) -> dict:
+        folder = Path(folder)
+        state = self.verify(folder)
+        model.set_state_dict(paddle.load(str(folder / "model.pdparams")))
+        ids = {name: p.name for name, p in model.named_parameters()}
+        saved = paddle.load(str(folder / "optimizer.pdopt"))
+        optimizer.set_state_dict({_rename(k, ids): v for k, v in saved.items()})
+        if ema is not None and (folder / "ema.pdparams").exists():
+            ema.set_state_dict(paddle.load(str(folder / "ema.pdparams")))
+        with open(folder / "rng.pkl", "rb") as f:
+            extras = pickle.load(f)
+        set_rng_state(extras["rng"])
+        if scaler is not None and extras.get("scaler"):
+            scaler.load_state_dict(extras["scaler"])
+        return state

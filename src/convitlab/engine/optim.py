@@ -1,0 +1,53 @@
+"""Optimiser with the reference's parameter groups, and the learning-rate schedule."""
+import math
+
+import paddle
+
+from convitlab.errors import UserError
+
+# Never weight-decayed in the reference (DeiT/ConViT): biases, norms (all 1-D) and these.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "gating_param")
+
+
+def parameter_groups(model, weight_decay, no_decay_on_1d=True):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.stop_gradient:  # frozen (ablations): not optimised, not decayed
+            continue
+        skip = no_decay_on_1d and (param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def base_learning_rate(cfg, global_batch_size: int) -> float:
+    """optimizer.lr, scaled by global batch / 512 when optimizer.scale_lr (the reference rule)."""
+    return cfg.lr * global_batch_size / 512 if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model, cfg, grad_clip=None):
+    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d)
+    clip = paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip else None
+    common = dict(parameters=groups, learning_rate=cfg.lr, grad_clip=clip)
+    if cfg.name == "adamw":
+        return paddle.optimizer.AdamW(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps,
+                                      weight_decay=cfg.weight_decay, **common)
+    if cfg.name == "adam":  # L2 through the groups' weight_decay, as torch's Adam
+        return paddle.optimizer.Adam(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps, **common)
+    if cfg.name == "sgd":
+        return paddle.optimizer.Momentum(momentum=cfg.momentum, use_nesterov=cfg.nesterov, **common)
+    raise UserError(f"optimizer.name={cfg.name!r} is not allowed: adamw, adam or sgd")
+
+
+def learning_rate_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg) -> float:
+    """Per-step learning rate: linear warm-up from warmup_lr, then cosine to min_lr (or constant)."""
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup_steps:
+        return cfg.warmup_lr + (base_lr - cfg.warmup_lr) * step / warmup_steps
+    if cfg.name == "constant":
+        return base_lr
+    total = max(1, epochs * steps_per_epoch - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / total)
+    return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

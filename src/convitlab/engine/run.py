@@ -1,0 +1,98 @@
+"""One run of the entry point: validate, skip or resume, train, and always leave a result row."""
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from convitlab import distributed, results
+from convitlab.atomic import write_text
+from convitlab.config import image_size_pair, validate
+from convitlab.errors import UserError
+from convitlab.run_record import RunRecord, config_hash, convitlab_version
+
+log = logging.getLogger(__name__)
+FINISHED = ("completed", "diverged")
+# What a fresh start (trainer.resume=false) removes from a run directory.
+RUN_OUTPUTS = ("checkpoints", "vdl", "metrics.csv", "locality.csv", "subset.csv", "result.csv", "run.json")
+
+
+def identity_row(cfg, run_dir, cfg_hash, overrides=()):
+    """The columns of result.csv that say which run this is: every knob a sweep may vary."""
+    import paddle
+
+    m, d = cfg.model, cfg.data
+    h, w = image_size_pair(m.img_size, "model.img_size")
+    return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "model": m.name, "dataset": d.name,
+            "fraction": d.fraction, "subset": d.subset, "locality_strength": m.locality_strength,
+            "local_up_to_layer": m.local_up_to_layer, "use_local_init": m.use_local_init,
+            "train_gating": m.train_gating, "train_gpsa": m.train_gpsa, "embed_dim": m.embed_dim,
+            "num_heads": m.num_heads, "depth": m.depth, "img_size": h if h == w else f"{h}x{w}",
+            "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
+            "lr": cfg.optimizer.lr if "optimizer" in cfg else None,
+            "optimizer": cfg.optimizer.name if "optimizer" in cfg else None,
+            "world_size": distributed.world_size(), "overrides": " ".join(overrides),
+            "config_hash": cfg_hash, "convitlab_version": convitlab_version(),
+            "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_training(cfg, run_dir, overrides=()) -> dict:
+    """Train the run described by `cfg` in `run_dir` and return its result row.
+
+    A finished run with the same config is reported, not retrained (unless
+    trainer.resume=false); any failure still writes result.csv with status "failed" and
+    the error in one line, then re-raises.
+    """
+    from convitlab.engine.trainer import fit, total_epochs
+
+    run_dir = Path(run_dir)
+    main = distributed.is_main()
+    record = RunRecord(run_dir)
+    row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
+    cfg_hash = None
+    try:
+        validate(cfg)
+        cfg_hash = config_hash(cfg)
+        row.update(identity_row(cfg, run_dir, cfg_hash, overrides), epochs=total_epochs(cfg))
+        fresh = cfg.trainer.resume is False
+        if not fresh:
+            previous = results.read_result(run_dir)
+            if previous and previous.get("status") in FINISHED and previous.get("config_hash") == cfg_hash:
+                log.info("run in %s already %s (top-1 %s): not retrained; trainer.resume=false retrains it",
+                         run_dir, previous["status"], previous.get("top1"))
+                return previous
+        if main:
+            record.claim(cfg_hash, overwrite=fresh)
+            if fresh:
+                clear_run_outputs(run_dir)
+                record.claim(cfg_hash, overwrite=True)
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        distributed.barrier()
+        row.update(fit(cfg, run_dir, cfg_hash))
+    except BaseException as exc:
+        # Never overwrite the result of a run that belongs to another config.
+        if main and record.stored_hash() in (None, cfg_hash):
+            results.write_result(run_dir, {**row, "status": "failed", "error": one_line(exc)})
+        raise
+    if main:
+        results.write_result(run_dir, row)
+    return row
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def describe_error(exc: BaseException) -> str:
+    """The line printed for a failed run: the message alone for a UserError."""
+    return str(exc) if isinstance(exc, UserError) else one_line(exc)

@@ -1,0 +1,277 @@
+"""The training loop: config in, result row out, every epoch recorded on the way.
+
+One function, `fit`, holds the loop and its state (epoch, step, best, times) in plain view:
+data → model → optimiser → epochs of train + evaluate + locality → tables, logs, checkpoints.
+"""
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from convitlab import distributed, results
+from convitlab.analysis.locality import locality_rows
+from convitlab.analysis.summary import count_flops, count_parameters
+from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
+from convitlab.engine.checkpoint import Checkpointer
+from convitlab.engine.ema import ModelEMA
+from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
+from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
+from convitlab.errors import UserError
+from convitlab.models import create_model
+from convitlab.runtime import select_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from epoch to epoch; saved in every checkpoint."""
+    epoch: int = 0          # epochs completed
+    step: int = 0           # optimiser steps taken
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    train_time_s: float = 0.0
+    train_images: int = 0
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def total_epochs(cfg) -> int:
+    """schedule.epochs, times 1/fraction when schedule.scale_epochs (the paper's small-sample runs)."""
+    epochs = cfg.schedule.epochs
+    return max(1, round(epochs / cfg.data.fraction)) if cfg.schedule.scale_epochs else epochs
+
+
+def model_kwargs(model_cfg) -> dict:
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    kwargs.pop("name")
+    kwargs["img_size"] = tuple(kwargs["img_size"]) if isinstance(kwargs["img_size"], list) else kwargs["img_size"]
+    return kwargs
+
+
+def build_model(cfg):
+    if cfg.model.num_classes != cfg.data.num_classes:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} does not match the data "
+                        f"(data.num_classes={cfg.data.num_classes}): leave model.num_classes at its default "
+                        "${data.num_classes}")
+    return create_model(cfg.model.name, **model_kwargs(cfg.model))
+
+
+def seed_everything(seed: int) -> None:
+    paddle.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def amp_settings(amp: str, device: str):
+    if amp == "off":
+        return None, None
+    if device != "gpu":
+        raise UserError(f"trainer.amp={amp!r} needs a GPU: use trainer.amp=off on the CPU")
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}[amp]
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16) if amp == "fp16" else None
+    return dtype, scaler
+
+
+@paddle.no_grad()
+def evaluate(model, loader, amp_dtype=None):
+    """Loss, top-1 and top-5 (percent) over a loader, summed across ranks."""
+    model.eval()
+    totals = Totals()
+    for images, labels in loader:
+        labels = labels.flatten()
+        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
+            logits = model(images)
+        logits = logits.astype("float32")
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        totals.add(labels.shape[0], loss=loss, top1=correct_top_k(logits, labels, 1),
+                   top5=correct_top_k(logits, labels, 5))
+    sums, count = totals.reduced()
+    count = max(count, 1)
+    return {"val_loss": sums.get("loss", math.nan) / count, "val_top1": 100 * sums.get("top1", 0) / count,
+            "val_top5": 100 * sums.get("top5", 0) / count}
+
+
+def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch, epochs, base_lr,
+                    num_classes, amp_dtype, scaler, ema):
+    """One pass over the training loader; returns the epoch's train metrics and timings."""
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    totals = Totals()
+    data_wait, start = 0.0, time.perf_counter()
+    smoothing = cfg.trainer.label_smoothing
+    mixing = mixing_enabled(cfg.data.augment)
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
+               disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
+    iterator = iter(loader)
+    for batch_index in range(steps_per_epoch):
+        tick = time.perf_counter()
+        images, labels = next(iterator)
+        data_wait += time.perf_counter() - tick
+        labels = labels.flatten()
+        lr = learning_rate_at(state.step, steps_per_epoch, epochs, base_lr, cfg.schedule)
+        optimizer.set_lr(lr)
+        if mixing:
+            rng = np.random.default_rng([cfg.seed, epoch, batch_index])
+            images, targets = mix_batch(images, labels, cfg.data.augment, smoothing, num_classes, rng)
+        else:
+            targets = smoothed_one_hot(labels, num_classes, smoothing)
+        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
+            logits = model(images)
+        loss = soft_target_cross_entropy(logits.astype("float32"), targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.clear_grad()
+        if ema is not None:
+            ema.update(model)
+        state.step += 1
+        count = labels.shape[0]
+        totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1))
+        if bar.n % 10 == 0 or batch_index == steps_per_epoch - 1:
+            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")  # syncs: only every 10 steps
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    sums, count = totals.reduced()
+    if not math.isfinite(sums["loss"]):
+        raise Diverged(f"training loss became {sums['loss']} in epoch {epoch}")
+    return {"lr": lr, "train_loss": sums["loss"] / count, "train_top1": 100 * sums["top1"] / count,
+            "epoch_s": elapsed, "img_per_s": count / elapsed, "data_wait_frac": data_wait / elapsed,
+            "images": int(count)}
+
+
+def fit(cfg, run_dir, cfg_hash: str) -> dict:
+    """Train per `cfg` in `run_dir` (resuming from its last checkpoint when there is one).
+
+    Returns the result row; only rank 0 writes files.
+    """
+    run_dir = Path(run_dir)
+    main = distributed.is_main()
+    device = select_device(cfg.trainer.device)
+    amp_dtype, scaler = amp_settings(cfg.trainer.amp, device)
+    seed_everything(cfg.seed + distributed.rank())
+    data = build_datasets(cfg.data, cfg.seed)
+    if data.num_classes != cfg.data.num_classes:
+        raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {data.num_classes} "
+                        f"classes found in data.name={cfg.data.name}")
+    train_loader, val_loader = build_loaders(data, cfg.data, cfg.seed, distributed.rank(), distributed.world_size())
+    if main:
+        write_subset_csv(run_dir / "subset.csv", data.subset_indices, data.subset_labels)
+
+    model = build_model(cfg)
+    params, flops = count_parameters(model), count_flops(model)
+    global_batch = cfg.data.batch_size * distributed.world_size()
+    base_lr = base_learning_rate(cfg.optimizer, global_batch)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip)
+    ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
+    epochs = total_epochs(cfg)
+    steps_per_epoch = len(train_loader)
+    if cfg.trainer.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
+    state = LoopState()
+    latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)
+    if latest is not None:
+        state = LoopState(**{k: v for k, v in checkpoints.load(latest, model, optimizer, ema, scaler).items()
+                             if k in LoopState.__dataclass_fields__})
+        log.info("resuming from %s (epoch %d of %d)", latest, state.epoch, epochs)
+    if main:  # rows past the checkpoint belong to work that is being redone
+        results.truncate_after_epoch(run_dir / "metrics.csv", state.epoch)
+        results.truncate_after_epoch(run_dir / "locality.csv", state.epoch)
+    train_model = paddle.DataParallel(model) if distributed.world_size() > 1 else model
+    if cfg.trainer.to_static:
+        train_model = paddle.jit.to_static(train_model)
+    probe = _locality_probe(data.val, cfg.trainer.locality_batch_size) if cfg.trainer.measure_locality else None
+    writer = _visualdl_writer(run_dir) if main else None
+
+    row = {"params": params, "flops": flops, "epochs": epochs, "status": "running"}
+    try:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            train = train_one_epoch(train_model, train_loader, optimizer, cfg, state, epoch, steps_per_epoch,
+                                    epochs, base_lr, data.num_classes, amp_dtype, scaler, ema)
+            if ema is not None:
+                with ema.swapped_into(model):
+                    val = evaluate(model, val_loader, amp_dtype)
+            else:
+                val = evaluate(model, val_loader, amp_dtype)
+            state.epoch = epoch
+            state.train_time_s += train["epoch_s"]
+            state.train_images += train["images"]
+            improved = val["val_top1"] > state.best_top1
+            if improved:
+                state.best_top1, state.best_epoch = val["val_top1"], epoch
+            metrics = {"epoch": epoch, **{k: v for k, v in train.items() if k != "images"}, **val}
+            log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
+                     metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
+            if main:
+                locality = [{"epoch": epoch, **r} for r in locality_rows(model, probe)] if probe is not None else []
+                results.append_rows(run_dir / "metrics.csv", [metrics], results.METRIC_COLUMNS)
+                if locality:
+                    results.append_rows(run_dir / "locality.csv", locality, results.LOCALITY_COLUMNS)
+                _log_epoch(writer, metrics, locality)
+                checkpoints.save(epoch, model, optimizer, asdict(state), ema, scaler)
+                if improved and cfg.trainer.save_best:
+                    checkpoints.save_best(model)
+            distributed.barrier()
+        row["status"] = "completed"
+    except Diverged as exc:
+        log.error("%s: stopping; the last good checkpoint is kept", exc)
+        row.update(status="diverged", error=str(exc))
+    finally:
+        if writer is not None:
+            _log_hparams(writer, cfg, state)
+            writer.close()
+    last = results.read_last_row(run_dir / "metrics.csv") if main else {}
+    row.update(top1=last.get("val_top1"), top5=last.get("val_top5"), best_top1=state.best_top1,
+               best_epoch=state.best_epoch, final_val_loss=last.get("val_loss"),
+               final_train_loss=last.get("train_loss"), train_time_s=state.train_time_s,
+               img_per_s=state.train_images / state.train_time_s if state.train_time_s else None)
+    return row
+
+
+def _locality_probe(dataset, size):
+    """A fixed batch of validation images, so locality is measured on the same inputs each epoch."""
+    size = min(size, len(dataset))
+    if size == 0:
+        return None
+    return paddle.to_tensor(np.stack([dataset[i][0] for i in range(size)]))
+
+
+def _visualdl_writer(run_dir):
+    from visualdl import LogWriter
+    return LogWriter(logdir=str(run_dir / "vdl"))
+
+
+def _log_epoch(writer, metrics, locality):
+    epoch = metrics["epoch"]
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "img_per_s"):
+        group = "train" if key.startswith("train") or key in ("lr", "img_per_s") else "val"
+        writer.add_scalar(f"{group}/{key}", metrics[key], epoch)
+    layers = sorted({r["layer"] for r in locality})
+    for layer in layers:
+        heads = [r for r in locality if r["layer"] == layer]
+        writer.add_scalar(f"nonlocality/layer_{layer:02d}", float(np.mean([r["nonlocality"] for r in heads])), epoch)
+        for r in heads:
+            if math.isfinite(r["gate"]):
+                writer.add_scalar(f"gate/layer_{layer:02d}_head_{r['head']:02d}", r["gate"], epoch)
+
+
+def _log_hparams(writer, cfg, state):
+    hparams = {"model": cfg.model.name, "dataset": cfg.data.name, "fraction": float(cfg.data.fraction),
+               "locality_strength": float(cfg.model.locality_strength),
+               "local_up_to_layer": int(cfg.model.local_up_to_layer), "lr": float(cfg.optimizer.lr),
+               "seed": int(cfg.seed)}
+    writer.add_hparams(hparams, ["val/val_top1", "val/val_loss"])

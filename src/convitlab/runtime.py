@@ -1,0 +1,76 @@
+"""CPU threads and device choice.
+
+Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when unset),
+so `import convitlab` sets the thread count to the cores this process may use first. A
+count the user set (OMP_NUM_THREADS) is left alone.
+"""
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _is_amd() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+def configure_threads_before_paddle() -> None:
+    """Default the math libraries to every available core, before Paddle is imported."""
+    if "paddle" in sys.modules:
+        return
+    cores = str(available_cores())
+    os.environ.setdefault("OMP_NUM_THREADS", cores)
+    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    if _is_amd():  # MKL otherwise takes its generic (slow) code path on AMD processors
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+
+def set_cpu_threads(count: int) -> None:
+    """Change Paddle's CPU thread count after import (e.g. parallel jobs sharing the cores)."""
+    from paddle.base import core
+    core.set_num_threads(max(1, int(count)))
+
+
+def select_device(requested: str) -> str:
+    """'auto' takes the GPU when Paddle has one, else the CPU (said once)."""
+    import paddle
+    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if requested == "gpu" and not has_gpu:
+        from convitlab.errors import UserError
+        raise UserError("trainer.device='gpu' is not available: this Paddle has no usable GPU "
+                        "(install paddlepaddle-gpu, or use trainer.device=auto|cpu)")
+    device = "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
+    if requested == "auto" and device == "cpu":
+        log.info("no GPU found: running on the CPU with %s threads", os.environ.get("OMP_NUM_THREADS"))
+    if device == "gpu":
+        rank_device = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
+        paddle.set_device(f"gpu:{rank_device}")
+    else:
+        paddle.set_device("cpu")
+    return device
+
+
+def share_machine_between_jobs(hydra_cfg) -> None:
+    """Under the joblib launcher, give each parallel job its share of the cores, or one GPU."""
+    target = str(hydra_cfg.launcher.get("_target_", ""))
+    if "joblib" not in target.lower():
+        return
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs", -1))
+    cores = available_cores()
+    parallel = cores if n_jobs <= 0 else min(n_jobs, cores)
+    set_cpu_threads(max(1, cores // parallel))
+    import paddle
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        os.environ["FLAGS_selected_gpus"] = str(hydra_cfg.job.num % paddle.device.cuda.device_count())
