@@ -21,6 +21,7 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python src/train.py -m experiment=demo
+	$(BIN)/python src/compare.py outputs/demo
 
 bench: setup
 	$(BIN)/python src/bench.py

@@ -1,0 +1,58 @@
+"""Evaluate a checkpoint: `python src/eval.py model=<name> ckpt=<file> data=<set> [data.root=<dir>]`.
+
+Writes result.csv (top-1, top-5 on the validation split) in the run directory.
+"""
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+import convitlab  # noqa: F401  (sets the CPU thread count before Paddle is imported)
+from convitlab.config import register_configs
+
+log = logging.getLogger("convitlab.eval")
+register_configs()
+
+
+def evaluate_checkpoint(cfg, run_dir, overrides=()):
+    from convitlab import results
+    from convitlab.analysis.summary import count_flops, count_parameters
+    from convitlab.config import validate
+    from convitlab.data import build_datasets, build_loaders
+    from convitlab.engine.run import identity_row
+    from convitlab.engine.trainer import build_model, evaluate
+    from convitlab.run_record import config_hash
+    from convitlab.runtime import select_device
+    from convitlab.weights import load_pretrained
+
+    validate(cfg)
+    select_device(cfg.trainer.device)
+    model = load_pretrained(build_model(cfg), cfg.ckpt)
+    data = build_datasets(cfg.data, cfg.seed)
+    _, val_loader = build_loaders(data, cfg.data, cfg.seed)
+    metrics = evaluate(model, val_loader)
+    row = {**identity_row(cfg, run_dir, config_hash(cfg), overrides), "status": "completed",
+           "params": count_parameters(model), "flops": count_flops(model), "top1": metrics["val_top1"],
+           "top5": metrics["val_top5"], "final_val_loss": metrics["val_loss"]}
+    results.write_result(run_dir, row)
+    log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%% (%s)", cfg.model.name, cfg.data.name,
+             metrics["val_top1"], metrics["val_top5"], cfg.ckpt)
+    return row
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg):
+    from convitlab.engine.run import describe_error
+    hydra_cfg = HydraConfig.get()
+    try:
+        row = evaluate_checkpoint(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        sys.exit(2)
+    print(f"top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
+    return row["top1"]
+
+
+if __name__ == "__main__":
+    main()
