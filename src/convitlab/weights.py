@@ -77,7 +77,7 @@ def load_state_dict(model, state, layout="paddle"):
         if list(value.shape) != want:
             if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
                 value = _resize_pos_embed(value, model.grid_size)
-            elif name.startswith("head."):
+            elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
                 log.warning("skipping %s: checkpoint shape %s, model %s (new num_classes)",
                             name, list(value.shape), want)
                 continue

@@ -155,7 +155,9 @@ class ConViT(nn.Layer):
         if self.grid_size == old_grid:
             return
         if self.use_pos_embed:
-            self.pos_embed.set_value(resize_pos_embed(self.pos_embed, old_grid, self.grid_size))
+            resized = resize_pos_embed(self.pos_embed.detach(), old_grid, self.grid_size)
+            self.pos_embed = self.create_parameter(resized.shape, default_initializer=_zeros)
+            self.pos_embed.set_value(resized)
         for block in self.gpsa_blocks():
             block.attn.set_grid(self.grid_size)
 
