@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-import convitlab  # noqa: F401  (sets the CPU thread count before Paddle is imported)
+import convitlab  # noqa: F401  (gives Paddle every CPU core)
 
 
 def parse_overrides(pairs):

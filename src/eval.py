@@ -8,7 +8,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-import convitlab  # noqa: F401  (sets the CPU thread count before Paddle is imported)
+import convitlab  # noqa: F401  (gives Paddle every CPU core)
 from convitlab.config import register_configs
 
 log = logging.getLogger("convitlab.eval")

@@ -1,6 +1,6 @@
 """convitlab: what a convolutional inductive bias buys a Vision Transformer."""
-from convitlab.runtime import configure_threads_before_paddle
+from convitlab.runtime import configure_paddle_threads
 
-configure_threads_before_paddle()
+configure_paddle_threads()
 
 __version__ = "0.1.0"

@@ -1,12 +1,13 @@
 """CPU threads and device choice.
 
-Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when unset),
-so `import convitlab` sets the thread count to the cores this process may use first. A
-count the user set (OMP_NUM_THREADS) is left alone.
+Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when
+unset), so `import convitlab` imports Paddle and gives it every core this process may use.
+A count the user set (OMP_NUM_THREADS) is left alone.
 """
 import logging
 import os
 import sys
+import warnings
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,18 @@ def _is_amd() -> bool:
         return False
 
 
-def configure_threads_before_paddle() -> None:
-    """Default the math libraries to every available core, before Paddle is imported."""
+def configure_paddle_threads() -> None:
+    """Import Paddle with every available core, unless the user chose a thread count."""
     if "paddle" in sys.modules:
         return
-    cores = str(available_cores())
-    os.environ.setdefault("OMP_NUM_THREADS", cores)
-    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     if _is_amd():  # MKL otherwise takes its generic (slow) code path on AMD processors
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    user_choice = "OMP_NUM_THREADS" in os.environ
+    with warnings.catch_warnings():  # Paddle warns about a missing ccache at import
+        warnings.simplefilter("ignore")
+        import paddle  # noqa: F401
+    if not user_choice:  # set after import: setting the variable first makes Paddle print a warning
+        set_cpu_threads(available_cores())
 
 
 def set_cpu_threads(count: int) -> None:
