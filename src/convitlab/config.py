@@ -167,10 +167,11 @@ def validate(cfg) -> None:
     m, d = cfg.model, cfg.data
     check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
     check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
-    h, w = image_size_pair(m.img_size, "model.img_size")
     check(m.patch_size >= 1, "model.patch_size", m.patch_size, "an int >= 1")
-    check(h % m.patch_size == 0 and w % m.patch_size == 0, "model.img_size", m.img_size,
-          f"sides divisible by model.patch_size={m.patch_size}")
+    for key in ("data.img_size", "model.img_size"):  # the data's first: the model's follows it
+        h, w = image_size_pair(cfg[key.split(".")[0]].img_size, key)
+        check(h % m.patch_size == 0 and w % m.patch_size == 0, key, cfg[key.split(".")[0]].img_size,
+              f"sides divisible by model.patch_size={m.patch_size}")
     for key in ("embed_dim", "num_heads", "depth", "num_classes", "in_chans"):
         check(m[key] >= 1, f"model.{key}", m[key], "an int >= 1")
     check(0 <= m.local_up_to_layer <= m.depth, "model.local_up_to_layer", m.local_up_to_layer,
