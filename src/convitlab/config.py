@@ -136,7 +136,36 @@ class EvalConfig:
     seed: int = 0
 
 
+def run_stamp() -> str:
+    """A timestamp for the run directory that every rank of one distributed launch shares.
+
+    Ranks started by `paddle.distributed.launch` on one node are children of the same
+    launcher process, so its start time names the run; CONVITLAB_RUN_STAMP overrides it
+    (set it, or hydra.run.dir, for runs across several nodes).
+    """
+    import os
+    import time
+
+    if os.environ.get("CONVITLAB_RUN_STAMP"):
+        return os.environ["CONVITLAB_RUN_STAMP"]
+    started = time.time()
+    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
+        try:
+            with open(f"/proc/{os.getppid()}/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/stat") as f:
+                boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+            started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+
+
 def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
