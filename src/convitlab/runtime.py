@@ -36,15 +36,30 @@ def configure_paddle_threads() -> None:
     user_choice = "OMP_NUM_THREADS" in os.environ
     with warnings.catch_warnings():  # Paddle warns about a missing ccache at import
         warnings.simplefilter("ignore")
-        import paddle  # noqa: F401
+        import paddle
     if not user_choice:  # set after import: setting the variable first makes Paddle print a warning
         set_cpu_threads(available_cores())
+    if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
+        # Views (transpose, slice, unbind) otherwise become strided tensors that the next op
+        # copies with a slow generic CPU kernel: 14 ms instead of 0.5 ms for one [32, 196, 192]
+        # head transpose; convit_tiny trains 1.7x faster without them.
+        paddle.set_flags({"FLAGS_use_stride_kernel": False})
+
+
+_cpu_threads = None  # what set_cpu_threads last gave Paddle; OMP_NUM_THREADS then says 1
 
 
 def set_cpu_threads(count: int) -> None:
     """Change Paddle's CPU thread count after import (e.g. parallel jobs sharing the cores)."""
+    global _cpu_threads
     from paddle.base import core
-    core.set_num_threads(max(1, int(count)))
+    _cpu_threads = max(1, int(count))
+    core.set_num_threads(_cpu_threads)
+
+
+def cpu_threads() -> int:
+    """The CPU threads Paddle uses: ours if we set them, else the user's OMP_NUM_THREADS."""
+    return _cpu_threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def select_device(requested: str) -> str:
@@ -57,7 +72,7 @@ def select_device(requested: str) -> str:
                         "(install paddlepaddle-gpu, or use trainer.device=auto|cpu)")
     device = "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
     if requested == "auto" and device == "cpu":
-        log.info("no GPU found: running on the CPU with %s threads", os.environ.get("OMP_NUM_THREADS"))
+        log.info("no GPU found: running on the CPU with %s threads", cpu_threads())
     if device == "gpu":
         rank_device = int(os.environ.get("FLAGS_selected_gpus", "0").split(",")[0])
         paddle.set_device(f"gpu:{rank_device}")

@@ -1,0 +1,292 @@
+"""Throughput benchmark: img/s for inference and a training step, and peak memory, in one run.
+
+Compares, inside one process and on the same model, convitlab's GPSA ("ours") with
+  - "local0": the same size with locality off (local_up_to_layer=0, a DeiT), to price GPSA;
+  - "baseline": a straightforward GPSA as the reference code formulates it (kept below);
+  - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
+  - "timm": timm's PyTorch ConViT, run by experiments/perf/timm_bench.py in another Python.
+
+    python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
+        --variants ours local0 baseline timm --torch-python /tmp/torchenv/bin/python \
+        --output experiments/perf/results.csv
+"""
+import argparse
+import csv
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import convitlab  # noqa: F401  (gives Paddle every core before anything else imports it)
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from convitlab.analysis.summary import count_flops
+from convitlab.models import create_model
+from convitlab.models.attention import GPSA, relative_positions
+from convitlab.runtime import cpu_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
+COLUMNS = ["framework", "model", "variant", "to_static", "device", "threads", "img_size", "patch_size",
+           "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "gflops_per_img",
+           "achieved_gflops"]
+VARIANTS = ["ours", "local0", "baseline", "seed", "timm", "timm_local0"]
+
+
+class ReferenceGPSA(GPSA):
+    """GPSA formulated as the reference code does it: the relative positions expanded over the
+    batch and projected per image, both maps softmaxed, mixed, renormalised, then applied."""
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        positions = self.batch_positions(batch, tokens)  # [B, N, N, 3]
+        pos_scores = self.pos_proj(positions).transpose([0, 3, 1, 2])  # [B, H, N, N]
+        qk = self.qk(x).reshape([batch, tokens, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k = qk[0], qk[1]
+        v = self.v(x).reshape([batch, tokens, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+        content = F.softmax(paddle.matmul(q, k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
+        positional = F.softmax(pos_scores, axis=-1)
+        gate = F.sigmoid(self.gating_param).reshape([1, -1, 1, 1])
+        attn = (1.0 - gate) * content + gate * positional
+        attn = self.attn_drop(attn / attn.sum(axis=-1).unsqueeze(-1))
+        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, tokens, dim])
+        return self.proj_drop(self.proj(out))
+
+    def batch_positions(self, batch, tokens):
+        return self.rel_positions.unsqueeze(0).expand([batch, tokens, tokens, 3])
+
+
+class SeedGPSA(ReferenceGPSA):
+    """The seed notebook's habit: grid tensors rebuilt and tiled over the batch on the host
+    (NumPy) in every forward pass, then copied back to the device."""
+
+    def batch_positions(self, batch, tokens):
+        side = int(round(tokens ** 0.5))
+        grid = relative_positions(side, side).numpy()
+        return paddle.to_tensor(np.tile(grid[None], (batch, 1, 1, 1)))
+
+
+def swap_gpsa(model, cls):
+    """Replace every GPSA of `model` by `cls` with the same weights."""
+    for block in model.gpsa_blocks():
+        old = block.attn
+        new = cls(old.head_dim * old.num_heads, old.num_heads, model.grid_size)
+        new.set_state_dict(old.state_dict())
+        new.train(old.training)
+        block.attn = new
+    return model
+
+
+def build(name, variant, img, patch, num_classes):
+    overrides = dict(img_size=img, patch_size=patch, num_classes=num_classes)
+    if variant == "local0":
+        overrides["local_up_to_layer"] = 0
+    model = create_model(name, **overrides)
+    if variant == "baseline":
+        swap_gpsa(model, ReferenceGPSA)
+    elif variant == "seed":
+        swap_gpsa(model, SeedGPSA)
+    return model
+
+
+def on_gpu():
+    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_memory():
+    """Start a peak-memory window; returns the baseline to subtract (MiB)."""
+    if on_gpu():
+        paddle.device.cuda.synchronize()
+        paddle.device.cuda.reset_max_memory_allocated()
+        return paddle.device.cuda.memory_allocated() / 2**20
+    try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # peak then covers the whole process so far: an upper bound
+    return _proc_status_kb("VmRSS") / 1024
+
+
+def peak_memory(baseline):
+    if on_gpu():
+        return paddle.device.cuda.max_memory_allocated() / 2**20 - baseline
+    return _proc_status_kb("VmHWM") / 1024 - baseline
+
+
+def synchronize():
+    if on_gpu():
+        paddle.device.cuda.synchronize()
+
+
+def time_steps(step, warmup, repeats):
+    """Median seconds of `step` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
+    paddle.seed(0)
+    model = build(name, variant, img, patch, args.num_classes)
+    flops = 2 * count_flops(model)  # count_flops gives multiply-adds
+    in_chans = model.patch_embed.proj.weight.shape[1]
+    x = paddle.randn([batch, in_chans, img, img])
+    labels = paddle.randint(0, args.num_classes, [batch])
+    run_model = paddle.jit.to_static(model, full_graph=True) if to_static else model
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with paddle.no_grad():
+                run_model(x)
+    else:
+        model.train()
+        optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters(),
+                                           weight_decay=0.05)
+
+        def step():
+            loss = F.cross_entropy(run_model(x), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+        flops *= 3  # backward costs about twice the forward
+    step()  # first call outside the memory window: lazy allocations, to_static tracing
+    baseline = reset_peak_memory()
+    seconds = time_steps(step, args.warmup, args.repeats)
+    return row("paddle", name, variant, to_static, img, patch, batch, mode, seconds,
+               peak_memory(baseline), flops)
+
+
+def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, peak_mb, flops):
+    device = paddle.device.get_device() if framework == "paddle" else "cpu"
+    return dict(framework=framework, model=name, variant=variant, to_static=to_static, device=device,
+                threads=cpu_threads(), img_size=img, patch_size=patch,
+                batch_size=batch, mode=mode, img_per_s=round(batch / seconds, 2),
+                ms_per_batch=round(1000 * seconds, 1), peak_mem_mb=round(peak_mb, 1),
+                gflops_per_img=round(flops / 1e9, 3), achieved_gflops=round(flops * batch / seconds / 1e9, 1))
+
+
+def bench_timm(configs, variant, args):
+    """timm's ConViT via experiments/perf/timm_bench.py in a Python that has torch and timm."""
+    python = args.torch_python or sys.executable
+    probe = subprocess.run([python, "-c", "import torch, timm"], capture_output=True)
+    if probe.returncode != 0:
+        print(f"note: timm skipped: {python} cannot import torch and timm "
+              "(pass --torch-python PATH to a Python that can)")
+        return []
+    rows = []
+    for name, img, patch, batch, mode in configs:
+        ours = build(name, "ours", img, patch, args.num_classes)  # same architecture: same FLOPs
+        flops = 2 * count_flops(ours) * (3 if mode == "train" else 1)
+        command = [python, str(TIMM_SCRIPT), "--model", name, "--img-size", str(img),
+                   "--patch-size", str(patch), "--batch-size", str(batch), "--mode", mode,
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                   "--num-classes", str(args.num_classes), "--gflops-per-img", f"{flops / 1e9:.3f}"]
+        if variant == "timm_local0":
+            command += ["--local-up-to-layer", "0"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"note: timm {name} {img}/{patch} {mode} failed:\n{result.stderr[-2000:]}")
+            continue
+        rows.append(next(csv.DictReader(result.stdout.splitlines()[-2:])))
+    return rows
+
+
+def matmul_peak(size=2048, repeats=5):
+    """float32 GFLOP/s of one large matrix product: the practical peak of this device."""
+    a, b = paddle.randn([size, size]), paddle.randn([size, size])
+    seconds = time_steps(lambda: paddle.matmul(a, b), 2, repeats)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def parse_resolution(text):
+    img, patch = text.split("/")
+    return int(img), int(patch)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["convit_tiny"])
+    parser.add_argument("--resolutions", nargs="+", default=[(224, 16), (32, 4)], type=parse_resolution,
+                        help="image/patch pairs")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64],
+                        help="one per resolution, or one for all")
+    parser.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "local0", "baseline", "timm"])
+    parser.add_argument("--to-static", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                        help="paddle.jit.to_static the Paddle models (both: eager and static rows)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--torch-python", help="a Python with torch and timm, for the timm variant")
+    parser.add_argument("--no-peak", action="store_true", help="skip the matrix-product peak measurement")
+    parser.add_argument("--output", default="experiments/perf/results.csv")
+    args = parser.parse_args(argv)
+    if len(args.batch_sizes) == 1:
+        args.batch_sizes *= len(args.resolutions)
+    if len(args.batch_sizes) != len(args.resolutions):
+        parser.error("--batch-sizes: give one per resolution, or one for all")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if on_gpu():
+        paddle.set_device("gpu")
+    configs = [(name, img, patch, batch, mode) for name in args.models
+               for (img, patch), batch in zip(args.resolutions, args.batch_sizes) for mode in args.modes]
+    static_modes = {"off": [False], "on": [True], "both": [False, True]}[args.to_static]
+    rows = []
+    for variant in args.variants:
+        if variant.startswith("timm"):
+            rows += bench_timm(configs, variant, args)
+            continue
+        for to_static in static_modes:
+            for config in configs:
+                rows.append(bench_paddle(*config[:1], variant, *config[1:], to_static, args))
+                print(" ".join(f"{k}={rows[-1][k]}" for k in
+                               ("model", "variant", "to_static", "img_size", "batch_size", "mode",
+                                "img_per_s", "peak_mem_mb", "achieved_gflops")), flush=True)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    output.with_suffix(".cmd").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+    print_table(rows)
+    if not args.no_peak:
+        print(f"float32 matrix-product peak: {matmul_peak():.1f} GFLOP/s")
+    print(f"wrote {output}")
+
+
+def print_table(rows):
+    print(f"\n{'framework':9} {'model':14} {'variant':9} {'static':6} {'res':7} {'batch':5} {'mode':5} "
+          f"{'img/s':>8} {'peak MB':>8} {'GFLOP/s':>8}")
+    for r in rows:
+        print(f"{r['framework']:9} {r['model']:14} {r['variant']:9} {str(r['to_static']):6} "
+              f"{str(r['img_size']) + '/' + str(r['patch_size']):7} {str(r['batch_size']):5} {r['mode']:5} "
+              f"{float(r['img_per_s']):8.1f} {float(r['peak_mem_mb']):8.1f} {float(r['achieved_gflops']):8.1f}")
+
+
+if __name__ == "__main__":
+    main()
