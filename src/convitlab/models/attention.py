@@ -5,6 +5,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from convitlab.models.linear import Linear
+
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:
     """[N, N, 3] features (dx, dy, dx² + dy²) of key j relative to query i, patches row-major."""
@@ -43,8 +45,8 @@ class GPSA(nn.Layer):
         self.use_local_init = use_local_init
         self.qk = nn.Linear(dim, dim * 2, bias_attr=False)
         self.v = nn.Linear(dim, dim, bias_attr=False)
-        self.proj = nn.Linear(dim, dim)
-        self.pos_proj = nn.Linear(3, num_heads)
+        self.proj = Linear(dim, dim)
+        self.pos_proj = Linear(3, num_heads)
         self.gating_param = self.create_parameter(
             [num_heads], default_initializer=nn.initializer.Constant(1.0))
         self.attn_drop = nn.Dropout(attn_drop)
@@ -71,14 +73,14 @@ class GPSA(nn.Layer):
         return F.softmax(scores.transpose([2, 0, 1]), axis=-1)
 
     def _split_heads(self, x):
-        q, k = self.qk(x).reshape([0, 0, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        v = self.v(x).reshape([0, 0, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
-        return q, k, v
+        """q (already scaled: [B,H,N,d] is 4x smaller than the scores at 224), k, v: [B, H, N, d]."""
+        q, k = paddle.split(self.qk(x), 2, axis=-1)
+        return [heads(t, self.num_heads) for t in (q * self.scale, k, self.v(x))]
 
     def attention_maps(self, x):
         """Content, positional and combined attention for normed patch tokens x [B, N, D]."""
         q, k, _ = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         positional = self.positional_attention()
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
         combined = (1.0 - gate) * content + gate * positional
@@ -88,14 +90,18 @@ class GPSA(nn.Layer):
 
     def forward(self, x):
         q, k, v = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
+        positional = gate * self.positional_attention()  # [H, N, N], small
         # Rows of a convex mix of two softmaxes sum to 1: the reference's renormalisation is
         # a no-op up to rounding and is skipped here.
-        attn = (1.0 - gate) * content + gate * self.positional_attention()
-        out = paddle.matmul(self.attn_drop(attn), v)
-        out = out.transpose([0, 2, 1, 3]).flatten(2)
-        return self.proj_drop(self.proj(out))
+        if self.training and self.attn_drop.p > 0:  # dropout must see the mixed map
+            out = paddle.matmul(self.attn_drop((1.0 - gate) * content + positional), v)
+        else:
+            # A v = (1 - g) (C v) + (g P) v: the mixed [B, H, N, N] map is never formed, and
+            # the positional product is one matrix product per head for the whole batch.
+            out = (1.0 - gate) * paddle.matmul(content, v) + batch_shared_matmul(positional, v)
+        return self.proj_drop(self.proj(merge_heads(out)))
 
 
 class MHSA(nn.Layer):
@@ -107,21 +113,43 @@ class MHSA(nn.Layer):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias_attr=False)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _split_heads(self, x):
-        return self.qkv(x).reshape([0, 0, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k, v = paddle.split(self.qkv(x), 3, axis=-1)
+        return [heads(t, self.num_heads) for t in (q * self.scale, k, v)]
 
     def attention_maps(self, x):
         q, k, _ = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         return {"content": content, "positional": None, "combined": content}
 
     def forward(self, x):
         q, k, v = self._split_heads(x)
-        attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        attn = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         out = paddle.matmul(self.attn_drop(attn), v)
-        out = out.transpose([0, 2, 1, 3]).flatten(2)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(merge_heads(out)))
+
+
+def heads(x, num_heads):
+    """[B, N, H*d] -> [B, H, N, d]."""
+    return x.reshape([0, 0, num_heads, -1]).transpose([0, 2, 1, 3])
+
+
+def merge_heads(x):
+    """[B, H, N, d] -> [B, N, H*d]."""
+    return x.transpose([0, 2, 1, 3]).flatten(2)
+
+
+def batch_shared_matmul(maps, values):
+    """maps [H, N, N] (the same for every image) times values [B, H, N, d] -> [B, H, N, d].
+
+    Broadcasting maps over the batch would make the backward pass reduce a [B, H, N, N]
+    gradient; laying the batch beside d makes it one [N, N] x [N, B*d] product per head.
+    """
+    batch, num_heads, tokens, dim = values.shape
+    stacked = values.transpose([1, 2, 0, 3]).reshape([num_heads, tokens, batch * dim])
+    out = paddle.matmul(maps, stacked).reshape([num_heads, tokens, batch, dim])
+    return out.transpose([2, 0, 1, 3])

@@ -7,6 +7,7 @@ import paddle.nn.functional as F
 
 from convitlab.errors import check
 from convitlab.models.attention import GPSA, MHSA
+from convitlab.models.linear import Linear
 
 _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)
@@ -39,9 +40,9 @@ class PatchEmbed(nn.Layer):
 class Mlp(nn.Layer):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -122,7 +123,7 @@ class ConViT(nn.Layer):
             blocks.append(Block(dim, num_heads, mlp_ratio, attn, drop_rate, rates[i]))
         self.blocks = nn.LayerList(blocks)
         self.norm = nn.LayerNorm(dim, epsilon=1e-6)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         for block in self.gpsa_blocks():
             block.attn.gating_param.stop_gradient = not train_gating
