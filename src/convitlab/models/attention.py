@@ -5,7 +5,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.models.linear import Linear
+from convitlab.models.cpu_layers import Linear
 
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:

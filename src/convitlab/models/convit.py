@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 
 from convitlab.errors import check
 from convitlab.models.attention import GPSA, MHSA
-from convitlab.models.linear import Linear
+from convitlab.models.cpu_layers import Linear
 
 _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)
