@@ -23,6 +23,7 @@ import convitlab  # noqa: F401  (gives Paddle every core before anything else im
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from paddle.base import core
 
 from convitlab.analysis.summary import count_flops
 from convitlab.models import create_model
@@ -32,7 +33,7 @@ from convitlab.runtime import cpu_threads
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
 COLUMNS = ["framework", "model", "variant", "to_static", "device", "threads", "img_size", "patch_size",
-           "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "gflops_per_img",
+           "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
            "achieved_gflops"]
 VARIANTS = ["ours", "local0", "baseline", "seed", "timm", "timm_local0"]
 
@@ -106,23 +107,31 @@ def _proc_status_kb(field):
 
 
 def reset_peak_memory():
-    """Start a peak-memory window; returns the baseline to subtract (MiB)."""
-    if on_gpu():
-        paddle.device.cuda.synchronize()
-        paddle.device.cuda.reset_max_memory_allocated()
-        return paddle.device.cuda.memory_allocated() / 2**20
+    """Start a peak-memory window; returns the baselines (allocator MiB, RSS MiB) to subtract."""
     try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass  # peak then covers the whole process so far: an upper bound
-    return _proc_status_kb("VmRSS") / 1024
-
-
-def peak_memory(baseline):
+        pass  # the RSS peak then covers the whole process so far: an upper bound
+    rss = _proc_status_kb("VmRSS") / 1024
     if on_gpu():
-        return paddle.device.cuda.max_memory_allocated() / 2**20 - baseline
-    return _proc_status_kb("VmHWM") / 1024 - baseline
+        paddle.device.cuda.synchronize()
+        paddle.device.cuda.reset_max_memory_allocated()
+        return paddle.device.cuda.memory_allocated() / 2**20, rss
+    # Paddle's host allocator keeps freed blocks, so after the first configuration the RSS
+    # hardly grows: its own counters give each configuration's peak of live tensors.
+    core.host_memory_stat_reset_peak_value("Allocated", 0)
+    return core.host_memory_stat_current_value("Allocated", 0) / 2**20, rss
+
+
+def peak_memory(baselines):
+    """(peak tensor memory, RSS growth) in MiB since reset_peak_memory."""
+    allocated, rss = baselines
+    if on_gpu():
+        peak = paddle.device.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = core.host_memory_stat_peak_value("Allocated", 0) / 2**20
+    return peak - allocated, _proc_status_kb("VmHWM") / 1024 - rss
 
 
 def synchronize():
@@ -176,12 +185,13 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
                peak_memory(baseline), flops)
 
 
-def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, peak_mb, flops):
+def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, memory, flops):
     device = paddle.device.get_device() if framework == "paddle" else "cpu"
     return dict(framework=framework, model=name, variant=variant, to_static=to_static, device=device,
                 threads=cpu_threads(), img_size=img, patch_size=patch,
                 batch_size=batch, mode=mode, img_per_s=round(batch / seconds, 2),
-                ms_per_batch=round(1000 * seconds, 1), peak_mem_mb=round(peak_mb, 1),
+                ms_per_batch=round(1000 * seconds, 1), peak_mem_mb=round(memory[0], 1),
+                rss_growth_mb=round(memory[1], 1),
                 gflops_per_img=round(flops / 1e9, 3), achieved_gflops=round(flops * batch / seconds / 1e9, 1))
 
 

@@ -1,0 +1,46 @@
+"""src/bench.py end to end on the micro model: it runs and writes sane rows (no timing claims)."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+import bench  # noqa: E402
+
+from convitlab.models import create_model  # noqa: E402
+
+
+def test_bench_writes_positive_rows_for_every_variant(tmp_path):
+    output = tmp_path / "bench.csv"
+    command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro",
+               "--resolutions", "8/2", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+               "--num-classes", "10", "--variants", "ours", "local0", "baseline", "seed",
+               "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == bench.COLUMNS
+    timed = [r for r in rows if r["mode"] != "matmul"]
+    assert {(r["variant"], r["mode"]) for r in timed} == {
+        (v, m) for v in ("ours", "local0", "baseline", "seed") for m in ("infer", "train")}
+    for r in timed:
+        assert float(r["img_per_s"]) > 0 and float(r["gflops_per_img"]) > 0
+        assert float(r["peak_mem_mb"]) >= 0
+    assert float(next(r for r in rows if r["mode"] == "matmul")["achieved_gflops"]) > 0
+    assert output.with_suffix(".cmd").read_text().strip()
+
+
+def test_baseline_formulations_compute_the_same_model():
+    """The benchmark's reference and seed GPSA are the same function as ours, only slower."""
+    paddle.seed(0)
+    model = create_model("convit_micro")
+    model.eval()
+    x = paddle.randn([2, 1, 8, 8])
+    expected = model(x).numpy()
+    for cls in (bench.ReferenceGPSA, bench.SeedGPSA):
+        np.testing.assert_allclose(bench.swap_gpsa(model, cls)(x).numpy(), expected, rtol=1e-5, atol=1e-6)
