@@ -56,6 +56,7 @@ class DataConfig:
     name: str = MISSING                # digits | cifar10 | cifar100 | imagefolder
     root: Optional[str] = None         # where the files are (cifar, imagefolder)
     download: bool = False             # cifar: let Paddle download when online
+    checksum: bool = True              # cifar: check the archive's MD5 against the official one
     img_size: Any = MISSING            # int or [H, W] fed to the model
     patch_size: int = MISSING          # the patch the model uses at this resolution
     in_chans: int = 3
@@ -125,6 +126,7 @@ class TrainConfig:
     seed: int = 0
     tags: List[str] = field(default_factory=list)
     study: str = "default"             # names the sweep directory; presets set it
+    ablation: Optional[str] = None     # set by conf/ablation/*: the row of the paper's Table 3
 
 
 @dataclass

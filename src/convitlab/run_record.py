@@ -17,7 +17,7 @@ from convitlab.errors import UserError
 
 # Keys that do not change what a run computes: they stay out of the hash.
 NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "data.num_workers",
-                "data.root", "data.download", "tags", "study")
+                "data.root", "data.download", "data.checksum", "tags", "study")
 
 
 def config_hash(cfg) -> str:

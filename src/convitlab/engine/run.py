@@ -23,7 +23,7 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
 
     m, d = cfg.model, cfg.data
     h, w = image_size_pair(m.img_size, "model.img_size")
-    return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "model": m.name, "dataset": d.name,
+    return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
             "fraction": d.fraction, "subset": d.subset, "locality_strength": m.locality_strength,
             "local_up_to_layer": m.local_up_to_layer, "use_local_init": m.use_local_init,
             "train_gating": m.train_gating, "train_gpsa": m.train_gpsa, "embed_dim": m.embed_dim,

@@ -1,0 +1,207 @@
+"""Training end to end: through the real entry point (subprocess) and through the compose API."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from convitlab.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
+EVAL = [sys.executable, str(ROOT / "src" / "eval.py")]
+# Small and quick, but every stage of a run: 2 epochs of a few steps on digits.
+QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
+         "trainer.locality_batch_size=16", "trainer.progress_bar=false"]
+TIMING_COLUMNS = ("epoch_s", "img_per_s", "data_wait_frac")
+register_configs()
+
+
+def run(command, cwd, timeout=300):
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_entry_point_writes_every_output(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = read_csv(run_dir / "result.csv")
+    assert len(result) == 1 and result[0]["status"] == "completed"
+    row = result[0]
+    assert row["model"] == "convit_micro" and row["dataset"] == "digits" and row["epochs"] == "2"
+    assert int(row["params"]) == 301_038 and int(row["flops"]) > 0
+    assert 0 <= float(row["top1"]) <= 100 and row["paddle_version"] and row["config_hash"]
+    metrics = read_csv(run_dir / "metrics.csv")
+    assert [m["epoch"] for m in metrics] == ["1", "2"]
+    locality = read_csv(run_dir / "locality.csv")
+    assert len(locality) == 2 * 6 * 4  # epochs x layers x heads
+    subset = read_csv(run_dir / "subset.csv")
+    assert len(subset) > 1000  # fraction 1: the whole training split
+    assert (run_dir / "checkpoints" / "epoch_0002" / "model.pdparams").is_file()
+    assert (run_dir / "checkpoints" / "best.pdparams").is_file()
+    assert any((run_dir / "vdl").iterdir())
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_compose_api_run_and_fraction(tmp_path):
+    from convitlab.engine.run import run_training
+    cfg = compose_train(*QUICK, "data.fraction=0.1", "model=deit_micro", "seed=3")
+    row = run_training(cfg, tmp_path)
+    assert row["status"] == "completed" and row["model"] == "deit_micro" and row["fraction"] == 0.1
+    subset = read_csv(tmp_path / "subset.csv")
+    labels = [r["label"] for r in subset]
+    assert set(labels) == {str(c) for c in range(10)}
+    assert len(subset) <= 0.1 * 1437 + 10
+
+
+def test_finished_run_is_reported_not_retrained_and_other_config_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (run_dir / "metrics.csv").read_text()
+    start = time.time()
+    again = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert again.returncode == 0 and "not retrained" in again.stdout + again.stderr
+    assert time.time() - start < 60
+    assert (run_dir / "metrics.csv").read_text() == before
+    other = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}", "seed=7"], cwd=tmp_path)
+    assert other.returncode == 2
+    assert "holds a run of another config" in other.stderr and "Traceback" not in other.stderr
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"  # untouched
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL after the second checkpoint, start again: metrics equal an uninterrupted run."""
+    args = ["schedule.epochs=4", "trainer.max_steps_per_epoch=4", "data.batch_size=32",
+            "trainer.locality_batch_size=16", "trainer.progress_bar=false", "model.drop_path_rate=0.1",
+            "data.augment.mixup=0.8", "data.augment.cutmix=1.0"]
+    straight = tmp_path / "straight"
+    proc = run(TRAIN + args + [f"hydra.run.dir={straight}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(TRAIN + args + [f"hydra.run.dir={killed}"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "epoch_0002").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (killed / "result.csv").exists()
+    resumed = run(TRAIN + args + [f"hydra.run.dir={killed}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert without_timings(read_csv(killed / "metrics.csv")) == without_timings(read_csv(straight / "metrics.csv"))
+    assert read_csv(killed / "locality.csv") == read_csv(straight / "locality.csv")
+
+
+def test_damaged_checkpoint_is_reported_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    args = TRAIN + QUICK + [f"hydra.run.dir={run_dir}"]
+    assert run(args, cwd=tmp_path).returncode == 0
+    (run_dir / "result.csv").unlink()  # make it look unfinished
+    model = run_dir / "checkpoints" / "epoch_0002" / "model.pdparams"
+    model.write_bytes(model.read_bytes()[:100])
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "epoch_0002 is damaged" in line and "trainer.resume=false" in line and "epoch_0001" in line
+    assert "Traceback" not in proc.stderr
+    fresh = run(args + ["trainer.resume=false"], cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+
+def test_divergence_stops_with_status_diverged(tmp_path, monkeypatch):
+    from convitlab.engine import trainer
+    from convitlab.engine.run import run_training
+
+    real = trainer.soft_target_cross_entropy
+    calls = {"n": 0}
+
+    def loss_that_explodes(logits, targets):  # finite for the first epoch (3 steps), then NaN
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(trainer, "soft_target_cross_entropy", loss_that_explodes)
+    row = run_training(compose_train(*QUICK, "schedule.epochs=3"), tmp_path)
+    assert row["status"] == "diverged" and "epoch 2" in row["error"]
+    assert read_csv(tmp_path / "result.csv")[0]["status"] == "diverged"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["epoch_0001"]
+
+
+def test_same_config_and_seed_give_the_same_metrics(tmp_path):
+    from convitlab.engine.run import run_training
+    for name in ("a", "b"):
+        run_training(compose_train(*QUICK, "model.drop_path_rate=0.1"), tmp_path / name)
+    a, b = (without_timings(read_csv(tmp_path / n / "metrics.csv")) for n in ("a", "b"))
+    assert a == b
+
+
+def test_eval_of_a_saved_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    trained = read_csv(run_dir / "result.csv")[0]
+    out = tmp_path / "eval"
+    proc = run(EVAL + [f"ckpt={run_dir}/checkpoints/best.pdparams", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = read_csv(out / "result.csv")[0]
+    assert float(evaluated["top1"]) == pytest.approx(float(trained["best_top1"]), abs=1e-6)
+    wrong = run(EVAL + [f"ckpt={run_dir}/checkpoints/best.pdparams", "model=deit_micro",
+                        f"hydra.run.dir={tmp_path / 'wrong'}"], cwd=tmp_path)
+    assert wrong.returncode == 2 and "does not fit the model" in wrong.stderr
+
+
+# Bad input through the real entry point: (overrides, text the one-line error must contain)
+BAD_INPUT = [
+    (["data.fraction=0"], "data.fraction=0.0 is not allowed"),
+    (["data.fraction=1.2"], "data.fraction=1.2 is not allowed"),
+    (["schedule.epochs=0"], "schedule.epochs=0 is not allowed"),
+    (["data.batch_size=0"], "data.batch_size=0 is not allowed"),
+    (["data.img_size=9"], "data.img_size=9 is not allowed"),
+    (["model.local_up_to_layer=9"], "model.local_up_to_layer=9 is not allowed"),
+    (["model.num_classes=12"], "model.num_classes=12 does not match"),
+    (["data.num_classes=12"], "data.num_classes=12 does not match"),
+    (["data.fraction=0.01", "data.batch_size=64"], "data.batch_size=64"),
+    (["data=cifar10", "data.root=/nonexistent"], "cifar-10-python.tar.gz"),
+    (["data=imagefolder", "data.root=/nonexistent"], "/nonexistent"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD_INPUT)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, expected):
+    run_dir = tmp_path / "run"
+    proc = run(TRAIN + ["trainer.progress_bar=false", f"hydra.run.dir={run_dir}"] + overrides, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+    assert not (run_dir / "checkpoints").exists()
+    result = read_csv(run_dir / "result.csv")
+    assert result[0]["status"] == "failed"  # recorded as failed, never as complete
+
+
+def test_unknown_group_option_fails_at_composition(tmp_path):
+    for override in ("model=convit_huge", "data=mnist", "optimizer=lamb", "schedule=step"):
+        proc = run(TRAIN + [override], cwd=tmp_path)
+        assert proc.returncode != 0 and "Could not find" in proc.stderr, override
