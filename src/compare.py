@@ -1,0 +1,46 @@
+"""Compare runs: `python src/compare.py <sweep dirs, run dirs or result CSVs ...> [--by KEY ...] [--vs KEY]`.
+
+Prints mean ± std over seeds per group (and each column's gain over the baseline) and writes
+comparison.csv, comparison.md and plots into --out (default: the first input's folder).
+"""
+import argparse
+import sys
+
+import convitlab  # noqa: F401  (sets up Paddle's threads; the comparison itself never uses Paddle)
+from convitlab.compare import compare_results
+from convitlab.errors import UserError
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="a sweep directory (gathered into summary.csv), a run directory, or a result/summary CSV")
+    parser.add_argument("--by", nargs="+", metavar="KEY",
+                        help="row keys (default: the knobs that vary, seed never)")
+    parser.add_argument("--vs", metavar="KEY", help="column key (default: model if it varies, else ablation)")
+    parser.add_argument("--baseline", metavar="VALUE",
+                        help="the --vs value gains are relative to (default: the one without GPSA layers)")
+    parser.add_argument("--metric", default="top1", help="top1 (final, default), best_top1 or top5")
+    parser.add_argument("--out", metavar="DIR", help="where to write the table and plots")
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+    args = parser.parse_args(argv)
+    if args.by is not None:  # --by fraction dataset and --by fraction,dataset alike
+        args.by = [key for item in args.by for key in item.split(",") if key]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = compare_results(args.inputs, metric=args.metric, by=args.by, vs=args.vs, baseline=args.baseline,
+                                 out=args.out, plots=not args.no_plots)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

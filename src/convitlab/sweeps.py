@@ -1,0 +1,67 @@
+"""Gathering a sweep: one row per job (finished or not) into the sweep's summary.csv."""
+import logging
+import os
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+from convitlab import results
+from convitlab.errors import UserError
+
+log = logging.getLogger(__name__)
+SUMMARY = "summary.csv"
+
+
+def job_dirs(sweep_dir) -> list:
+    """The job directories under sweep_dir: those holding result.csv or .hydra/, sorted."""
+    jobs = []
+    for folder, subdirs, files in os.walk(sweep_dir):
+        if "result.csv" in files or ".hydra" in subdirs:
+            jobs.append(Path(folder))
+            subdirs.clear()  # a job's own folders (checkpoints, vdl) hold no other jobs
+        else:
+            subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+    return sorted(jobs)
+
+
+def hydra_overrides(job_dir) -> list:
+    """The overrides Hydra recorded for a job ([] when there is no readable record)."""
+    try:
+        overrides = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def job_row(job_dir: Path) -> dict:
+    """The job's result row, or a row with status "unfinished" when it has none."""
+    row = results.read_result(job_dir)
+    if row is None:
+        row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(hydra_overrides(job_dir))}
+        if (job_dir / "result.csv").exists():
+            row["error"] = "result.csv is unreadable"
+    # Where the job is now: the sweep may have been moved since it ran.
+    return {**row, "run_dir": str(job_dir)}
+
+
+def gather_sweep(sweep_dir) -> Path:
+    """Write sweep_dir/summary.csv, one row per job sorted by run_dir, and return its path."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir}: no such directory")
+    rows = sorted((job_row(job) for job in job_dirs(sweep_dir)), key=lambda row: row["run_dir"])
+    path = sweep_dir / SUMMARY
+    results.write_rows(path, rows, results.RESULT_COLUMNS)
+    return path
+
+
+class GatherSweep(Callback):
+    """Hydra callback: after a sweep, gather its jobs into summary.csv.
+
+    Hydra skips on_multirun_end when a job raises, so compare.py gathers on demand too.
+    """
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = gather_sweep(config.hydra.sweep.dir)
+        log.info("sweep summary: %s (compare with: python src/compare.py %s)", path, path.parent)

@@ -1,0 +1,191 @@
+"""compare: tables (mean, std, n, gain) from known numbers, plots, odd inputs, and the CLI."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convitlab import results
+from convitlab.compare import compare, compare_results, load_results
+from convitlab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
+PNG = b"\x89PNG\r\n\x1a\n"
+MODELS = {"convit_micro": 5, "deit_micro": 0}  # model → local_up_to_layer
+# The paper's Table 2 (DeiT-S, ConViT-S) as the seed-mean top-1 per fraction.
+TOP1 = {("convit_micro", 0.05): 47.8, ("deit_micro", 0.05): 34.8, ("convit_micro", 0.25): 59.6,
+        ("deit_micro", 0.25): 48.0, ("convit_micro", 1.0): 81.4, ("deit_micro", 1.0): 79.9}
+SPREAD = {"convit_micro": (-1.0, 0.0, 1.0), "deit_micro": (-2.0, 0.0, 2.0)}  # per seed 0, 1, 2
+
+
+def write_locality(run_dir, local_up_to_layer, depth=3, heads=4, epochs=3):
+    rows = [{"epoch": e, "layer": layer, "head": h, "nonlocality": 3.0 - 0.1 * e * (layer < local_up_to_layer),
+             "gate": 0.7 - 0.1 * h if layer < local_up_to_layer else math.nan, "window_distance": 1.0}
+            for e in range(1, epochs + 1) for layer in range(depth) for h in range(heads)]
+    results.append_rows(run_dir / "locality.csv", rows, results.LOCALITY_COLUMNS)
+
+
+def sample_efficiency_sweep(root, locality=False):
+    """3 fractions x 2 models x 3 seeds; convit at 0.25 seed 2 failed; one job killed before its result."""
+    sweep = root / "sweep"
+    for (model, fraction), mean in TOP1.items():
+        for seed, offset in enumerate(SPREAD[model]):
+            job = sweep / f"model={model},data.fraction={fraction},seed={seed}"
+            (job / ".hydra").mkdir(parents=True)
+            failed = (model, fraction, seed) == ("convit_micro", 0.25, 2)
+            results.write_result(job, {
+                "run_id": job.name, "study": "sample_efficiency_digits", "model": model, "dataset": "digits",
+                "fraction": fraction, "local_up_to_layer": MODELS[model], "locality_strength": 1.0, "seed": seed,
+                "epochs": round(4 / fraction), "status": "failed" if failed else "completed",
+                "top1": None if failed else mean + offset, "error": "RuntimeError: out of memory" if failed else None,
+                "run_dir": str(job)})
+            if locality:
+                write_locality(job, min(MODELS[model], 2))
+    killed = sweep / "model=deit_micro,data.fraction=1.0,seed=3"
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / ".hydra" / "overrides.yaml").write_text("- model=deit_micro\n- data.fraction=1.0\n- seed=3\n")
+    return sweep
+
+
+def test_table_mean_std_n_and_gain_by_hand(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    c = compare(load_results([sweep]))
+    assert c.vs == "model" and c.by == ["fraction"]  # local_up_to_layer follows the model, epochs the fraction
+    assert c.baseline == "deit_micro" and c.columns == ["deit_micro", "convit_micro"]
+    assert list(c.cells) == [(0.05,), (0.25,), (1.0,)]
+    convit, deit = c.cells[(0.05,)]["convit_micro"], c.cells[(0.05,)]["deit_micro"]
+    assert (convit.mean, convit.std, convit.n) == pytest.approx((47.8, 1.0, 3))
+    assert (deit.mean, deit.std, deit.n) == pytest.approx((34.8, 2.0, 3))
+    assert c.gain((0.05,), "convit_micro") == pytest.approx(37.356, abs=1e-3)  # the paper's +37%
+    # 0.25: the failed seed is left out → (58.6, 59.6): mean 59.1, std sqrt(0.5)
+    convit = c.cells[(0.25,)]["convit_micro"]
+    assert (convit.mean, convit.std, convit.n) == pytest.approx((59.1, 0.5 ** 0.5, 2))
+    assert c.gain((0.25,), "convit_micro") == pytest.approx(23.125)
+    assert c.gain((0.25,), "deit_micro") is None
+    assert sorted(r["status"] for r in c.left_out) == ["failed", "unfinished"]
+
+
+def test_written_tables_and_left_out_report(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    report = compare_results([sweep], plots=False)
+    table = results.read_rows(sweep / "comparison.csv")
+    assert [r["fraction"] for r in table] == [0.05, 0.25, 1.0]
+    first = table[0]
+    assert first["deit_micro mean"] == pytest.approx(34.8) and first["deit_micro std"] == pytest.approx(2.0)
+    assert first["convit_micro n"] == 3 and first["convit_micro gain %"] == pytest.approx(37.356, abs=1e-3)
+    markdown = (sweep / "comparison.md").read_text()
+    assert markdown in report
+    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% |" in markdown
+    assert "left out 2 of 19 runs: 1 failed, 1 unfinished" in markdown
+    assert "RuntimeError: out of memory" in markdown and "seed=3" in markdown
+    assert len(results.read_rows(sweep / "summary.csv")) == 19  # gathered on demand
+
+
+def test_by_vs_and_baseline_choices(tmp_path):
+    rows = load_results([sample_efficiency_sweep(tmp_path)])
+    flipped = compare(rows, vs="fraction", by=["model"])
+    assert flipped.columns == [0.05, 0.25, 1.0] and list(flipped.cells) == [("convit_micro",), ("deit_micro",)]
+    assert flipped.gain(("deit_micro",), 1.0) == pytest.approx(100 * (79.9 / 34.8 - 1))
+    flat = compare(rows, by=["model", "fraction"])
+    assert flat.vs is None and len(flat.cells) == 6 and flat.columns == [None]
+    assert flat.cells[("deit_micro", 1.0)][None].n == 3
+    against_convit = compare(rows, baseline="convit_micro")
+    assert against_convit.gain((0.05,), "deit_micro") == pytest.approx(100 * (34.8 / 47.8 - 1))
+    assert against_convit.columns == ["convit_micro", "deit_micro"]
+    numeric = compare(rows, vs="fraction", by=["model"], baseline="1")
+    assert numeric.baseline == 1.0
+    with pytest.raises(UserError, match="--baseline vit: not a value of model"):
+        compare(rows, baseline="vit")
+    with pytest.raises(UserError, match="column 'width'.*summary.csv"):
+        compare(rows, by=["width"])
+
+
+def test_locality_sweep_plot(tmp_path):
+    rows = [{"model": "convit_micro", "locality_strength": alpha, "local_up_to_layer": layers, "seed": seed,
+             "status": "completed", "top1": 50 + 10 * alpha * (layers > 0) + seed}
+            for alpha in (0.0, 0.1, 1.0) for layers in (0, 3) for seed in (0, 1)]
+    results.write_rows(tmp_path / "locality_sweep.csv", rows, results.RESULT_COLUMNS)
+    report = compare_results([tmp_path / "locality_sweep.csv"], out=tmp_path / "out")
+    c = compare(load_results([tmp_path / "locality_sweep.csv"]))
+    assert c.vs is None and c.by == ["locality_strength", "local_up_to_layer"]
+    assert c.cells[(1.0, 3)][None].mean == pytest.approx(60.5)
+    assert (tmp_path / "out" / "top1_vs_locality.png").read_bytes().startswith(PNG)
+    assert "skipped top1_vs_fraction.png: fraction does not vary" in report
+    assert "skipped nonlocality.png" in report and "skipped gates.png" in report
+
+
+def test_nonlocality_and_gate_plots(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path, locality=True)
+    report = compare_results([sweep], out=tmp_path / "out")
+    for name in ("top1_vs_fraction.png", "nonlocality.png", "gates.png"):
+        assert f"wrote {tmp_path / 'out' / name}" in report
+        assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_old_csv_without_some_columns_still_compares(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text("model,fraction,seed,top1\n" + "".join(
+        f"{m},0.1,{s},{base + s}\n" for m, base in (("deit_micro", 40), ("convit_micro", 50)) for s in (0, 1, 2)))
+    c = compare(load_results([old]))
+    # No status column: every row counts; no local_up_to_layer: the baseline is the first model.
+    assert c.vs == "model" and c.by == [] and c.baseline == "convit_micro"
+    assert c.cells[()]["deit_micro"].mean == 41.0 and c.cells[()]["deit_micro"].n == 3
+    assert c.gain((), "deit_micro") == pytest.approx(100 * (41 / 51 - 1))
+    one = tmp_path / "one.csv"
+    one.write_text("model,seed,top1,status,extra\nconvit_micro,0,50.0,completed,x\n")
+    assert math.isnan(compare(load_results([one])).cells[()][None].std)
+
+
+def test_missing_metric_or_no_completed_run_is_one_line_error(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("model,seed,top1,status\nconvit_micro,0,50.0,completed\n")
+    lacking = tmp_path / "lacking.csv"
+    lacking.write_text("model,seed,status\nconvit_micro,1,completed\n")
+    with pytest.raises(UserError, match=r"column 'top1' \(--metric\) is missing from .*lacking.csv") as err:
+        compare(load_results([good, lacking]))
+    assert "good.csv" not in str(err.value)
+    with pytest.raises(UserError, match="'top5'"):
+        compare(load_results([good]), metric="top5")
+    failed = tmp_path / "failed.csv"
+    failed.write_text("model,seed,top1,status,error\nconvit_micro,0,,failed,boom\n")
+    with pytest.raises(UserError, match="no completed run to compare: only 1 failed"):
+        compare(load_results([failed]))
+    (tmp_path / "empty_sweep").mkdir()
+    with pytest.raises(UserError, match="no completed run to compare: the inputs hold no result rows"):
+        compare(load_results([tmp_path / "empty_sweep"]))
+    with pytest.raises(UserError, match="no such file or directory"):
+        load_results([tmp_path / "nowhere"])
+
+
+def run(args, cwd):
+    return subprocess.run(COMPARE + args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_tables_and_plots(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path, locality=True)
+    proc = run([str(sweep), "--out", "out", "--metric", "top1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% |" in proc.stdout
+    out = tmp_path / "out"
+    assert (out / "comparison.csv").stat().st_size > 0 and (out / "comparison.md").stat().st_size > 0
+    for name in ("top1_vs_fraction.png", "nonlocality.png", "gates.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    by = run([str(sweep / "summary.csv"), "--by", "model,fraction", "--no-plots"], cwd=tmp_path)
+    assert by.returncode == 0 and "| convit_micro | 0.05 | 47.80 ± 1.00 (3) |" in by.stdout
+    assert not (sweep / "top1_vs_fraction.png").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["nowhere"], "nowhere: no such file or directory"),
+    (["sweep", "--metric", "accuracy"], "column 'accuracy' (--metric) is missing from"),
+    (["sweep", "--vs", "colour"], "column 'colour' (--by/--vs) is missing from"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expected):
+    sample_efficiency_sweep(tmp_path)
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and expected in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
