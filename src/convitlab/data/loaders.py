@@ -1,0 +1,148 @@
+"""Training and validation loaders: paddle.io.DataLoader driven by this project's batch samplers.
+
+The training sampler yields (epoch, position) keys, so the epoch reaches the augmentation in
+whichever process reads the image: batches are the same for any num_workers and after a rebuild.
+"""
+import shutil
+
+import numpy as np
+import paddle
+
+from convitlab.config import image_size_pair
+from convitlab.data.seeds import shuffle_rng
+from convitlab.errors import UserError
+
+PREFETCH_FACTOR = 2
+
+
+class TrainBatchSampler:
+    """One rank's batches of an epoch: global batches of batch_size · world_size cut from a
+    permutation seeded by (seed, epoch), this rank taking its contiguous slice of each.
+
+    With drop_last the final partial global batch is dropped; without it the batch is split
+    across ranks as evenly as possible (dropped only when it has fewer images than ranks, as
+    every rank must take a step).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list:
+        """Every rank's batches of this epoch together, as arrays of positions."""
+        order = shuffle_rng(self.seed, self.epoch).permutation(self.num_samples)
+        size = self.batch_size * self.world_size
+        return [order[start:start + size] for start in range(0, len(self) * size, size)]
+
+    def __iter__(self):
+        epoch = self.epoch  # fixed for the pass even if set_epoch is called meanwhile
+        for batch in self.global_batches():
+            yield [(epoch, int(p)) for p in np.array_split(batch, self.world_size)[self.rank]]
+
+    def __len__(self) -> int:
+        size = self.batch_size * self.world_size
+        full, rest = divmod(self.num_samples, size)
+        return full + (not self.drop_last and rest >= self.world_size)
+
+
+class EvalBatchSampler:
+    """This rank's contiguous share of the positions 0..n-1, in order, in batches of batch_size."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        share = np.array_split(np.arange(num_samples), world_size)[rank]
+        self.batches = [share[i:i + batch_size].tolist() for i in range(0, len(share), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Loader:
+    """Batches [images float32 [B, C, H, W], labels int64 [B]] as paddle tensors.
+
+    Paddle's loader hangs (no workers) or hides the message behind a SystemError (workers) when
+    reading an item raises, so a failure travels as a batch of its own and is raised here.
+    """
+
+    def __init__(self, dataset, batch_sampler, num_workers: int, use_shared_memory: bool):
+        self.batch_sampler = batch_sampler
+        self._loader = paddle.io.DataLoader(_FailuresAsItems(dataset), batch_sampler=batch_sampler,
+                                            num_workers=num_workers, collate_fn=_collate,
+                                            use_shared_memory=use_shared_memory, prefetch_factor=PREFETCH_FACTOR)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self._loader:
+            if isinstance(batch, dict):
+                message = bytes(batch["message"].numpy()).decode()
+                raise UserError(message) if batch["user_error"].numpy().item() else RuntimeError(message)
+            yield batch
+
+
+class _Failure:
+    def __init__(self, exc: Exception):
+        self.user_error = isinstance(exc, UserError)
+        self.message = str(exc) if self.user_error else f"{type(exc).__name__}: {exc}"
+
+
+class _FailuresAsItems(paddle.io.Dataset):
+    """The dataset's items, or a _Failure in place of one whose reading raised."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except Exception as exc:  # noqa: BLE001  (re-raised in the main process by Loader)
+            return _Failure(exc)
+
+
+def _collate(items):
+    for item in items:
+        if isinstance(item, _Failure):
+            return {"message": np.frombuffer(item.message.encode(), dtype=np.uint8),
+                    "user_error": np.array([item.user_error], dtype=np.int64)}
+    return [np.stack([image for image, _ in items]), np.array([label for _, label in items], dtype=np.int64)]
+
+
+def _shared_memory_fits(data_cfg, batch_size: int) -> bool:
+    """Whether /dev/shm has room for the batches the workers keep in flight (it is small in many containers)."""
+    if data_cfg.num_workers == 0:
+        return False
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return False
+    height, width = image_size_pair(data_cfg.img_size)
+    batch_bytes = 4 * data_cfg.in_chans * height * width * batch_size
+    return free > 2 * batch_bytes * data_cfg.num_workers * PREFETCH_FACTOR
+
+
+def build_loaders(data, data_cfg, seed: int, rank: int = 0, world_size: int = 1):
+    """(train_loader, val_loader) of this rank; call train_loader.batch_sampler.set_epoch(e) before epoch e."""
+    kept, batch_size = len(data.train), data_cfg.batch_size
+    if data_cfg.drop_last and batch_size * world_size > kept:
+        ranks = f" × {world_size} ranks" if world_size > 1 else ""
+        raise UserError(f"data.batch_size={batch_size}{ranks} is more than the {kept} training images kept "
+                        f"(data.fraction={data_cfg.fraction}), so every batch would be dropped: lower "
+                        "data.batch_size or set data.drop_last=false")
+    eval_batch_size = data_cfg.eval_batch_size or batch_size
+    workers = data_cfg.num_workers
+    train = Loader(data.train, TrainBatchSampler(kept, batch_size, seed, rank, world_size, data_cfg.drop_last),
+                   workers, _shared_memory_fits(data_cfg, batch_size))
+    val = Loader(data.val, EvalBatchSampler(len(data.val), eval_batch_size, rank, world_size),
+                 workers, _shared_memory_fits(data_cfg, eval_batch_size))
+    return train, val
