@@ -163,11 +163,21 @@ def run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
 
 
+def rank_suffix() -> str:
+    """'' for rank 0 of a distributed launch, '.rank<r>' for the others: one log file per rank."""
+    import os
+
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    return f".rank{rank}" if rank else ""
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("rank_suffix"):
+        OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)

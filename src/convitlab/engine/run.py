@@ -52,14 +52,15 @@ def run_training(cfg, run_dir, overrides=()) -> dict:
     trainer.resume=false); any failure still writes result.csv with status "failed" and
     the error in one line, then re-raises.
     """
-    from convitlab.engine.trainer import fit, total_epochs
-
     run_dir = Path(run_dir)
+    distributed.init()
     main = distributed.is_main()
     record = RunRecord(run_dir)
     row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
     try:
+        from convitlab.engine.trainer import fit, total_epochs  # inside: an import failure is a failed run too
+
         validate(cfg)
         cfg_hash = config_hash(cfg)
         row.update(identity_row(cfg, run_dir, cfg_hash, overrides), epochs=total_epochs(cfg))
