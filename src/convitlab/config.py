@@ -109,6 +109,7 @@ class TrainerConfig:
     resume: Any = "auto"               # auto: continue an unfinished run, report a finished one; false: start afresh
     keep_checkpoints: int = 2          # checkpoint generations kept, so a torn one has a fallback
     save_best: bool = True
+    eval_every: Optional[int] = None   # epochs between evaluations; None: 1, or 1/fraction with scale_epochs
     measure_locality: bool = True
     locality_batch_size: int = 64      # images used to measure nonlocality each epoch
     progress_bar: bool = True
@@ -234,6 +235,7 @@ def validate(cfg) -> None:
     check(t.amp in ("off", "fp16", "bf16"), "trainer.amp", t.amp, "off, fp16 or bf16")
     check(t.resume in ("auto", False, True), "trainer.resume", t.resume, "auto, true or false")
     check(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
+    check(t.eval_every is None or t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an int >= 1 or null")
     check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an int >= 1")
     if "optimizer" in cfg:
         o, s = cfg.optimizer, cfg.schedule

@@ -51,6 +51,15 @@ def total_epochs(cfg) -> int:
     return max(1, round(epochs / cfg.data.fraction)) if cfg.schedule.scale_epochs else epochs
 
 
+def evaluation_interval(cfg) -> int:
+    """Epochs between evaluations. With scale_epochs, 1/fraction epochs hold as many images as one
+    full-data epoch, so every fraction is evaluated equally often (and small subsets are not
+    dominated by evaluating the whole validation split after every few steps)."""
+    if cfg.trainer.eval_every is not None:
+        return cfg.trainer.eval_every
+    return max(1, round(1 / cfg.data.fraction)) if cfg.schedule.scale_epochs else 1
+
+
 def model_kwargs(model_cfg) -> dict:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("name")
@@ -141,7 +150,8 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
         count = labels.shape[0]
         totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1))
         if bar.n % 10 == 0 or batch_index == steps_per_epoch - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")  # syncs: only every 10 steps
+            images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
+            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")  # syncs: every 10 steps
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - start
@@ -198,26 +208,33 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     writer = _visualdl_writer(run_dir) if main else None
 
     row = {"params": params, "flops": flops, "epochs": epochs, "status": "running"}
+    eval_every = evaluation_interval(cfg)
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
             train = train_one_epoch(train_model, train_loader, optimizer, cfg, state, epoch, steps_per_epoch,
                                     epochs, base_lr, data.num_classes, amp_dtype, scaler, ema)
-            if ema is not None:
-                with ema.swapped_into(model):
-                    val = evaluate(model, val_loader, amp_dtype)
-            else:
-                val = evaluate(model, val_loader, amp_dtype)
             state.epoch = epoch
             state.train_time_s += train["epoch_s"]
             state.train_images += train["images"]
-            improved = val["val_top1"] > state.best_top1
-            if improved:
-                state.best_top1, state.best_epoch = val["val_top1"], epoch
-            metrics = {"epoch": epoch, **{k: v for k, v in train.items() if k != "images"}, **val}
-            log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
-                     metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
+            metrics = {"epoch": epoch, **{k: v for k, v in train.items() if k != "images"}}
+            evaluated = epoch % eval_every == 0 or epoch == epochs
+            improved = False
+            if evaluated:
+                if ema is not None:
+                    with ema.swapped_into(model):
+                        val = evaluate(model, val_loader, amp_dtype)
+                else:
+                    val = evaluate(model, val_loader, amp_dtype)
+                metrics.update(val)
+                improved = val["val_top1"] > state.best_top1
+                if improved:
+                    state.best_top1, state.best_epoch = val["val_top1"], epoch
+                log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
+                         metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
             if main:
-                locality = [{"epoch": epoch, **r} for r in locality_rows(model, probe)] if probe is not None else []
+                locality = []
+                if evaluated and probe is not None:
+                    locality = [{"epoch": epoch, **r} for r in locality_rows(model, probe)]
                 results.append_rows(run_dir / "metrics.csv", [metrics], results.METRIC_COLUMNS)
                 if locality:
                     results.append_rows(run_dir / "locality.csv", locality, results.LOCALITY_COLUMNS)
@@ -258,6 +275,8 @@ def _visualdl_writer(run_dir):
 def _log_epoch(writer, metrics, locality):
     epoch = metrics["epoch"]
     for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "img_per_s"):
+        if key not in metrics:  # not an evaluation epoch
+            continue
         group = "train" if key.startswith("train") or key in ("lr", "img_per_s") else "val"
         writer.add_scalar(f"{group}/{key}", metrics[key], epoch)
     layers = sorted({r["layer"] for r in locality})
