@@ -205,3 +205,55 @@ def test_unknown_group_option_fails_at_composition(tmp_path):
     for override in ("model=convit_huge", "data=mnist", "optimizer=lamb", "schedule=step"):
         proc = run(TRAIN + [override], cwd=tmp_path)
         assert proc.returncode != 0 and "Could not find" in proc.stderr, override
+
+
+def test_cifar_and_image_folder_runs_through_the_entry_point(tmp_path):
+    """The real archive and folder formats, made small here, trained end to end."""
+    from test_data import make_image_folder, write_fake_cifar
+
+    write_fake_cifar(tmp_path / "cifar", "cifar10")
+    cifar = run(TRAIN + QUICK + ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.checksum=false",
+                                 "data.img_size=16", "data.batch_size=8", "data.num_workers=0",
+                                 f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert cifar.returncode == 0, cifar.stderr[-2000:]
+    row = read_csv(tmp_path / "c" / "result.csv")[0]
+    assert row["status"] == "completed" and row["dataset"] == "cifar10" and row["img_size"] == "16"
+    assert len(read_csv(tmp_path / "c" / "subset.csv")) == 30  # every image of the fake archive's 5 batches
+
+    images = make_image_folder(tmp_path / "images")
+    folder = run(TRAIN + QUICK + ["data=imagefolder", f"data.root={images}", "data.num_classes=2", "data.img_size=16",
+                                  "data.batch_size=2", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'f'}"],
+                 cwd=tmp_path)
+    assert folder.returncode == 0, folder.stderr[-2000:]
+    assert read_csv(tmp_path / "f" / "result.csv")[0]["status"] == "completed"
+
+
+def test_bad_data_files_fail_in_one_line(tmp_path):
+    """Corrupt or incomplete data through the entry point: one line naming the file, status failed."""
+    from test_data import make_image_folder, write_fake_cifar
+
+    write_fake_cifar(tmp_path / "cifar", "cifar10")  # not the official bytes: its MD5 differs
+    empty = make_image_folder(tmp_path / "empty")
+    (empty / "train" / "bird").mkdir()
+    broken = make_image_folder(tmp_path / "broken")
+    (broken / "train" / "cat" / "zz.png").write_bytes(b"not a PNG")
+    folder = ["data=imagefolder", "data.num_classes=2", "data.img_size=16", "data.batch_size=2", "data.num_workers=0"]
+    cases = [(["data=cifar10", f"data.root={tmp_path / 'cifar'}"], "data.checksum=false"),
+             ([*folder, f"data.root={empty}"], str(empty / "train" / "bird")),
+             ([*folder, f"data.root={broken}"], str(broken / "train" / "cat" / "zz.png"))]
+    for index, (overrides, expected) in enumerate(cases):
+        run_dir = tmp_path / f"run{index}"
+        proc = run(TRAIN + QUICK + overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and expected in last, last
+        assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
+
+
+def test_hydra_command_line_tools(tmp_path):
+    job = run(TRAIN + ["--cfg", "job", "model=deit_micro"], cwd=tmp_path)
+    assert job.returncode == 0 and "name: deit_micro" in job.stdout and "fraction: 1.0" in job.stdout
+    info = run(TRAIN + ["--info", "defaults"], cwd=tmp_path)
+    assert info.returncode == 0 and "model/convit_micro" in info.stdout
+    helped = run(TRAIN + ["--help"], cwd=tmp_path)
+    assert helped.returncode == 0 and "experiment: " in helped.stdout and "sample_efficiency" in helped.stdout
