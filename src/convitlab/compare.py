@@ -346,8 +346,10 @@ def run_path(row):
 
 
 def locality_panels(comparison):
-    """(title, {vs value: [locality rows of each run]}) for the first table row with locality.csv files."""
+    """(title, {vs value: [locality rows of each run]}) for one table row with locality.csv files:
+    the first whose runs have GPSA layers (the plots are about them), else the first of all."""
     c = comparison
+    found = []
     for key in c.cells:
         panels = {}
         for row in c.completed:
@@ -357,8 +359,10 @@ def locality_panels(comparison):
                 panels.setdefault(row.get(c.vs) if c.vs else None, []).append(rows)
         if panels:
             title = ", ".join(f"{k}={_show(v)}" for k, v in zip(c.by, key))
-            return title, {column: panels[column] for column in c.columns if column in panels}
-    return None, {}
+            found.append((title, {column: panels[column] for column in c.columns if column in panels}))
+            if any(_finite(r["gate"]) for runs in panels.values() for rows in runs for r in rows):
+                return found[-1]
+    return found[0] if found else (None, {})
 
 
 def _read_locality(run_dir):
