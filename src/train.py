@@ -19,12 +19,13 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg):
     from convitlab.engine.run import describe_error, run_training
-    from convitlab.runtime import share_machine_between_jobs
+    from convitlab.runtime import defer_signal_handlers, share_machine_between_jobs
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
         share_machine_between_jobs(hydra_cfg)
+        defer_signal_handlers()  # submitit's preemption/time-limit signal: requeue between steps
     try:
         row = run_training(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)

@@ -1,4 +1,4 @@
-"""CPU threads and device choice.
+"""CPU threads, device choice, and signals that must wait for a step boundary.
 
 Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when
 unset), so `import convitlab` imports Paddle and gives it every core this process may use.
@@ -6,6 +6,7 @@ A count the user set (OMP_NUM_THREADS) is left alone.
 """
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -33,12 +34,16 @@ def configure_paddle_threads() -> None:
         return
     if _is_amd():  # MKL otherwise takes its generic (slow) code path on AMD processors
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    user_choice = "OMP_NUM_THREADS" in os.environ
+    # paddle.distributed.launch hands every rank the OMP_NUM_THREADS=1 that importing Paddle set
+    # in the launcher: not the user's choice, so the ranks of a node share its cores instead.
+    ranks_here = int(os.environ.get("PADDLE_LOCAL_SIZE", "1"))
+    launched_one = "PADDLE_LOCAL_SIZE" in os.environ and os.environ.get("OMP_NUM_THREADS") == "1"
+    user_choice = "OMP_NUM_THREADS" in os.environ and not launched_one
     with warnings.catch_warnings():  # Paddle warns about a missing ccache at import
         warnings.simplefilter("ignore")
         import paddle
     if not user_choice:  # set after import: setting the variable first makes Paddle print a warning
-        set_cpu_threads(available_cores())
+        set_cpu_threads(max(1, available_cores() // max(1, ranks_here)))
     if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
         # Views (transpose, slice, unbind) otherwise become strided tensors that the next op
         # copies with a slow generic CPU kernel: 14 ms instead of 0.5 ms for one [32, 196, 192]
@@ -81,15 +86,43 @@ def select_device(requested: str) -> str:
     return device
 
 
+_deferred = []  # (handler, signum, frame) of signals caught, waiting for a safe point
+
+
+def defer_signal_handlers(signums=(signal.SIGUSR1, signal.SIGUSR2)) -> None:
+    """Let the Python handlers installed for these signals (submitit's: requeue, then exit) run
+    at the loop's next safe point (run_deferred_signals) instead of wherever Python is when the
+    signal comes: inside a Paddle op (a PyLayer's backward) their SystemExit becomes an OSError,
+    which fails the job instead of requeueing it."""
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, lambda sig, frame, handler=handler: _deferred.append((handler, sig, frame)))
+
+
+def run_deferred_signals() -> None:
+    """Run the handlers of the signals caught since the last call (called between steps)."""
+    while _deferred:
+        handler, signum, frame = _deferred.pop(0)
+        handler(signum, frame)
+
+
 def share_machine_between_jobs(hydra_cfg) -> None:
-    """Under the joblib launcher, give each parallel job its share of the cores, or one GPU."""
-    target = str(hydra_cfg.launcher.get("_target_", ""))
-    if "joblib" not in target.lower():
+    """Under the joblib launcher, give each parallel job its share of the cores, or one GPU;
+    under submitit, the hydra.launcher.cpus_per_task it asked for (when set)."""
+    target = str(hydra_cfg.launcher.get("_target_", "")).lower()
+    cores = available_cores()
+    if "submitit" in target and hydra_cfg.launcher.get("cpus_per_task"):
+        set_cpu_threads(min(int(hydra_cfg.launcher.cpus_per_task), cores))
+        log.info("job #%s: %d CPU threads (hydra.launcher.cpus_per_task)", hydra_cfg.job.num, cpu_threads())
+        return
+    if "joblib" not in target:
         return
     n_jobs = int(hydra_cfg.launcher.get("n_jobs", -1))
-    cores = available_cores()
     parallel = cores if n_jobs <= 0 else min(n_jobs, cores)
     set_cpu_threads(max(1, cores // parallel))
+    log.info("job #%s: %d CPU threads (%d cores shared by %d parallel jobs)", hydra_cfg.job.num, cpu_threads(),
+             cores, parallel)
     import paddle
     if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         os.environ["FLAGS_selected_gpus"] = str(hydra_cfg.job.num % paddle.device.cuda.device_count())

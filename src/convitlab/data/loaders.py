@@ -44,6 +44,12 @@ class TrainBatchSampler:
         for batch in self.global_batches():
             yield [(epoch, int(p)) for p in np.array_split(batch, self.world_size)[self.rank]]
 
+    def global_batch_size(self, index: int) -> int:
+        """The images of the index-th batch over all ranks (fewer than batch_size · world_size
+        only for a last partial batch)."""
+        size = self.batch_size * self.world_size
+        return min(size, self.num_samples - index * size)
+
     def __len__(self) -> int:
         size = self.batch_size * self.world_size
         full, rest = divmod(self.num_samples, size)

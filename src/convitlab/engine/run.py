@@ -10,6 +10,7 @@ from convitlab.atomic import write_text
 from convitlab.config import image_size_pair, validate
 from convitlab.errors import UserError
 from convitlab.run_record import RunRecord, config_hash, convitlab_version
+from convitlab.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
@@ -31,7 +32,7 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
             "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
             "lr": cfg.optimizer.lr if "optimizer" in cfg else None,
             "optimizer": cfg.optimizer.name if "optimizer" in cfg else None,
-            "world_size": distributed.world_size(), "overrides": " ".join(overrides),
+            "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
             "config_hash": cfg_hash, "convitlab_version": convitlab_version(),
             "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
 

@@ -25,7 +25,7 @@ from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, so
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
 from convitlab.errors import UserError
 from convitlab.models import create_model
-from convitlab.runtime import select_device
+from convitlab.runtime import run_deferred_signals, select_device
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def evaluate(model, loader, amp_dtype=None):
     model.eval()
     totals = Totals()
     for images, labels in loader:
+        run_deferred_signals()
         labels = labels.flatten()
         with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
             logits = model(images)
@@ -118,10 +119,12 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
     data_wait, start = 0.0, time.perf_counter()
     smoothing = cfg.trainer.label_smoothing
     mixing = mixing_enabled(cfg.data.augment)
+    world = distributed.world_size()
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
                disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
     iterator = iter(loader)
     for batch_index in range(steps_per_epoch):
+        run_deferred_signals()  # a step boundary: a requeue's exit leaves no op half done
         tick = time.perf_counter()
         images, labels = next(iterator)
         data_wait += time.perf_counter() - tick
@@ -136,18 +139,23 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
         with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
             logits = model(images)
         loss = soft_target_cross_entropy(logits.astype("float32"), targets)
+        count = labels.shape[0]
+        # DataParallel averages the ranks' gradients; weighting each rank's mean by its share
+        # of the global batch makes that the gradient of the global batch's mean loss also
+        # when a last partial batch (data.drop_last=false) splits unevenly across ranks.
+        weight = count * world / loader.batch_sampler.global_batch_size(batch_index)
+        objective = loss * weight if weight != 1 else loss
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             optimizer.step()
         optimizer.clear_grad()
         if ema is not None:
             ema.update(model)
         state.step += 1
-        count = labels.shape[0]
         totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1))
         if bar.n % 10 == 0 or batch_index == steps_per_epoch - 1:
             images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
@@ -182,6 +190,9 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
         write_subset_csv(run_dir / "subset.csv", data.subset_indices, data.subset_labels)
 
     model = build_model(cfg)
+    # Wrapped before anything copies the weights (EMA): DataParallel broadcasts rank 0's
+    # parameters, so every rank starts from the same model whatever its seed.
+    train_model = paddle.DataParallel(model) if distributed.world_size() > 1 else model
     params, flops = count_parameters(model), count_flops(model)
     global_batch = cfg.data.batch_size * distributed.world_size()
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
@@ -201,7 +212,6 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     if main:  # rows past the checkpoint belong to work that is being redone
         results.truncate_after_epoch(run_dir / "metrics.csv", state.epoch)
         results.truncate_after_epoch(run_dir / "locality.csv", state.epoch)
-    train_model = paddle.DataParallel(model) if distributed.world_size() > 1 else model
     if cfg.trainer.to_static:
         train_model = paddle.jit.to_static(train_model)
     probe = _locality_probe(data.val, cfg.trainer.locality_batch_size) if cfg.trainer.measure_locality else None
