@@ -18,7 +18,7 @@ LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_dis
 IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction", "subset", "locality_strength",
                     "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
                     "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "epochs",
-                    "world_size"]
+                    "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "params", "flops", "train_time_s", "img_per_s", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
