@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from convitlab.config import register_configs, validate
 from convitlab.errors import UserError
-from convitlab.models import create_model, list_models, model_defaults
+from convitlab.models import list_models, model_defaults
 from convitlab.models.convit import ConViT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,22 +1,19 @@
 """Data-parallel training: two CPU ranks through paddle.distributed.launch train the model one
 process trains on the same global batch, and the run is written once, by rank 0."""
-import csv
 import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, TIMING_COLUMNS, TRAIN, read_csv
 
 from convitlab import config
 from convitlab.data.loaders import TrainBatchSampler
 from convitlab.runtime import available_cores
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
 LAUNCH = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2"]
 # Every step the same on both sides: plain SGD (Adam's normalised step would hide gradients
 # summed instead of averaged), no drop path or mixing (per-rank random streams), EMA on (it must
@@ -25,14 +22,8 @@ LAUNCH = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
 ARGS = ["model=convit_micro", "model.drop_path_rate=0", "optimizer=sgd", "optimizer.lr=0.1", "schedule.epochs=2",
         "data.fraction=0.1", "data.drop_last=false", "trainer.ema=true", "trainer.locality_batch_size=16",
         "trainer.progress_bar=false", "seed=3"]
-TIMING_COLUMNS = ("epoch_s", "img_per_s", "data_wait_frac")
 RUN_FILES = {".hydra", "checkpoints", "config.yaml", "locality.csv", "metrics.csv", "result.csv", "run.json",
              "subset.csv", "train.log", "train.rank1.log", "vdl"}
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def load_weights(path):

@@ -1,33 +1,21 @@
 """Sweeps through Hydra's launchers: joblib (parallel jobs sharing one machine), submitit_local
 (the cluster path run here, with a preemption and requeue), and our SLURM config."""
-import csv
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, TRAIN, read_csv, run
 from hydra import compose, initialize_config_dir
 
 from convitlab.config import register_configs
 from convitlab.runtime import available_cores
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
 QUICK = ["debug=fast"]  # 1 epoch of 2 steps of 16 images
 register_configs()
-
-
-def run(command, cwd, timeout=300):
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def summary(sweep_dir):

@@ -1,38 +1,19 @@
 """Training end to end: through the real entry point (subprocess) and through the compose API."""
-import csv
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import EVAL, ROOT, TRAIN, read_csv, run, without_timings
 from hydra import compose, initialize_config_dir
 
 from convitlab.config import register_configs
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
-EVAL = [sys.executable, str(ROOT / "src" / "eval.py")]
 # Small and quick, but every stage of a run: 2 epochs of a few steps on digits.
 QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
          "trainer.locality_batch_size=16", "trainer.progress_bar=false"]
-TIMING_COLUMNS = ("epoch_s", "img_per_s", "data_wait_frac")
 register_configs()
-
-
-def run(command, cwd, timeout=300):
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_timings(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
 
 
 def compose_train(*overrides):

@@ -1,0 +1,23 @@
+"""What the end-to-end tests share: the entry points, running them, reading the CSVs they write."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
+EVAL = [sys.executable, str(ROOT / "src" / "eval.py")]
+TIMING_COLUMNS = ("epoch_s", "img_per_s", "data_wait_frac")  # differ between identical runs
+
+
+def run(command, cwd, timeout=300):
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
