@@ -1,0 +1,42 @@
+"""runtime: the MKL code path chosen per processor, and the malloc setting's opt-outs."""
+import subprocess
+import sys
+
+import pytest
+
+from convitlab import runtime
+
+SKX = "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl"
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", SKX, "7"),                          # Zen 4/5: MKL's Skylake-X AVX-512 path
+    ("AuthenticAMD", "avx avx2 fma", "5"),               # Zen 1-3: the AVX2 path
+    ("AuthenticAMD", "avx avx2 fma avx512f", "5"),       # partial AVX-512: not the SKX path
+    ("AuthenticAMD", "sse4_2 avx", None),
+    ("GenuineIntel", SKX, None),                         # MKL dispatches Intel by itself
+    ("", "", None),                                      # no /proc/cpuinfo
+])
+def test_mkl_cpu_type(monkeypatch, vendor, flags, expected):
+    monkeypatch.setattr(runtime, "_cpu_info", lambda: (vendor, set(flags.split())))
+    assert runtime.mkl_cpu_type() == expected
+
+
+def test_cpu_info_reads_this_machine():
+    vendor, flags = runtime._cpu_info()
+    if sys.platform.startswith("linux"):
+        assert vendor and "fpu" in flags
+
+
+@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                      "CONVITLAB_MALLOC_DEFAULTS"])
+def test_malloc_left_alone_when_the_user_chose(monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+    assert runtime.keep_freed_memory() is False
+
+
+def test_user_mkl_choice_is_kept():
+    probe = "import os, convitlab; print(os.environ['MKL_DEBUG_CPU_TYPE'])"
+    env = {"MKL_DEBUG_CPU_TYPE": "4", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "4", out.stderr[-2000:]
