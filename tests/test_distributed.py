@@ -164,3 +164,30 @@ def test_two_ranks_train_what_one_process_trains_on_the_global_batch_and_write_o
     assert_same_weights(resumed / "checkpoints/epoch_0002/model.pdparams", ckpt / "epoch_0002/model.pdparams")
     assert_same_rows(read_csv(resumed / "metrics.csv"), metrics)
     assert read_csv(resumed / "result.csv")[0]["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_two_rank_resume_continues_each_ranks_random_stream(tmp_path):
+    """With drop path on, each rank draws its own random numbers: a resumed two-rank run must
+    restore every rank's stream, not rank 0's on both, to end with the uninterrupted run's weights."""
+    args = [arg for arg in ARGS if not arg.startswith("model.drop_path_rate")]
+    args += ["model.drop_path_rate=0.3", "data.batch_size=16"]
+
+    def launch(run_dir, logs):
+        proc = subprocess.run(LAUNCH + ["--log_dir", str(tmp_path / logs), str(ROOT / "src" / "train.py")]
+                              + args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    straight = tmp_path / "straight"
+    launch(straight, "logs_1")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)  # as if killed after epoch 1
+    (resumed / "result.csv").unlink()
+    shutil.rmtree(resumed / "checkpoints" / "epoch_0002")
+    launch(resumed, "logs_2")
+    assert "resuming from" in (resumed / "train.rank1.log").read_text()
+    final = "checkpoints/epoch_0002/model.pdparams"
+    expected, got = load_weights(straight / final), load_weights(resumed / final)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -53,6 +53,16 @@ def broadcast_object(obj):
     return holder[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's Python object, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    import paddle.distributed as dist
+    gathered = []
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if world_size() > 1:
         import paddle.distributed as dist

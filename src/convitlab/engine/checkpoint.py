@@ -14,6 +14,7 @@ from pathlib import Path
 
 import paddle
 
+from convitlab import distributed
 from convitlab.atomic import atomic_path
 from convitlab.errors import UserError
 
@@ -71,7 +72,8 @@ class Checkpointer:
         generations = self.generations()
         return generations[-1] if generations else None
 
-    def save(self, epoch, model, optimizer, state: dict, ema=None, scaler=None):
+    def save(self, epoch, model, optimizer, state: dict, rng_states: list, ema=None, scaler=None):
+        """A checkpoint of epoch `epoch`; rng_states holds every rank's RNG state, in rank order."""
         final = self.directory / f"epoch_{epoch:04d}"
         tmp = self.directory / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,7 +82,7 @@ class Checkpointer:
         paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / "optimizer.pdopt"))
         if ema is not None:
             paddle.save(ema.state_dict(), str(tmp / "ema.pdparams"))
-        extras = {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+        extras = {"rng": rng_states, "scaler": scaler.state_dict() if scaler is not None else None}
         with open(tmp / "rng.pkl", "wb") as f:
             pickle.dump(extras, f)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
@@ -120,7 +122,9 @@ class Checkpointer:
             ema.set_state_dict(paddle.load(str(folder / "ema.pdparams")))
         with open(folder / "rng.pkl", "rb") as f:
             extras = pickle.load(f)
-        set_rng_state(extras["rng"])
+        rank = distributed.rank()  # each rank resumes its own random stream (drop path, dropout)
+        states = extras["rng"]
+        set_rng_state(states[rank] if rank < len(states) else states[0])
         if scaler is not None and extras.get("scaler"):
             scaler.load_state_dict(extras["scaler"])
         return state

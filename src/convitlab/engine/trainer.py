@@ -19,7 +19,7 @@ from convitlab import distributed, results
 from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
-from convitlab.engine.checkpoint import Checkpointer
+from convitlab.engine.checkpoint import Checkpointer, rng_state
 from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
@@ -241,6 +241,7 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
                     state.best_top1, state.best_epoch = val["val_top1"], epoch
                 log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
                          metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
+            rng_states = distributed.gather_objects(rng_state())  # every rank takes part
             if main:
                 locality = []
                 if evaluated and probe is not None:
@@ -249,7 +250,7 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
                 if locality:
                     results.append_rows(run_dir / "locality.csv", locality, results.LOCALITY_COLUMNS)
                 _log_epoch(writer, metrics, locality)
-                checkpoints.save(epoch, model, optimizer, asdict(state), ema, scaler)
+                checkpoints.save(epoch, model, optimizer, asdict(state), rng_states, ema, scaler)
                 if improved and cfg.trainer.save_best:
                     checkpoints.save_best(model)
             distributed.barrier()
