@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 
 from convitlab.errors import check
 from convitlab.models.attention import GPSA, MHSA
-from convitlab.models.cpu_layers import Linear
+from convitlab.models.cpu_layers import LayerNorm, Linear
 
 _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)
@@ -69,10 +69,10 @@ class Block(nn.Layer):
 
     def __init__(self, dim, num_heads, mlp_ratio, attn, drop=0.0, drop_path=0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm1 = LayerNorm(dim, epsilon=1e-6)
         self.attn = attn
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm2 = LayerNorm(dim, epsilon=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     @property
@@ -122,7 +122,7 @@ class ConViT(nn.Layer):
                 attn = MHSA(dim, num_heads, attn_drop_rate, drop_rate)
             blocks.append(Block(dim, num_heads, mlp_ratio, attn, drop_rate, rates[i]))
         self.blocks = nn.LayerList(blocks)
-        self.norm = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm = LayerNorm(dim, epsilon=1e-6)
         self.head = Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         for block in self.gpsa_blocks():
