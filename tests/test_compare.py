@@ -189,3 +189,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ") and expected in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_cell_never_pools_different_setups():
+    """Two setups that differ only in a setting without a column (say, warm-up) must not be averaged."""
+    def row(seed, setup, warmup):
+        return {"model": "convit_micro", "fraction": 0.1, "seed": seed, "status": "completed", "top1": 50.0 + seed,
+                "setup_hash": setup, "overrides": f"schedule.warmup_epochs={warmup} seed={seed}", "_source": "x.csv"}
+
+    repeats = [row(0, "aaaa", 2), row(1, "aaaa", 2)]
+    assert compare(repeats).cells[()][None].n == 2  # seeds of one setup: averaged
+    with pytest.raises(UserError, match="would average 2 different setups.*warmup_epochs=5"):
+        compare(repeats + [row(2, "bbbb", 5)])

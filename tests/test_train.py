@@ -139,9 +139,12 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path):
     assert a == b
 
 
-def test_eval_of_a_saved_checkpoint(tmp_path):
+@pytest.mark.parametrize("ema", [False, True])
+def test_eval_of_a_saved_checkpoint(tmp_path, ema):
+    """best.pdparams holds the weights that scored best_top1 (the EMA's when EMA is on)."""
     run_dir = tmp_path / "run"
-    assert run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    extra = ["trainer.ema=true", "trainer.ema_decay=0.5"] if ema else []
+    assert run(TRAIN + QUICK + extra + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
     trained = read_csv(run_dir / "result.csv")[0]
     out = tmp_path / "eval"
     proc = run(EVAL + [f"ckpt={run_dir}/checkpoints/best.pdparams", f"hydra.run.dir={out}"], cwd=tmp_path)

@@ -19,7 +19,8 @@ from convitlab.sweeps import gather_sweep
 # The knobs a table may group by, in the order it shows them; never the seed.
 KNOBS = ["ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
          "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads", "depth", "img_size",
-         "patch_size", "lr", "optimizer", "batch_size", "epochs", "study"]
+         "patch_size", "lr", "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "mixup", "cutmix",
+         "ema", "batch_size", "epochs", "study"]
 SOURCE = "_source"  # key added to every loaded row: the file it came from
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "best_top1": "best top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
 
@@ -104,6 +105,7 @@ def compare(rows, metric="top1", by=None, vs=None, baseline=None) -> Comparison:
         if value is not None:
             key = tuple(row.get(k) for k in by)
             groups.setdefault(key, {}).setdefault(row.get(vs) if vs else None, []).append(value)
+    _refuse_mixed_setups(completed, by, vs)
     cells = {key: {column: _stats(values) for column, values in per_column.items()}
              for key, per_column in sorted(groups.items(), key=lambda item: tuple(map(_order, item[0])))}
     columns = sorted({column for per_column in cells.values() for column in per_column}, key=_order)
@@ -114,6 +116,22 @@ def compare(rows, metric="top1", by=None, vs=None, baseline=None) -> Comparison:
         baseline = pick_baseline(completed, vs, columns, baseline)
         columns = [baseline] + [c for c in columns if c != baseline]
     return Comparison(metric, by, vs, baseline, columns, cells, completed, left_out)
+
+
+def _refuse_mixed_setups(rows, by, vs) -> None:
+    """A cell must average repeats of one setup (rows with one setup_hash) and nothing else: runs
+    that differ in a setting result.csv has no column for would otherwise be pooled silently."""
+    setups = {}
+    for row in rows:
+        if row.get("setup_hash"):  # older tables lack it: nothing to check
+            cell = tuple(row.get(k) for k in by) + ((row.get(vs),) if vs else ())
+            setups.setdefault(cell, {}).setdefault(row["setup_hash"], row)
+    for cell, examples in setups.items():
+        if len(examples) > 1:
+            shown = "; ".join(f"{row.get('overrides') or row.get('run_dir')}" for row in list(examples.values())[:3])
+            raise UserError(f"the cell {', '.join(map(_show, cell)) or '(all runs)'} would average {len(examples)} "
+                            f"different setups (differing in settings beyond the table's keys; e.g. {shown}): "
+                            "compare them separately, or pass --by with the key that tells them apart")
 
 
 def default_by(rows, varying, vs) -> list:

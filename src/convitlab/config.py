@@ -177,6 +177,9 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("sweep_exclude_keys"):
+        from convitlab.run_record import sweep_exclude_keys
+        OmegaConf.register_new_resolver("sweep_exclude_keys", sweep_exclude_keys)
     if not OmegaConf.has_resolver("rank_suffix"):
         OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
     cs = ConfigStore.instance()
@@ -202,25 +205,13 @@ def image_size_pair(value, key: str = "data.img_size"):
     return pair
 
 
-def validate(cfg) -> None:
-    """Check the values of a composed train or eval config; raise UserError on the first bad one."""
-    from convitlab.models import list_models
-
-    m, d = cfg.model, cfg.data
-    check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
+def validate_data(d) -> None:
+    """Check the values of a data config alone (no model); validate and the data builders call it."""
     check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
-    check(m.patch_size >= 1, "model.patch_size", m.patch_size, "an int >= 1")
-    for key in ("data.img_size", "model.img_size"):  # the data's first: the model's follows it
-        h, w = image_size_pair(cfg[key.split(".")[0]].img_size, key)
-        check(h % m.patch_size == 0 and w % m.patch_size == 0, key, cfg[key.split(".")[0]].img_size,
-              f"sides divisible by model.patch_size={m.patch_size}")
-    for key in ("embed_dim", "num_heads", "depth", "num_classes", "in_chans"):
-        check(m[key] >= 1, f"model.{key}", m[key], "an int >= 1")
-    check(0 <= m.local_up_to_layer <= m.depth, "model.local_up_to_layer", m.local_up_to_layer,
-          f"0..model.depth={m.depth}")
-    check(m.locality_strength >= 0, "model.locality_strength", m.locality_strength, "a number >= 0")
-    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        check(0 <= m[key] < 1, f"model.{key}", m[key], "a number in [0, 1)")
+    image_size_pair(d.img_size, "data.img_size")
+    check(d.in_chans in (1, 3), "data.in_chans", d.in_chans, "1 or 3")
+    check(len(d.mean) == d.in_chans and len(d.std) == d.in_chans, "data.mean", list(d.mean),
+          f"one value per channel (data.in_chans={d.in_chans})")
     check(0 < d.fraction <= 1, "data.fraction", d.fraction, "a number in (0, 1]")
     check(d.subset in ("random", "first"), "data.subset", d.subset, "random or first")
     check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an int >= 1")
@@ -228,8 +219,40 @@ def validate(cfg) -> None:
           d.eval_batch_size, "an int >= 1 or null")
     check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0")
     check(d.name != "imagefolder" or d.root, "data.root", d.root, "the folder holding train/ and val/")
-    check(len(d.mean) == d.in_chans and len(d.std) == d.in_chans, "data.mean", list(d.mean),
-          f"one value per channel (data.in_chans={d.in_chans})")
+    a = d.augment
+    check(a.crop_padding >= 0, "data.augment.crop_padding", a.crop_padding, "an int >= 0")
+    check(a.randaugment_ops >= 0, "data.augment.randaugment_ops", a.randaugment_ops, "an int >= 0")
+    for key in ("mixup", "cutmix"):
+        check(a[key] >= 0, f"data.augment.{key}", a[key], "a number >= 0 (0 = off)")
+    for key in ("mix_prob", "mix_switch_prob", "random_erasing"):
+        check(0 <= a[key] <= 1, f"data.augment.{key}", a[key], "a number in [0, 1]")
+
+
+def validate(cfg) -> None:
+    """Check the values of a composed train or eval config; raise UserError on the first bad one."""
+    from convitlab.models import list_models
+
+    m, d = cfg.model, cfg.data
+    check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
+    validate_data(d)
+    check(m.patch_size >= 1, "model.patch_size", m.patch_size, "an int >= 1")
+    for key in ("data.img_size", "model.img_size"):  # the data's first: the model's follows it
+        h, w = image_size_pair(cfg[key.split(".")[0]].img_size, key)
+        check(h % m.patch_size == 0 and w % m.patch_size == 0, key, cfg[key.split(".")[0]].img_size,
+              f"sides divisible by model.patch_size={m.patch_size}")
+    for key in ("embed_dim", "num_heads", "depth", "num_classes", "in_chans"):
+        check(m[key] >= 1, f"model.{key}", m[key], "an int >= 1")
+    # The model sees the data's images: another size or channel count fails deep in forward.
+    # (Both default to the data's values through ${data.*}; an explicit override may differ.)
+    check(image_size_pair(m.img_size, "model.img_size") == image_size_pair(d.img_size), "model.img_size",
+          m.img_size, f"the data's size (data.img_size={d.img_size}): set data.img_size instead")
+    check(m.in_chans == d.in_chans, "model.in_chans", m.in_chans,
+          f"the data's channels (data.in_chans={d.in_chans}): set data.in_chans instead")
+    check(0 <= m.local_up_to_layer <= m.depth, "model.local_up_to_layer", m.local_up_to_layer,
+          f"0..model.depth={m.depth}")
+    check(m.locality_strength >= 0, "model.locality_strength", m.locality_strength, "a number >= 0")
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        check(0 <= m[key] < 1, f"model.{key}", m[key], "a number in [0, 1)")
     t = cfg.trainer
     check(t.device in ("auto", "cpu", "gpu"), "trainer.device", t.device, "auto, cpu or gpu")
     check(t.amp in ("off", "fp16", "bf16"), "trainer.amp", t.amp, "off, fp16 or bf16")
@@ -237,11 +260,20 @@ def validate(cfg) -> None:
     check(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
     check(t.eval_every is None or t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an int >= 1 or null")
     check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an int >= 1")
+    check(0 <= t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "a number in [0, 1)")
+    check(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "a number > 0 or null")
+    check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch",
+          t.max_steps_per_epoch, "an int >= 1 or null (no limit)")
+    check(t.locality_batch_size >= 1, "trainer.locality_batch_size", t.locality_batch_size, "an int >= 1")
     if "optimizer" in cfg:
         o, s = cfg.optimizer, cfg.schedule
         check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
         check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
         check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+        check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+              "two numbers in [0, 1)")
         check(s.name in SCHEDULES, "schedule.name", s.name, f"one of {', '.join(SCHEDULES)}")
         check(s.epochs >= 1, "schedule.epochs", s.epochs, "an int >= 1")
         check(0 <= s.warmup_epochs, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
+        check(s.warmup_lr >= 0, "schedule.warmup_lr", s.warmup_lr, "a number >= 0")
+        check(s.min_lr >= 0, "schedule.min_lr", s.min_lr, "a number >= 0")

@@ -43,16 +43,6 @@ def sum_across_ranks(values):
     return tensor.numpy().tolist()
 
 
-def broadcast_object(obj):
-    """Rank 0's Python object on every rank."""
-    if world_size() == 1:
-        return obj
-    import paddle.distributed as dist
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def gather_objects(obj) -> list:
     """Every rank's Python object, in rank order, on every rank."""
     if world_size() == 1:

@@ -17,15 +17,15 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_to
 LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_distance"]
 IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction", "subset", "locality_strength",
                     "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
-                    "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "epochs",
-                    "world_size", "threads"]
+                    "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
+                    "drop_path_rate", "label_smoothing", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "params", "flops", "train_time_s", "img_per_s", "error"]
-PROVENANCE_COLUMNS = ["config_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
+PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
 # Text even when it looks like a number: a config hash of digits must not become an int.
 STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "subset", "optimizer", "status",
-                            "error", "config_hash", "convitlab_version", "paddle_version", "overrides", "run_dir",
+                            "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir",
                             "tags"})
 _INTEGER = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|nan|inf(inity)?)", re.IGNORECASE)

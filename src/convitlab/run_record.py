@@ -15,14 +15,18 @@ import convitlab
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
 
-# Keys that do not change what a run computes: they stay out of the hash.
-NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "data.num_workers",
-                "data.root", "data.download", "data.checksum", "tags", "study")
+# Keys that do not change what a run computes: they stay out of the hash, so a run started
+# again with another value resumes, and out of a sweep job's folder name (conf/hydra/default.yaml).
+NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "trainer.keep_checkpoints",
+                "trainer.save_best", "data.num_workers", "data.eval_batch_size", "data.root", "data.download",
+                "data.checksum", "tags", "study")
+# What varies between the repeats of one setup: left out of setup_hash.
+SEED_KEYS = ("seed", "data.subset_seed")
 
 
-def config_hash(cfg) -> str:
+def _hash(cfg, leave_out) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in NEUTRAL_KEYS:
+    for dotted in leave_out:
         *parents, leaf = dotted.split(".")
         node = container
         for key in parents:
@@ -30,6 +34,23 @@ def config_hash(cfg) -> str:
         node.pop(leaf, None)
     blob = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg) -> str:
+    """Identifies what a run computes: equal hashes, equal runs."""
+    return _hash(cfg, NEUTRAL_KEYS)
+
+
+def setup_hash(cfg) -> str:
+    """The config hash less the seeds: runs that repeat one setup share it (comparison tables
+    average over them and nothing else)."""
+    return _hash(cfg, NEUTRAL_KEYS + SEED_KEYS)
+
+
+def sweep_exclude_keys() -> list:
+    """Overrides left out of a sweep job's folder name: the neutral keys and the preset choice
+    (a preset names its own sweep folder)."""
+    return [*NEUTRAL_KEYS, "experiment"]
 
 
 def convitlab_version() -> str:

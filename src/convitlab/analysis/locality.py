@@ -34,7 +34,6 @@ def attention_maps_per_block(model, images):
         result = block.attn.attention_maps(block.norm1(tokens))
         if not block.is_gpsa:  # drop the class token's row and column
             result = {k: (v[:, :, 1:, 1:] if v is not None else None) for k, v in result.items()}
-            result["combined"] = result["content"]
         maps.append(result)
 
     was_training = model.training

@@ -5,7 +5,7 @@ told apart from the per-sample ones by a spawn key rather than by an extra seed 
 """
 import numpy as np
 
-_SHUFFLE, _SUBSET = 1, 2
+_SHUFFLE, _SUBSET, _MIX = 1, 2, 3
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -21,3 +21,8 @@ def shuffle_rng(seed: int, epoch: int) -> np.random.Generator:
 def subset_rng(seed: int, label: int) -> np.random.Generator:
     """The generator of the order in which one class's training images are kept."""
     return np.random.default_rng(np.random.SeedSequence([seed, label], spawn_key=(_SUBSET,)))
+
+
+def mix_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The generator of one training batch's mixup/cutmix draw."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, batch], spawn_key=(_MIX,)))

@@ -2,11 +2,12 @@
 
 Each checkpoint is a folder `epoch_NNNN/` (model.pdparams, optimizer.pdopt, ema.pdparams,
 rng.pkl, state.json with the files' SHA-256) built under a temporary name and renamed into
-place. The newest `keep` generations are kept, so a damaged one has a fallback;
-`best.pdparams` holds the weights of the best epoch for evaluation.
+place. The newest `keep` generations are kept, so a damaged one has a fallback (its error names it);
+`best.pdparams` holds the weights of the best epoch for evaluation (the EMA weights when EMA is on).
 """
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -27,6 +28,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def optimizer_state_by_name(optimizer, model):
@@ -87,8 +96,11 @@ class Checkpointer:
             pickle.dump(extras, f)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=1))
+        for path in tmp.iterdir():  # on disk before the rename makes them the checkpoint (power loss)
+            _fsync(path)
         shutil.rmtree(final, ignore_errors=True)  # a same-epoch leftover from a killed run
         tmp.rename(final)
+        _fsync(self.directory)
         for old in self.generations()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

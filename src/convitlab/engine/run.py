@@ -9,7 +9,7 @@ from convitlab import distributed, results
 from convitlab.atomic import write_text
 from convitlab.config import image_size_pair, validate
 from convitlab.errors import UserError
-from convitlab.run_record import RunRecord, config_hash, convitlab_version
+from convitlab.run_record import RunRecord, config_hash, convitlab_version, setup_hash
 from convitlab.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,11 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
             "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
             "lr": cfg.optimizer.lr if "optimizer" in cfg else None,
             "optimizer": cfg.optimizer.name if "optimizer" in cfg else None,
+            "weight_decay": cfg.optimizer.weight_decay if "optimizer" in cfg else None,
+            "drop_path_rate": m.drop_path_rate, "label_smoothing": cfg.trainer.label_smoothing,
+            "mixup": d.augment.mixup, "cutmix": d.augment.cutmix, "ema": cfg.trainer.ema,
             "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
-            "config_hash": cfg_hash, "convitlab_version": convitlab_version(),
+            "config_hash": cfg_hash, "setup_hash": setup_hash(cfg), "convitlab_version": convitlab_version(),
             "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
 
 
@@ -73,10 +76,9 @@ def run_training(cfg, run_dir, overrides=()) -> dict:
                          run_dir, previous["status"], previous.get("top1"))
                 return previous
         if main:
-            record.claim(cfg_hash, overwrite=fresh)
             if fresh:
                 clear_run_outputs(run_dir)
-                record.claim(cfg_hash, overwrite=True)
+            record.claim(cfg_hash, overwrite=fresh)
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         row.update(fit(cfg, run_dir, cfg_hash))

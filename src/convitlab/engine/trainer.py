@@ -3,6 +3,7 @@
 One function, `fit`, holds the loop and its state (epoch, step, best, times) in plain view:
 data → model → optimiser → epochs of train + evaluate + locality → tables, logs, checkpoints.
 """
+import contextlib
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from convitlab import distributed, results
 from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
+from convitlab.data.seeds import mix_rng
 from convitlab.engine.checkpoint import Checkpointer, rng_state
 from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
@@ -39,6 +41,7 @@ class LoopState:
     best_epoch: int = 0
     train_time_s: float = 0.0
     train_images: int = 0
+    world_size: int = 1     # ranks that wrote it: a resume needs the same
 
 
 class Diverged(Exception):
@@ -132,7 +135,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
         lr = learning_rate_at(state.step, steps_per_epoch, epochs, base_lr, cfg.schedule)
         optimizer.set_lr(lr)
         if mixing:
-            rng = np.random.default_rng([cfg.seed, epoch, batch_index])
+            rng = mix_rng(cfg.seed, epoch, batch_index)
             images, targets = mix_batch(images, labels, cfg.data.augment, smoothing, num_classes, rng)
         else:
             targets = smoothed_one_hot(labels, num_classes, smoothing)
@@ -157,7 +160,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
             ema.update(model)
         state.step += 1
         totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1))
-        if bar.n % 10 == 0 or batch_index == steps_per_epoch - 1:
+        if not bar.disable and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
             images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
             bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")  # syncs: every 10 steps
         bar.update(1)
@@ -203,11 +206,15 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     if cfg.trainer.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
-    state = LoopState()
+    state = LoopState(world_size=distributed.world_size())
     latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)
     if latest is not None:
         state = LoopState(**{k: v for k, v in checkpoints.load(latest, model, optimizer, ema, scaler).items()
                              if k in LoopState.__dataclass_fields__})
+        if state.world_size != distributed.world_size():
+            raise UserError(f"{latest} was written by {state.world_size} rank(s), this run has "
+                            f"{distributed.world_size()}: resume with the same number of ranks (the global batch "
+                            "and schedule depend on it), or set trainer.resume=false to start afresh")
         log.info("resuming from %s (epoch %d of %d)", latest, state.epoch, epochs)
     if main:  # rows past the checkpoint belong to work that is being redone
         results.truncate_after_epoch(run_dir / "metrics.csv", state.epoch)
@@ -228,31 +235,29 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
             state.train_images += train["images"]
             metrics = {"epoch": epoch, **{k: v for k, v in train.items() if k != "images"}}
             evaluated = epoch % eval_every == 0 or epoch == epochs
-            improved = False
+            improved, locality = False, []
             if evaluated:
-                if ema is not None:
-                    with ema.swapped_into(model):
-                        val = evaluate(model, val_loader, amp_dtype)
-                else:
+                # With EMA on, the EMA weights are the model that is evaluated, measured and kept as best.
+                with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
                     val = evaluate(model, val_loader, amp_dtype)
+                    improved = val["val_top1"] > state.best_top1
+                    if main and probe is not None:
+                        locality = [{"epoch": epoch, **r} for r in locality_rows(model, probe)]
+                    if main and improved and cfg.trainer.save_best:
+                        # Before the epoch's checkpoint: once that exists, a restart never comes back here.
+                        checkpoints.save_best(model)
                 metrics.update(val)
-                improved = val["val_top1"] > state.best_top1
                 if improved:
                     state.best_top1, state.best_epoch = val["val_top1"], epoch
                 log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
                          metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
             rng_states = distributed.gather_objects(rng_state())  # every rank takes part
             if main:
-                locality = []
-                if evaluated and probe is not None:
-                    locality = [{"epoch": epoch, **r} for r in locality_rows(model, probe)]
                 results.append_rows(run_dir / "metrics.csv", [metrics], results.METRIC_COLUMNS)
                 if locality:
                     results.append_rows(run_dir / "locality.csv", locality, results.LOCALITY_COLUMNS)
                 _log_epoch(writer, metrics, locality)
                 checkpoints.save(epoch, model, optimizer, asdict(state), rng_states, ema, scaler)
-                if improved and cfg.trainer.save_best:
-                    checkpoints.save_best(model)
             distributed.barrier()
         row["status"] = "completed"
     except Diverged as exc:
@@ -262,9 +267,14 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
         if writer is not None:
             _log_hparams(writer, cfg, state)
             writer.close()
-    last = results.read_last_row(run_dir / "metrics.csv") if main else {}
-    row.update(top1=last.get("val_top1"), top5=last.get("val_top5"), best_top1=state.best_top1,
-               best_epoch=state.best_epoch, final_val_loss=last.get("val_loss"),
+    rows = results.read_rows(run_dir / "metrics.csv") if main else []
+    last = rows[-1] if rows else {}
+    evaluated = [r for r in rows if r.get("val_top1") is not None]
+    last_eval = evaluated[-1] if evaluated else {}  # a diverged run may stop between evaluations
+    evaluated_once = state.best_epoch > 0
+    row.update(top1=last_eval.get("val_top1"), top5=last_eval.get("val_top5"),
+               best_top1=state.best_top1 if evaluated_once else None,
+               best_epoch=state.best_epoch if evaluated_once else None, final_val_loss=last_eval.get("val_loss"),
                final_train_loss=last.get("train_loss"), train_time_s=state.train_time_s,
                img_per_s=state.train_images / state.train_time_s if state.train_time_s else None)
     return row
