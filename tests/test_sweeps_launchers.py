@@ -18,8 +18,18 @@ QUICK = ["debug=fast"]  # 1 epoch of 2 steps of 16 images
 register_configs()
 
 
+def own_overrides(job_name):
+    """A job folder's name less the debug preset every job here shares (debug names folders too)."""
+    return ",".join(part for part in job_name.split(",") if part not in QUICK)
+
+
+def job_dir(sweep_dir, overrides):
+    """The folder of the job with these overrides (and the shared debug preset)."""
+    return next(p for p in sweep_dir.iterdir() if p.is_dir() and own_overrides(p.name) == overrides)
+
+
 def summary(sweep_dir):
-    return {Path(row["run_dir"]).name: row for row in read_csv(sweep_dir / "summary.csv")}
+    return {own_overrides(Path(row["run_dir"]).name): row for row in read_csv(sweep_dir / "summary.csv")}
 
 
 # --- joblib -----------------------------------------------------------------------------------
@@ -35,7 +45,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_survives_a_failure_and_reruns_only_w
     rows = summary(sweep)
     assert set(rows) == {"data.fraction=1.0", "data.fraction=0.5", "data.fraction=0.002"}
     assert rows["data.fraction=1.0"]["status"] == rows["data.fraction=0.5"]["status"] == "completed"
-    failed = read_csv(sweep / "data.fraction=0.002" / "result.csv")
+    failed = read_csv(job_dir(sweep, "data.fraction=0.002") / "result.csv")
     assert len(failed) == 1 and failed[0]["status"] == "failed"
     assert "data.batch_size=16" in failed[0]["error"] and "\n" not in failed[0]["error"]
     assert rows["data.fraction=0.002"]["status"] == "failed"
@@ -44,17 +54,17 @@ def test_joblib_sweep_runs_jobs_in_parallel_survives_a_failure_and_reruns_only_w
     parallel = min(2, available_cores())
     threads = max(1, available_cores() // parallel)
     for job in ("data.fraction=1.0", "data.fraction=0.5"):
-        log = (sweep / job / "train.log").read_text()
+        log = (job_dir(sweep, job) / "train.log").read_text()
         shared = re.search(r"job #\d+: (\d+) CPU threads \((\d+) cores shared by (\d+) parallel jobs\)", log)
         assert shared and shared.groups() == (str(threads), str(available_cores()), str(parallel)), log
         assert rows[job]["threads"] == str(threads)
 
     # The same sweep again: finished jobs are reported, an unfinished one (no result.csv, as if
     # killed) resumes from its checkpoint, the failed one is tried again.
-    done = sweep / "data.fraction=1.0"
+    done = job_dir(sweep, "data.fraction=1.0")
     before = (done / "metrics.csv").read_text(), (done / "metrics.csv").stat().st_mtime_ns
-    (sweep / "data.fraction=0.5" / "result.csv").unlink()
-    failed_mtime = (sweep / "data.fraction=0.002" / "result.csv").stat().st_mtime_ns
+    (job_dir(sweep, "data.fraction=0.5") / "result.csv").unlink()
+    failed_mtime = (job_dir(sweep, "data.fraction=0.002") / "result.csv").stat().st_mtime_ns
     time.sleep(0.01)
     again = run(command, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -62,8 +72,8 @@ def test_joblib_sweep_runs_jobs_in_parallel_survives_a_failure_and_reruns_only_w
     assert re.search(rf"run in {re.escape(str(done))} already completed .*not retrained", output)
     assert len(re.findall("not retrained", output)) == 1
     assert ((done / "metrics.csv").read_text(), (done / "metrics.csv").stat().st_mtime_ns) == before
-    assert f"resuming from {sweep / 'data.fraction=0.5' / 'checkpoints'}" in output
-    assert (sweep / "data.fraction=0.002" / "result.csv").stat().st_mtime_ns != failed_mtime
+    assert f"resuming from {job_dir(sweep, 'data.fraction=0.5') / 'checkpoints'}" in output
+    assert (job_dir(sweep, "data.fraction=0.002") / "result.csv").stat().st_mtime_ns != failed_mtime
     rows = summary(sweep)
     assert [rows[j]["status"] for j in ("data.fraction=1.0", "data.fraction=0.5", "data.fraction=0.002")] == \
         ["completed", "completed", "failed"]
@@ -82,7 +92,7 @@ def test_submitit_local_sweep(tmp_path):
     assert all(row["status"] == "completed" for row in rows.values())
     assert {row["model"] for row in rows.values()} == {"convit_micro", "deit_micro"}
     for job, row in rows.items():
-        assert "1 CPU threads (hydra.launcher.cpus_per_task)" in (sweep / job / "train.log").read_text()
+        assert "1 CPU threads (hydra.launcher.cpus_per_task)" in (job_dir(sweep, job) / "train.log").read_text()
         assert row["threads"] == "1"
     assert (sweep / ".submitit").is_dir()  # submitit's own files, which the summary leaves out
 
