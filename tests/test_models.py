@@ -8,7 +8,7 @@ from convitlab.analysis.locality import locality_rows, window_distance
 from convitlab.analysis.summary import count_flops, count_parameters, summary
 from convitlab.errors import UserError
 from convitlab.models import create_model, list_models, model_defaults
-from convitlab.models.attention import local_window_offsets, relative_positions
+from convitlab.models.attention import relative_positions
 from convitlab.weights import load_pretrained, save_pdparams
 
 # The reference implementation's counts at 224x224 and 1000 classes (convit-facts.md).
@@ -68,22 +68,50 @@ def test_relative_positions_on_a_two_by_three_grid():
     assert not any("rel" in k for k in create_model("convit_micro").state_dict())  # never in checkpoints
 
 
-@pytest.mark.parametrize("heads,alpha", [(4, 1.0), (9, 2.0), (16, 0.5)])
-def test_local_init_makes_each_head_a_window_at_its_offset(heads, alpha):
+# pos_proj's weight columns (Paddle layout [3, H]: rows dx, dy, d²) after the local init at α = 1,
+# written out from convit-facts.md: head h1 + k·h2 gets (2(h2 − c), 2(h1 − c), −1), k = int(√H),
+# c = (k − 1)/2 for even k, k // 2 for odd k. Its window centre is Δ = (h2 − c, h1 − c).
+LOCAL_INIT_COLUMNS = {
+    4: [(-1, -1, -1), (-1, 1, -1), (1, -1, -1), (1, 1, -1)],                    # k = 2, c = 0.5
+    9: [(-2, -2, -1), (-2, 0, -1), (-2, 2, -1), (0, -2, -1), (0, 0, -1), (0, 2, -1),
+        (2, -2, -1), (2, 0, -1), (2, 2, -1)],                                     # k = 3, c = 1
+}
+
+
+def local_init_attention(heads, alpha):
     model = create_model("convit_tiny", img_size=28, patch_size=4, num_heads=heads, embed_dim=4,
                          depth=2, local_up_to_layer=1, locality_strength=alpha)
-    attn = model.blocks[0].attn
+    return model.blocks[0].attn
+
+
+@pytest.mark.parametrize("heads,alpha", [(4, 1.0), (4, 0.25), (9, 1.0), (9, 3.0)])
+def test_local_init_sets_the_papers_pos_proj_columns(heads, alpha):
+    attn = local_init_attention(heads, alpha)
     np.testing.assert_array_equal(attn.v.weight.numpy(), np.eye(heads * 4, dtype="float32"))
     np.testing.assert_array_equal(attn.gating_param.numpy(), np.ones(heads, dtype="float32"))
-    positional = attn.positional_attention().numpy()  # [H, N, N] on the 7x7 grid
+    weight = attn.pos_proj.weight.numpy()
+    assert weight.shape == (3, heads)
+    expected = alpha * np.array(LOCAL_INIT_COLUMNS[heads], dtype="float32").T  # [3, H]
+    np.testing.assert_allclose(weight, expected, rtol=0, atol=1e-6)
+
+
+def test_local_init_leaves_heads_beyond_the_square_alone():
+    weight = local_init_attention(5, 2.0).pos_proj.weight.numpy()  # k = 2: heads 0..3 local, head 4 not
+    np.testing.assert_allclose(weight[:, :4], 2.0 * np.array(LOCAL_INIT_COLUMNS[4], dtype="float32").T, atol=1e-6)
+    assert np.abs(weight[:, 4]).max() < 0.2  # trunc-normal(0.02) init, times α
+
+
+def test_local_init_windows_peak_at_their_offsets():
+    """9 heads (odd kernel): each head's positional attention from the centre patch of the 7x7
+    grid peaks at exactly one patch, (dx, dy) = Δ away (dx along a row, dy down the columns)."""
+    positional = local_init_attention(9, 1.0).positional_attention().numpy()  # [H, N, N]
     centre = 3 * 7 + 3
-    for head, offset in enumerate(local_window_offsets(heads)):
-        peak = np.unravel_index(positional[head, centre].argmax(), (7, 7))
-        dy, dx = peak[0] - 3, peak[1] - 3
-        # An even kernel puts the window centre between patches: the peak is the nearest one.
-        assert abs(dx - offset[0]) <= 0.5 and abs(dy - offset[1]) <= 0.5
-    w = attn.pos_proj.weight.numpy()
-    assert np.allclose(w[2, : int(np.sqrt(heads)) ** 2], -alpha)
+    offsets = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]  # head: (dx, dy)
+    for head, (dx, dy) in enumerate(offsets):
+        row = positional[head, centre]
+        peak = (3 + dy) * 7 + (3 + dx)
+        assert row.argmax() == peak
+        assert row[peak] > np.sort(row)[-2] * 2  # a strict peak: e^1 over its neighbours
 
 
 def test_locality_strength_sharpens_the_window():
@@ -213,3 +241,12 @@ def test_locality_measures_and_summary(tmp_path):
     assert count_flops(create_model("convit_tiny")) == pytest.approx(1.25e9, rel=0.02)  # the paper: ~1G
     path = plot_attention_maps(model, np.random.rand(1, 8, 8).astype("float32"), 0, tmp_path / "maps.png")
     assert path.stat().st_size > 5000
+
+
+def test_patch_embedding_init_is_the_references():
+    """PyTorch's Conv2d default, which the reference keeps: uniform in ±1/√fan_in, bias too."""
+    conv = create_model("convit_tiny").patch_embed.proj
+    bound = (3 * 16 * 16) ** -0.5
+    weight, bias = conv.weight.numpy(), conv.bias.numpy()
+    assert np.abs(weight).max() <= bound and np.abs(bias).max() <= bound
+    assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.02)  # a uniform's std, not Paddle's normal
