@@ -1,17 +1,40 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,cluster,dev
+STAMP := $(VENV)/.installed
+DEFAULT_EXTRAS := cpu,cluster,dev
+# paddlepaddle-gpu 3.x is not on PyPI: Paddle's own index (CUDA 12.6 wheels; cu118, cu129 also exist)
+PADDLE_GPU_INDEX ?= https://www.paddlepaddle.org.cn/packages/stable/cu126/
+comma := ,
 
-.PHONY: setup test test-fast demo bench clean
+# The stamp holds the extras of the last setup (a stamp from before it did counts as the default).
+# EXTRAS given (make setup EXTRAS=gpu,cluster,dev) installs those; left out, every target keeps
+# what is installed, so `make test` on a GPU setup does not switch back to the CPU build.
+INSTALLED_EXTRAS := $(if $(wildcard $(STAMP)),$(or $(strip $(shell cat $(STAMP))),$(DEFAULT_EXTRAS)))
+EXTRAS ?= $(or $(INSTALLED_EXTRAS),$(DEFAULT_EXTRAS))
+EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))
+WANTS_GPU := $(filter gpu,$(EXTRA_LIST))
+WANTS_CPU := $(filter cpu,$(EXTRA_LIST))
+# The two Paddle builds install the same `paddle` package: remove the other one first.
+OTHER_PADDLE := $(if $(WANTS_GPU),paddlepaddle,$(if $(WANTS_CPU),paddlepaddle-gpu))
 
-# Idempotent: re-installs only when pyproject.toml changed since the last setup.
-setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+.PHONY: setup test test-fast demo bench clean FORCE
+
+# Idempotent: re-installs only when pyproject.toml changed or EXTRAS differs from the last setup.
+setup: $(STAMP)
+ifneq ($(strip $(EXTRAS)),$(INSTALLED_EXTRAS))
+$(STAMP): FORCE
+endif
+$(STAMP): pyproject.toml
+	$(if $(and $(WANTS_GPU),$(WANTS_CPU)),$(error EXTRAS=$(EXTRAS) names both cpu and gpu: choose one))
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	touch $@
+	$(if $(OTHER_PADDLE),if $(BIN)/python -m pip show -q $(OTHER_PADDLE) >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -y -q $(OTHER_PADDLE); fi)
+	$(BIN)/python -m pip install -q $(if $(WANTS_GPU),--extra-index-url $(PADDLE_GPU_INDEX)) -e ".[$(EXTRAS)]"
+	echo '$(strip $(EXTRAS))' > $@
+
+FORCE:
 
 test: setup
 	$(BIN)/python -m pytest -q

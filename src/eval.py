@@ -19,19 +19,23 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
     from convitlab import results
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.config import validate
-    from convitlab.data import build_datasets, build_loaders
+    from convitlab.data import build_eval_dataset, build_eval_loader
     from convitlab.engine.run import identity_row
     from convitlab.engine.trainer import build_model, evaluate
+    from convitlab.errors import UserError
     from convitlab.run_record import config_hash
     from convitlab.runtime import select_device
     from convitlab.weights import load_pretrained
 
     validate(cfg)
     select_device(cfg.trainer.device)
-    model = load_pretrained(build_model(cfg), cfg.ckpt)
-    data = build_datasets(cfg.data, cfg.seed)
-    _, val_loader = build_loaders(data, cfg.data, cfg.seed)
-    metrics = evaluate(model, val_loader)
+    model = load_pretrained(build_model(cfg), cfg.ckpt)  # model.num_classes = data.num_classes, checked
+    # The validation split alone: an image folder needs only val/, and nothing about training applies.
+    val, num_classes, _ = build_eval_dataset(cfg.data, cfg.seed)
+    if num_classes != cfg.data.num_classes:  # label i must be the checkpoint's class i
+        raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {num_classes} "
+                        f"classes found in the validation split of data.name={cfg.data.name}")
+    metrics = evaluate(model, build_eval_loader(val, cfg.data))
     row = {**identity_row(cfg, run_dir, config_hash(cfg), overrides), "status": "completed",
            "params": count_parameters(model), "flops": count_flops(model), "top1": metrics["val_top1"],
            "top5": metrics["val_top5"], "final_val_loss": metrics["val_loss"]}

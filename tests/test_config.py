@@ -1,10 +1,12 @@
 """Every config option composes through Hydra's compose API and the schema; bad values fail in one line."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from PIL import Image
 
 from convitlab.config import register_configs, validate
 from convitlab.errors import UserError
@@ -86,6 +88,29 @@ BAD_VALUES = [
     ("trainer.amp=fp8", "off, fp16 or bf16"),
     ("model.name=convit_huge", "one of convit_base"),
     ("model.locality_strength=-1", "a number >= 0"),
+    # the model must take the data's images (both follow the data unless overridden)
+    ("model.img_size=16", "data.img_size=8"),
+    ("model.img_size=[8,6]", "data.img_size=8"),
+    ("model.in_chans=3", "data.in_chans=1"),
+    ("data.in_chans=2", "1 or 3"),
+    ("trainer.ema_decay=1", "[0, 1)"),
+    ("trainer.ema_decay=-0.1", "[0, 1)"),
+    ("data.augment.mixup=-0.2", ">= 0"),
+    ("data.augment.cutmix=-1", ">= 0"),
+    ("data.augment.mix_prob=1.5", "[0, 1]"),
+    ("data.augment.mix_switch_prob=-0.5", "[0, 1]"),
+    ("data.augment.random_erasing=2", "[0, 1]"),
+    ("data.augment.crop_padding=-1", "an int >= 0"),
+    ("data.augment.randaugment_ops=-1", "an int >= 0"),
+    ("trainer.grad_clip=0", "> 0 or null"),
+    ("trainer.grad_clip=-1", "> 0 or null"),
+    ("optimizer.betas=[0.9]", "two numbers in [0, 1)"),
+    ("optimizer.betas=[0.9,1.0]", "two numbers in [0, 1)"),
+    ("optimizer.betas=[-0.1,0.999]", "two numbers in [0, 1)"),
+    ("schedule.warmup_lr=-1e-6", "a number >= 0"),
+    ("schedule.min_lr=-1e-5", "a number >= 0"),
+    ("trainer.max_steps_per_epoch=0", "an int >= 1 or null"),
+    ("trainer.locality_batch_size=0", "an int >= 1"),
 ]
 
 
@@ -99,7 +124,94 @@ def test_bad_values_fail_in_one_line_naming_key_and_allowed(override, expected):
     assert override.split("=")[0] in message
 
 
+def test_values_at_the_edges_of_the_new_checks_are_accepted():
+    validate(compose_train("model.img_size=[8,8]", "model.in_chans=1", "trainer.ema_decay=0", "trainer.grad_clip=1",
+                           "trainer.max_steps_per_epoch=1", "trainer.locality_batch_size=1",
+                           "optimizer.betas=[0,0.999]", "schedule.warmup_lr=0", "schedule.min_lr=0",
+                           "data.augment.mix_prob=0", "data.augment.mix_switch_prob=1",
+                           "data.augment.random_erasing=1", "data.augment.crop_padding=0",
+                           "data.augment.randaugment_ops=0", "data.augment.mixup=0.8", "data.augment.cutmix=1"))
+    # both sizes follow the data through ${data.img_size} / ${data.in_chans}
+    validate(compose_train("data.img_size=16", "data.in_chans=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"))
+
+
 def test_eval_config_composes():
     cfg = compose_train("ckpt=/tmp/x.pdparams", name="eval")
     validate(cfg)
     assert OmegaConf.select(cfg, "optimizer") is None
+    with pytest.raises(UserError, match="model.img_size=16"):
+        validate(compose_train("ckpt=/tmp/x.pdparams", "model.img_size=16", name="eval"))
+
+
+def make_val_only_folder(root: Path, classes=("cat", "dog"), per_class=2) -> Path:
+    """root/val/<class>/*.png of random 20x24 RGB images, and no train/ at all."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        folder = root / "val" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_eval_dataset_reads_only_the_validation_split(tmp_path):
+    from convitlab.data import build_eval_dataset, build_eval_loader
+
+    root = make_val_only_folder(tmp_path / "images")
+    cfg = compose_train("ckpt=x", "data=imagefolder", f"data.root={root}", "data.num_classes=2", "data.img_size=16",
+                        "data.patch_size=4", "data.batch_size=64", "data.num_workers=0", name="eval")
+    val, num_classes, class_names = build_eval_dataset(cfg.data)
+    assert (len(val), num_classes, class_names) == (4, 2, ["cat", "dog"])
+    assert val.labels.tolist() == [0, 0, 1, 1] and val[0][0].shape == (3, 16, 16)
+    # 4 images and batch_size 64 with drop_last: fine for evaluation (build_loaders would refuse)
+    assert [labels.numpy().tolist() for _, labels in build_eval_loader(val, cfg.data)] == [[0, 0, 1, 1]]
+    with pytest.raises(UserError, match="val/<class>/"):
+        build_eval_dataset(OmegaConf.merge(cfg.data, {"root": str(tmp_path / "nowhere")}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=f"{empty / 'val'} is missing"):
+        build_eval_dataset(OmegaConf.merge(cfg.data, {"root": str(empty)}))
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10"])
+def test_eval_dataset_is_the_training_runs_validation_split(tmp_path, name):
+    from test_data import plain, write_fake_cifar
+
+    from convitlab.data import build_datasets, build_eval_dataset
+
+    if name == "cifar10":
+        write_fake_cifar(tmp_path, name)
+        cfg = plain(name, tmp_path)
+    else:
+        cfg = compose_train().data
+    data = build_datasets(cfg, seed=0)
+    val, num_classes, class_names = build_eval_dataset(cfg)
+    assert (num_classes, class_names) == (data.num_classes, data.class_names)
+    assert val.labels.tolist() == data.val.labels.tolist()
+    for i in (0, len(val) - 1):
+        np.testing.assert_array_equal(val[i][0], data.val[i][0])
+
+
+def test_eval_entry_point_on_a_folder_with_only_val(tmp_path):
+    from helpers import EVAL, read_csv, run
+
+    from convitlab.models import create_model
+    from convitlab.weights import save_pdparams
+
+    root = make_val_only_folder(tmp_path / "images")
+    ckpt = save_pdparams(create_model("convit_micro", img_size=16, patch_size=4, in_chans=3, num_classes=2),
+                         tmp_path / "micro.pdparams")
+    common = [f"ckpt={ckpt}", "model=convit_micro", "data=imagefolder", f"data.root={root}", "data.img_size=16",
+              "data.patch_size=4", "data.num_workers=0", "trainer.device=cpu"]
+    proc = run(EVAL + common + ["data.num_classes=2", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = read_csv(tmp_path / "out" / "result.csv")
+    assert row["status"] == "completed" and row["dataset"] == "imagefolder"
+    assert 0 <= float(row["top1"]) <= 100 and float(row["top1"]) in (0, 25, 50, 75, 100)  # 4 images
+    # data.num_classes disagreeing with the classes in val/ is refused in one line
+    (root / "val" / "emu").mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(root / "val" / "emu" / "0.png")
+    proc = run(EVAL + common + ["data.num_classes=2", f"hydra.run.dir={tmp_path / 'out2'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "data.num_classes=2" in error and "3 classes" in error

@@ -42,10 +42,21 @@ def load_cifar(name: str, root, download: bool, checksum: bool):
 
     Decoded arrays stay in memory for the process, keyed by the file's path, size and mtime.
     """
+    return _load(name, root, download, checksum, with_train=True)
+
+
+def load_cifar_val(name: str, root, download: bool, checksum: bool):
+    """(val, class_names) of `name`: the test batches alone, for evaluation (the training
+    batches are not unpickled)."""
+    _, val, names = _load(name, root, download, checksum, with_train=False)
+    return val, names
+
+
+def _load(name: str, root, download: bool, checksum: bool, with_train: bool):
     archive = ARCHIVES[name]
     path = _locate(archive, root, download, checksum)
     stat = path.stat()
-    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum)
+    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
 def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path:
@@ -68,7 +79,8 @@ def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path
 
 
 @functools.lru_cache(maxsize=2)
-def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool):
+def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with_train: bool = True):
+    """(train or None without with_train, test, class names) of the archive at `path`."""
     archive = ARCHIVES[name]
     if checksum:
         digest = _md5(path)
@@ -77,15 +89,16 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool):
                             "(delete it and set data.download=true), or set data.checksum=false to use a "
                             "modified copy")
     try:
-        batches = _read_pickles(path, (*archive.train_batches, *archive.test_batches, archive.meta))
-        train = _images_and_labels([batches[b] for b in archive.train_batches], archive.label_key)
+        train_batches = archive.train_batches if with_train else ()
+        batches = _read_pickles(path, (*train_batches, *archive.test_batches, archive.meta))
+        train = _images_and_labels([batches[b] for b in train_batches], archive.label_key) if with_train else None
         test = _images_and_labels([batches[b] for b in archive.test_batches], archive.label_key)
         names = [n.decode() for n in batches[archive.meta][archive.names_key]]
     except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError, KeyError, ValueError,
             TypeError, AttributeError, IndexError) as exc:
         raise UserError(f"{path} is damaged or not the official {archive.file} ({_one_line(exc)}): "
                         "download it again") from None
-    return ArrayImages(*train), ArrayImages(*test), names
+    return (ArrayImages(*train) if with_train else None), ArrayImages(*test), names
 
 
 def _read_pickles(path: str, wanted: tuple) -> dict:

@@ -4,14 +4,14 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from convitlab.config import DATASETS
-from convitlab.data.cifar import load_cifar
+from convitlab.config import DATASETS, validate_data
+from convitlab.data.cifar import load_cifar, load_cifar_val
 from convitlab.data.digits import load_digits_split
-from convitlab.data.imagefolder import scan_image_folder
+from convitlab.data.imagefolder import scan_image_folder, scan_val_folder
 from convitlab.data.seeds import sample_rng
 from convitlab.data.subset import keep_per_class
 from convitlab.data.transforms import build_transforms
-from convitlab.errors import bad_value, check
+from convitlab.errors import bad_value
 
 
 class ImageDataset(paddle.io.Dataset):
@@ -62,11 +62,23 @@ def load_splits(data_cfg):
     raise bad_value("data.name", name, f"one of {', '.join(DATASETS)}")
 
 
+def load_val_split(data_cfg):
+    """(val source, class names) of data_cfg.name without the training split where that is
+    separate: an image folder's classes come from val/ alone (train/ may be absent)."""
+    name = data_cfg.name
+    if name == "digits":
+        _, val, class_names = load_digits_split(data_cfg.val_split, data_cfg.split_seed)
+        return val, class_names
+    if name in ("cifar10", "cifar100"):
+        return load_cifar_val(name, data_cfg.root, data_cfg.download, data_cfg.checksum)
+    if name == "imagefolder":
+        return scan_val_folder(data_cfg.root, data_cfg.in_chans)
+    raise bad_value("data.name", name, f"one of {', '.join(DATASETS)}")
+
+
 def build_datasets(data_cfg, seed: int) -> Datasets:
     """The datasets of a run; the subset is drawn with data.subset_seed, or `seed` when that is null."""
-    check(data_cfg.in_chans in (1, 3), "data.in_chans", data_cfg.in_chans, "1 or 3")
-    check(data_cfg.subset in ("random", "first"), "data.subset", data_cfg.subset, "random or first")
-    check(0 < data_cfg.fraction <= 1, "data.fraction", data_cfg.fraction, "a number in (0, 1]")
+    validate_data(data_cfg)  # also called without config.validate (as a library, in tests)
     train_source, val_source, class_names = load_splits(data_cfg)
     subset_seed = seed if data_cfg.subset_seed is None else data_cfg.subset_seed
     kept = keep_per_class(train_source.labels, data_cfg.fraction, data_cfg.subset, subset_seed)
@@ -75,3 +87,13 @@ def build_datasets(data_cfg, seed: int) -> Datasets:
                     val=ImageDataset(val_source, np.arange(len(val_source)), eval_transform, seed),
                     num_classes=len(class_names), class_names=list(class_names),
                     subset_indices=kept, subset_labels=train_source.labels[kept])
+
+
+def build_eval_dataset(data_cfg, seed: int = 0):
+    """(val dataset, num_classes, class_names) for evaluating a checkpoint: the whole validation
+    split with the evaluation transform; the training split is never listed or read."""
+    validate_data(data_cfg)
+    val_source, class_names = load_val_split(data_cfg)
+    _, eval_transform = build_transforms(data_cfg, centre_crop=data_cfg.name == "imagefolder")
+    val = ImageDataset(val_source, np.arange(len(val_source)), eval_transform, seed)
+    return val, len(class_names), list(class_names)

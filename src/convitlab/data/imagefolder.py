@@ -5,6 +5,7 @@ from convitlab.data.sources import FileImages
 from convitlab.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+BOTH = "train/<class>/ and val/<class>/"
 
 
 def scan_image_folder(root, in_chans: int):
@@ -12,13 +13,10 @@ def scan_image_folder(root, in_chans: int):
 
     Files are in sorted order within each class (the reference's order, which `subset=first` keeps).
     """
-    if not root or not Path(root).expanduser().is_dir():
-        raise UserError(f"data.root={root} is not a folder: point it at the folder holding train/<class>/ "
-                        "and val/<class>/")
-    root = Path(root).expanduser()
-    mode = "L" if in_chans == 1 else "RGB"
-    train_classes, train = _scan_split(root / "train")
-    val_classes, val = _scan_split(root / "val")
+    root = _root(root, BOTH)
+    mode = _mode(in_chans)
+    train_classes, train = _scan_split(root / "train", BOTH)
+    val_classes, val = _scan_split(root / "val", BOTH)
     if val_classes != train_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
@@ -27,10 +25,27 @@ def scan_image_folder(root, in_chans: int):
     return FileImages(*train, mode), FileImages(*val, mode), train_classes
 
 
-def _scan_split(folder: Path):
+def scan_val_folder(root, in_chans: int):
+    """(val, class_names) of root/val alone, for evaluation: train/ is neither listed nor needed."""
+    root = _root(root, "val/<class>/")
+    classes, val = _scan_split(root / "val", "val/<class>/")
+    return FileImages(*val, _mode(in_chans)), classes
+
+
+def _root(root, expected: str) -> Path:
+    if not root or not Path(root).expanduser().is_dir():
+        raise UserError(f"data.root={root} is not a folder: point it at the folder holding {expected}")
+    return Path(root).expanduser()
+
+
+def _mode(in_chans: int) -> str:
+    return "L" if in_chans == 1 else "RGB"
+
+
+def _scan_split(folder: Path, expected: str):
     """Class names and (paths, labels) of one split; every class folder must hold an image."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is missing: data.root must hold train/<class>/ and val/<class>/")
+        raise UserError(f"{folder} is missing: data.root must hold {expected}")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"{folder} has no class folders: put each class's images in {folder}/<class>/")

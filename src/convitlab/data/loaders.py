@@ -145,10 +145,14 @@ def build_loaders(data, data_cfg, seed: int, rank: int = 0, world_size: int = 1)
         raise UserError(f"data.batch_size={batch_size}{ranks} is more than the {kept} training images kept "
                         f"(data.fraction={data_cfg.fraction}), so every batch would be dropped: lower "
                         "data.batch_size or set data.drop_last=false")
-    eval_batch_size = data_cfg.eval_batch_size or batch_size
-    workers = data_cfg.num_workers
     train = Loader(data.train, TrainBatchSampler(kept, batch_size, seed, rank, world_size, data_cfg.drop_last),
-                   workers, _shared_memory_fits(data_cfg, batch_size))
-    val = Loader(data.val, EvalBatchSampler(len(data.val), eval_batch_size, rank, world_size),
-                 workers, _shared_memory_fits(data_cfg, eval_batch_size))
-    return train, val
+                   data_cfg.num_workers, _shared_memory_fits(data_cfg, batch_size))
+    return train, build_eval_loader(data.val, data_cfg, rank, world_size)
+
+
+def build_eval_loader(dataset, data_cfg, rank: int = 0, world_size: int = 1):
+    """This rank's loader over every image of `dataset`, in order, in batches of data.eval_batch_size
+    (data.batch_size when null); nothing about the training split is needed or checked."""
+    eval_batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
+    return Loader(dataset, EvalBatchSampler(len(dataset), eval_batch_size, rank, world_size),
+                  data_cfg.num_workers, _shared_memory_fits(data_cfg, eval_batch_size))
