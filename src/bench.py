@@ -4,6 +4,9 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
   - "local0": the same size with locality off (local_up_to_layer=0, a DeiT), to price GPSA;
   - "baseline": a straightforward GPSA as the reference code formulates it (kept below);
   - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
+  - "seed_defaults": "seed" as the seed notebook ran it, in a subprocess with Paddle as it comes
+    (CONVITLAB_PADDLE_DEFAULTS=1: one thread, MKL's own dispatch, stride kernels, glibc's
+    malloc defaults) and the stock Linear/LayerNorm instead of convitlab.models.cpu_layers;
   - "timm": timm's PyTorch ConViT, run by experiments/perf/timm_bench.py in another Python.
 
     python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
@@ -12,10 +15,12 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
 """
 import argparse
 import csv
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import paddle.nn.functional as F
 from paddle.base import core
 
 from convitlab.analysis.summary import count_flops
-from convitlab.models import create_model
+from convitlab.models import cpu_layers, create_model
 from convitlab.models.attention import GPSA, relative_positions
 from convitlab.runtime import cpu_threads
 
@@ -35,7 +40,7 @@ TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
 COLUMNS = ["framework", "model", "variant", "to_static", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
            "achieved_gflops"]
-VARIANTS = ["ours", "local0", "baseline", "seed", "timm", "timm_local0"]
+VARIANTS = ["ours", "local0", "baseline", "seed", "seed_defaults", "timm", "timm_local0"]
 
 
 class ReferenceGPSA(GPSA):
@@ -221,6 +226,30 @@ def bench_timm(configs, variant, args):
     return rows
 
 
+def bench_seed_defaults(args):
+    """The "seed" variant in a fresh process with Paddle's and glibc's defaults and stock layers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / "seed.csv"
+        command = [sys.executable, str(Path(__file__).resolve()), "--seed-runtime", "--variants", "seed",
+                   "--models", *args.models, "--resolutions", *[f"{i}/{p}" for i, p in args.resolutions],
+                   "--batch-sizes", *map(str, args.batch_sizes), "--modes", *args.modes,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--num-classes", str(args.num_classes), "--no-peak", "--output", str(output)]
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}
+        env["CONVITLAB_PADDLE_DEFAULTS"] = "1"
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            print(f"note: seed_defaults failed:\n{result.stderr[-2000:]}")
+            return []
+        with open(output, newline="") as f:
+            rows = list(csv.DictReader(f))
+    for r in rows:
+        r["variant"] = "seed_defaults"
+        print(" ".join(f"{k}={r[k]}" for k in ("model", "variant", "img_size", "batch_size", "mode", "img_per_s",
+                                                  "threads")), flush=True)
+    return rows
+
+
 def matmul_peak(size=2048, repeats=5):
     """float32 GFLOP/s of one large matrix product: the practical peak of this device."""
     a, b = paddle.randn([size, size]), paddle.randn([size, size])
@@ -250,6 +279,7 @@ def parse_args(argv=None):
     parser.add_argument("--torch-python", help="a Python with torch and timm, for the timm variant")
     parser.add_argument("--no-peak", action="store_true", help="skip the matrix-product peak measurement")
     parser.add_argument("--output", default="experiments/perf/results.csv")
+    parser.add_argument("--seed-runtime", action="store_true", help=argparse.SUPPRESS)  # seed_defaults' child
     args = parser.parse_args(argv)
     if len(args.batch_sizes) == 1:
         args.batch_sizes *= len(args.resolutions)
@@ -260,6 +290,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.seed_runtime:  # the seed had no hand-written CPU layers
+        cpu_layers._CPU_BUILD = False
     if on_gpu():
         paddle.set_device("gpu")
     configs = [(name, img, patch, batch, mode) for name in args.models
@@ -269,6 +301,9 @@ def main(argv=None):
     for variant in args.variants:
         if variant.startswith("timm"):
             rows += bench_timm(configs, variant, args)
+            continue
+        if variant == "seed_defaults":
+            rows += bench_seed_defaults(args)
             continue
         for to_static in static_modes:
             for config in configs:

@@ -18,7 +18,7 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
     output = tmp_path / "bench.csv"
     command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro",
                "--resolutions", "8/2", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
-               "--num-classes", "10", "--variants", "ours", "local0", "baseline", "seed",
+               "--num-classes", "10", "--variants", "ours", "local0", "baseline", "seed", "seed_defaults",
                "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,7 +27,8 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
     assert list(rows[0]) == bench.COLUMNS
     timed = [r for r in rows if r["mode"] != "matmul"]
     assert {(r["variant"], r["mode"]) for r in timed} == {
-        (v, m) for v in ("ours", "local0", "baseline", "seed") for m in ("infer", "train")}
+        (v, m) for v in ("ours", "local0", "baseline", "seed", "seed_defaults") for m in ("infer", "train")}
+    assert {r["threads"] for r in timed if r["variant"] == "seed_defaults"} == {"1"}  # Paddle's default
     for r in timed:
         assert float(r["img_per_s"]) > 0 and float(r["gflops_per_img"]) > 0
         assert float(r["peak_mem_mb"]) >= 0

@@ -40,3 +40,12 @@ def test_user_mkl_choice_is_kept():
     env = {"MKL_DEBUG_CPU_TYPE": "4", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "4", out.stderr[-2000:]
+
+
+def test_paddle_defaults_opt_out():
+    probe = ("import os, convitlab, paddle; from convitlab.runtime import cpu_threads; "
+             "print(cpu_threads(), os.environ.get('MKL_DEBUG_CPU_TYPE'), "
+             "paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'])")
+    env = {"CONVITLAB_PADDLE_DEFAULTS": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["1", "None", "True"], out.stderr[-2000:]
