@@ -112,13 +112,8 @@ def test_build_optimizer_class_and_weight_decay_per_group(name, cls):
             np.testing.assert_allclose(after[n], before[n] * (1 - lr * wd), rtol=1e-5, atol=1e-8, err_msg=n)
 
 
-# Paddle applies an optimiser's grad_clip to each parameter group on its own: with the two groups
-# the global norm after clipping is up to clip·√2, where the reference (torch's clip_grad_norm_
-# over all parameters) clips the norm of every gradient together. Reported; not fixed here.
-PER_GROUP_CLIP = pytest.mark.xfail(strict=True, reason="grad clip is applied per parameter group")
-
-
-@pytest.mark.parametrize("clip,one_group", [(None, False), (0.5, True), pytest.param(0.5, False, marks=PER_GROUP_CLIP)])
+# The norm of every gradient together, as the reference's clip_grad_norm_ (not each group's).
+@pytest.mark.parametrize("clip,one_group", [(None, False), (0.5, True), (0.5, False)])
 def test_build_optimizer_clips_the_global_gradient_norm(clip, one_group):
     model = tiny_convit()
     cfg = optimizer_cfg(name="sgd", lr=1.0, weight_decay=0.0, momentum=0.0, no_decay_on_1d=not one_group)

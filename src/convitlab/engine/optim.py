@@ -27,18 +27,43 @@ def base_learning_rate(cfg, global_batch_size: int) -> float:
     return cfg.lr * global_batch_size / 512 if cfg.scale_lr else cfg.lr
 
 
+OPTIMIZERS = {"adamw": paddle.optimizer.AdamW, "adam": paddle.optimizer.Adam, "sgd": paddle.optimizer.Momentum}
+
+
 def build_optimizer(model, cfg, grad_clip=None):
-    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d)
-    clip = paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip else None
-    common = dict(parameters=groups, learning_rate=cfg.lr, grad_clip=clip)
+    """The optimiser of optimizer.name over the reference's parameter groups; with grad_clip, the
+    norm of all gradients together is clipped before each step (Paddle's own grad_clip would clip
+    each parameter group on its own)."""
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"optimizer.name={cfg.name!r} is not allowed: adamw, adam or sgd")
+    common = dict(parameters=parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d), learning_rate=cfg.lr)
     if cfg.name == "adamw":
-        return paddle.optimizer.AdamW(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps,
-                                      weight_decay=cfg.weight_decay, **common)
-    if cfg.name == "adam":  # L2 through the groups' weight_decay, as torch's Adam
-        return paddle.optimizer.Adam(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps, **common)
-    if cfg.name == "sgd":
-        return paddle.optimizer.Momentum(momentum=cfg.momentum, use_nesterov=cfg.nesterov, **common)
-    raise UserError(f"optimizer.name={cfg.name!r} is not allowed: adamw, adam or sgd")
+        kwargs = dict(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":  # L2 through the groups' weight_decay, as torch's Adam
+        kwargs = dict(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps)
+    else:
+        kwargs = dict(momentum=cfg.momentum, use_nesterov=cfg.nesterov)
+    optimizer_class = OPTIMIZERS[cfg.name]
+    if not grad_clip:
+        return optimizer_class(**common, **kwargs)
+    return _with_global_norm_clip(optimizer_class)(max_grad_norm=grad_clip, **common, **kwargs)
+
+
+def _with_global_norm_clip(optimizer_class):
+    class GlobalNormClipped(optimizer_class):
+        def __init__(self, max_grad_norm, **kwargs):
+            super().__init__(**kwargs)
+            self.max_grad_norm = max_grad_norm
+
+        def step(self):
+            # GradScaler.step unscales the gradients before calling this: the clip sees true norms.
+            grads = [p for group in self._param_groups for p in group["params"]
+                     if not p.stop_gradient and p.grad is not None]
+            paddle.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+            super().step()
+
+    GlobalNormClipped.__name__ = f"GlobalNormClipped{optimizer_class.__name__}"
+    return GlobalNormClipped
 
 
 def learning_rate_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg) -> float:
