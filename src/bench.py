@@ -203,7 +203,9 @@ def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, m
 def bench_timm(configs, variant, args):
     """timm's ConViT via experiments/perf/timm_bench.py in a Python that has torch and timm."""
     python = args.torch_python or sys.executable
-    probe = subprocess.run([python, "-c", "import torch, timm"], capture_output=True)
+    probe = subprocess.run([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "import timm_bench; timm_bench.import_timm()", str(TIMM_SCRIPT.parent)],
+                           capture_output=True)  # timm_bench's import works around a broken torchvision
     if probe.returncode != 0:
         print(f"note: timm skipped: {python} cannot import torch and timm "
               "(pass --torch-python PATH to a Python that can)")

@@ -72,12 +72,14 @@ class GPSA(nn.Layer):
         scores = self.pos_proj(self.rel_positions)  # [N, N, H]
         return F.softmax(scores.transpose([2, 0, 1]), axis=-1)
 
-    def _split_heads(self, x):
-        """q (already scaled: [B,H,N,d] is 4x smaller than the scores at 224), k, v: [B, H, N, d].
+    def _qkv(self, x):
+        """[B, N, 3D]: qk and v stay separate parameters (the checkpoint layout) but run as one
+        product."""
+        return paddle.matmul(x, paddle.concat([self.qk.weight, self.v.weight], axis=1))
 
-        qk and v stay separate parameters (the checkpoint layout) but run as one product."""
-        weight = paddle.concat([self.qk.weight, self.v.weight], axis=1)
-        q, k, v = qkv_heads(x, weight, self.num_heads)
+    def _split_heads(self, x):
+        """q (already scaled: [B,H,N,d] is 4x smaller than the scores at 224), k, v: [B, H, N, d]."""
+        q, k, v = split_heads(self._qkv(x), self.num_heads)
         return q * self.scale, k, v
 
     def attention_maps(self, x):
@@ -92,10 +94,19 @@ class GPSA(nn.Layer):
         return {"content": content, "positional": positional, "combined": combined}
 
     def forward(self, x):
-        q, k, v = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+        qkv = self._qkv(x)
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
         positional = gate * self.positional_attention()  # [H, N, N], small
+        if fused_attention_wanted(qkv) and not (self.training and self.attn_drop.p > 0):
+            # (1 - g) softmax(q kᵀ) v is plain attention: one fused kernel, the [B, H, N, N] map
+            # never stored; the positional part stays one shared product. Token-major throughout.
+            q, k, v = split_tokens(qkv, self.num_heads)
+            content = F.scaled_dot_product_attention(q, k, v, scale=self.scale, training=self.training)
+            out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul_tokens(positional, v)
+            return self.proj_drop(self.proj(out.flatten(2)))
+        q, k, v = split_heads(qkv, self.num_heads)
+        q = q * self.scale
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         # Rows of a convex mix of two softmaxes sum to 1: the reference's renormalisation is
         # a no-op up to rounding and is skipped here.
         if self.training and self.attn_drop.p > 0:  # dropout must see the mixed map
@@ -121,7 +132,7 @@ class MHSA(nn.Layer):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _split_heads(self, x):
-        q, k, v = qkv_heads(x, self.qkv.weight, self.num_heads)
+        q, k, v = split_heads(paddle.matmul(x, self.qkv.weight), self.num_heads)
         return q * self.scale, k, v
 
     def attention_maps(self, x):
@@ -130,21 +141,44 @@ class MHSA(nn.Layer):
         return {"content": content, "positional": None, "combined": content}
 
     def forward(self, x):
-        q, k, v = self._split_heads(x)
-        attn = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+        qkv = paddle.matmul(x, self.qkv.weight)
+        if fused_attention_wanted(qkv):
+            q, k, v = split_tokens(qkv, self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale,
+                                                 training=self.training)
+            return self.proj_drop(self.proj(out.flatten(2)))
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
         out = paddle.matmul(self.attn_drop(attn), v)
         return self.proj_drop(self.proj(merge_heads(out)))
 
 
-def qkv_heads(x, weight, num_heads):
-    """x [B, N, D] times weight [D, 3D] (q | k | v columns) -> q, k, v, each [B, H, N, d].
+FUSED_ATTENTION = True  # False: always the explicit softmax(q kᵀ) v
+_CUDA_BUILD = paddle.is_compiled_with_cuda()
 
-    One product, then the heads of all three split off by a single transpose: on the CPU a
-    split into q, k, v and three head transposes cost 3.2 ms per block (convit_tiny at 224,
-    batch 32), this 1.8 ms.
+
+def fused_attention_wanted(qkv):
+    """Whether the content attention runs as F.scaled_dot_product_attention (flash attention):
+    on a GPU in float16/bfloat16 (trainer.amp), where it never stores the [B, H, N, N] map. On
+    the CPU Paddle runs it as the same matrix products and softmax, 20% slower than ours here,
+    and in float32 a GPU has no flash kernel either; both keep the explicit path."""
+    return (FUSED_ATTENTION and _CUDA_BUILD and paddle.device.get_device().startswith("gpu")
+            and qkv.dtype in (paddle.float16, paddle.bfloat16))
+
+
+def split_heads(qkv, num_heads):
+    """[B, N, 3D] (q | k | v columns) -> q, k, v, each [B, H, N, d] (head-major, for matmul).
+
+    The heads of all three split off by a single transpose: on the CPU a split into q, k, v and
+    three head transposes cost 3.2 ms per block (convit_tiny at 224, batch 32), this 1.8 ms.
     """
-    qkv = paddle.matmul(x, weight).reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4])
-    return paddle.unbind(qkv, axis=0)
+    return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
+
+
+def split_tokens(qkv, num_heads):
+    """[B, N, 3D] -> q, k, v, each [B, N, H, d] (token-major: scaled_dot_product_attention's
+    layout; no transpose at all)."""
+    return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]), axis=2)
 
 
 def merge_heads(x):
@@ -162,3 +196,11 @@ def batch_shared_matmul(maps, values):
     stacked = values.transpose([1, 2, 0, 3]).reshape([num_heads, tokens, batch * dim])
     out = paddle.matmul(maps, stacked).reshape([num_heads, tokens, batch, dim])
     return out.transpose([2, 0, 1, 3])
+
+
+def batch_shared_matmul_tokens(maps, values):
+    """batch_shared_matmul for token-major values [B, N, H, d] -> [B, N, H, d]."""
+    batch, tokens, num_heads, dim = values.shape
+    stacked = values.transpose([2, 1, 0, 3]).reshape([num_heads, tokens, batch * dim])
+    out = paddle.matmul(maps, stacked).reshape([num_heads, tokens, batch, dim])
+    return out.transpose([2, 1, 0, 3])
