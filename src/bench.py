@@ -33,7 +33,7 @@ from paddle.base import core
 from convitlab.analysis.summary import count_flops
 from convitlab.models import cpu_layers, create_model
 from convitlab.models.attention import GPSA, relative_positions
-from convitlab.runtime import cpu_threads
+from convitlab.runtime import cpu_threads, user_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
@@ -205,7 +205,7 @@ def bench_timm(configs, variant, args):
     python = args.torch_python or sys.executable
     probe = subprocess.run([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                             "import timm_bench; timm_bench.import_timm()", str(TIMM_SCRIPT.parent)],
-                           capture_output=True)  # timm_bench's import works around a broken torchvision
+                           capture_output=True, env=user_environment())  # timm_bench's import works around a broken torchvision
     if probe.returncode != 0:
         print(f"note: timm skipped: {python} cannot import torch and timm "
               "(pass --torch-python PATH to a Python that can)")
@@ -220,7 +220,7 @@ def bench_timm(configs, variant, args):
                    "--num-classes", str(args.num_classes), "--gflops-per-img", f"{flops / 1e9:.3f}"]
         if variant == "timm_local0":
             command += ["--local-up-to-layer", "0"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=user_environment())
         if result.returncode != 0:
             print(f"note: timm {name} {img}/{patch} {mode} failed:\n{result.stderr[-2000:]}")
             continue
@@ -237,7 +237,7 @@ def bench_seed_defaults(args):
                    "--batch-sizes", *map(str, args.batch_sizes), "--modes", *args.modes,
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                    "--num-classes", str(args.num_classes), "--no-peak", "--output", str(output)]
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}
+        env = {k: v for k, v in user_environment().items() if k not in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}
         env["CONVITLAB_PADDLE_DEFAULTS"] = "1"
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:

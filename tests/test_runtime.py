@@ -49,3 +49,14 @@ def test_paddle_defaults_opt_out():
     env = {"CONVITLAB_PADDLE_DEFAULTS": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.split() == ["1", "None", "True"], out.stderr[-2000:]
+
+
+def test_child_environment_drops_what_paddle_and_we_set():
+    probe = ("import os, convitlab; from convitlab.runtime import user_environment; env = user_environment(); "
+             "print(os.environ.get('OMP_NUM_THREADS'), env.get('OMP_NUM_THREADS'), env.get('MKL_DEBUG_CPU_TYPE'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.stdout.split() == ["1", "None", "None"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}, timeout=120)
+    assert out.stdout.split()[1] == "2"  # the user's own choice goes through

@@ -95,6 +95,7 @@ def configure_paddle_threads() -> None:
     """
     if "paddle" in sys.modules:
         return
+    _user_env.update({name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")})
     if os.environ.get("CONVITLAB_PADDLE_DEFAULTS", "0") not in ("", "0"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -123,6 +124,22 @@ def configure_paddle_threads() -> None:
         # paddle.jit.to_static programs otherwise run on a pool of executor threads that fight
         # the math threads for the cores: convit_tiny trained 9 img/s under to_static, 25 serial.
         paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+
+
+_user_env = {}  # the user's values (None: unset) of the variables set here or by importing Paddle
+
+
+def user_environment() -> dict:
+    """os.environ as the user had it, for child processes that are not Paddle (e.g. PyTorch):
+    without the OMP_NUM_THREADS=1 that importing Paddle sets, which would pin them to one thread,
+    and without the MKL_DEBUG_CPU_TYPE chosen here."""
+    env = dict(os.environ)
+    for name, value in _user_env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 _cpu_threads = None  # what set_cpu_threads last gave Paddle; OMP_NUM_THREADS then says 1
