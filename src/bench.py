@@ -280,7 +280,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--torch-python", help="a Python with torch and timm, for the timm variant")
     parser.add_argument("--no-peak", action="store_true", help="skip the matrix-product peak measurement")
-    parser.add_argument("--output", default="experiments/perf/results.csv")
+    parser.add_argument("--output", default="outputs/bench/results.csv",
+                        help="the CSV (a .cmd with the command goes beside it); experiments/perf/ holds the committed runs")
     parser.add_argument("--seed-runtime", action="store_true", help=argparse.SUPPRESS)  # seed_defaults' child
     args = parser.parse_args(argv)
     if len(args.batch_sizes) == 1:
