@@ -102,7 +102,7 @@ class GPSA(nn.Layer):
             # never stored; the positional part stays one shared product. Token-major throughout.
             q, k, v = split_tokens(qkv, self.num_heads)
             content = F.scaled_dot_product_attention(q, k, v, scale=self.scale, training=self.training)
-            out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul_tokens(positional, v)
+            out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul(positional, v, layout="token_major")
             return self.proj_drop(self.proj(out.flatten(2)))
         q, k, v = split_heads(qkv, self.num_heads)
         q = q * self.scale
@@ -186,21 +186,20 @@ def merge_heads(x):
     return x.transpose([0, 2, 1, 3]).flatten(2)
 
 
-def batch_shared_matmul(maps, values):
-    """maps [H, N, N] (the same for every image) times values [B, H, N, d] -> [B, H, N, d].
+# values layout -> the permutation that brings it to [H, N, B, d], and back
+_TO_HEADS_TOKENS = {"head_major": ([1, 2, 0, 3], [2, 0, 1, 3]),   # [B, H, N, d]
+                    "token_major": ([2, 1, 0, 3], [2, 1, 0, 3])}  # [B, N, H, d]
+
+
+def batch_shared_matmul(maps, values, layout="head_major"):
+    """maps [H, N, N] (the same for every image) times values ([B, H, N, d], or [B, N, H, d]
+    with layout="token_major"), in the values' layout.
 
     Broadcasting maps over the batch would make the backward pass reduce a [B, H, N, N]
     gradient; laying the batch beside d makes it one [N, N] x [N, B*d] product per head.
     """
-    batch, num_heads, tokens, dim = values.shape
-    stacked = values.transpose([1, 2, 0, 3]).reshape([num_heads, tokens, batch * dim])
-    out = paddle.matmul(maps, stacked).reshape([num_heads, tokens, batch, dim])
-    return out.transpose([2, 0, 1, 3])
-
-
-def batch_shared_matmul_tokens(maps, values):
-    """batch_shared_matmul for token-major values [B, N, H, d] -> [B, N, H, d]."""
-    batch, tokens, num_heads, dim = values.shape
-    stacked = values.transpose([2, 1, 0, 3]).reshape([num_heads, tokens, batch * dim])
-    out = paddle.matmul(maps, stacked).reshape([num_heads, tokens, batch, dim])
-    return out.transpose([2, 1, 0, 3])
+    forward, back = _TO_HEADS_TOKENS[layout]
+    heads, tokens, batch, dim = (values.shape[axis] for axis in forward)
+    stacked = values.transpose(forward).reshape([heads, tokens, batch * dim])
+    out = paddle.matmul(maps, stacked).reshape([heads, tokens, batch, dim])
+    return out.transpose(back)
