@@ -21,3 +21,14 @@ def read_csv(path):
 
 def without_timings(rows):
     return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
+
+
+def compose_train(*overrides):
+    """The train config as `python src/train.py <overrides>` composes it (real Hydra, real conf/)."""
+    from hydra import compose, initialize_config_dir
+
+    from convitlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))

@@ -142,9 +142,13 @@ def test_base_learning_rate_scales_by_global_batch_only_when_asked():
 STEPS, EPOCHS, BASE = 10, 5, 1e-3
 
 
+def warmup(cfg):
+    return round(cfg.warmup_epochs * STEPS)
+
+
 def test_warmup_then_cosine_to_min_lr():
     cfg = schedule_cfg(name="cosine", warmup_epochs=1, warmup_lr=1e-6, min_lr=1e-5)
-    lr = [learning_rate_at(s, STEPS, EPOCHS, BASE, cfg) for s in range(STEPS * EPOCHS + 1)]
+    lr = [learning_rate_at(s, STEPS * EPOCHS, warmup(cfg), BASE, cfg) for s in range(STEPS * EPOCHS + 1)]
     assert lr[0] == pytest.approx(1e-6)  # warm-up starts at warmup_lr
     assert lr[5] == pytest.approx(1e-6 + (BASE - 1e-6) / 2)  # linearly
     assert all(a < b for a, b in zip(lr[:STEPS], lr[1:STEPS + 1]))
@@ -154,18 +158,18 @@ def test_warmup_then_cosine_to_min_lr():
     assert min(lr[STEPS:]) >= 1e-5 and max(lr) == pytest.approx(BASE)
     middle = STEPS + (STEPS * EPOCHS - STEPS) // 2  # half-way through the cosine: the mean of base and min
     assert lr[middle] == pytest.approx((BASE + 1e-5) / 2)
-    assert learning_rate_at(STEPS * EPOCHS + 7, STEPS, EPOCHS, BASE, cfg) == pytest.approx(1e-5)  # stays there
+    assert learning_rate_at(STEPS * EPOCHS + 7, STEPS * EPOCHS, warmup(cfg), BASE, cfg) == pytest.approx(1e-5)  # stays there
 
 
 def test_cosine_without_warmup_starts_at_base_lr():
     cfg = schedule_cfg(name="cosine", warmup_epochs=0, min_lr=0.0)
-    assert learning_rate_at(0, STEPS, EPOCHS, BASE, cfg) == pytest.approx(BASE)
-    assert learning_rate_at(STEPS * EPOCHS, STEPS, EPOCHS, BASE, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate_at(0, STEPS * EPOCHS, 0, BASE, cfg) == pytest.approx(BASE)
+    assert learning_rate_at(STEPS * EPOCHS, STEPS * EPOCHS, 0, BASE, cfg) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_constant_schedule_holds_base_lr_after_warmup():
     cfg = schedule_cfg(name="constant", warmup_epochs=0.5, warmup_lr=1e-6)
-    lr = [learning_rate_at(s, STEPS, EPOCHS, BASE, cfg) for s in range(STEPS * EPOCHS + 1)]
+    lr = [learning_rate_at(s, STEPS * EPOCHS, warmup(cfg), BASE, cfg) for s in range(STEPS * EPOCHS + 1)]
     assert lr[0] == pytest.approx(1e-6) and all(a < b for a, b in zip(lr[:5], lr[1:6]))
     assert lr[5:] == [BASE] * (len(lr) - 5)
 

@@ -92,7 +92,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     name: str = "cosine"               # cosine | constant
     epochs: int = 30
-    scale_epochs: bool = False         # epochs × 1/fraction, as the paper's small-sample runs
+    scale_epochs: bool = True          # lengths count full-data epochs: × 1/fraction passes (engine/protocol.py)
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -109,7 +109,7 @@ class TrainerConfig:
     resume: Any = "auto"               # auto: continue an unfinished run, report a finished one; false: start afresh
     keep_checkpoints: int = 2          # checkpoint generations kept, so a torn one has a fallback
     save_best: bool = True
-    eval_every: Optional[int] = None   # epochs between evaluations; None: 1, or 1/fraction with scale_epochs
+    eval_every: Optional[int] = None   # epochs between evaluations and checkpoints (None: 1), scaled as schedule.epochs
     measure_locality: bool = True
     locality_batch_size: int = 64      # images used to measure nonlocality each epoch
     progress_bar: bool = True

@@ -1,16 +1,29 @@
-"""The result tables: their columns in one place, atomic writing, typed reading back.
+"""The result tables: their columns, writing them, and reading them back as pandas DataFrames.
 
-Every write replaces the whole file through a temporary file beside it, so the file on disk
-is always complete. Floats are written with repr (full precision), so a resumed run's
-tables compare bitwise with an uninterrupted run's.
+On disk a table is a CSV. Writing goes through one function, write_table: the whole file is
+replaced through a temporary file beside it (a reader sees the old table or the new one), floats
+are written with repr (full precision: a resumed run's tables compare bitwise with an
+uninterrupted run's), None/NA as a blank cell, NaN as "nan".
+
+Reading types each column as a whole (typed_columns): text columns (STRING_COLUMNS: hashes, run
+ids, ...) stay text whatever they hold; a column of True/False is "boolean"; a column of integers
+is "Int64"; other numbers are float64; anything else is text ("string"). Blank cells are missing
+values (<NA>, or NaN in a float column). Tables from older versions with fewer columns load as
+they are; loading several at once aligns their columns and leaves the missing ones blank.
+
+For notebooks: load_results(...) (one row per run, from run directories, sweeps, summary.csv or
+result.csv files), load_metrics(...) and load_locality(...) (the per-epoch curves of those runs,
+with each run's identity columns joined on).
 """
-import csv
 import io
 import numbers
-import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from convitlab.atomic import write_text
+from convitlab.errors import UserError
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_s",
                   "img_per_s", "data_wait_frac"]
@@ -20,23 +33,30 @@ IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction
                     "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
                     "drop_path_rate", "label_smoothing", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
-                   "params", "flops", "train_time_s", "img_per_s", "error"]
+                   "images_seen", "params", "flops", "train_time_s", "img_per_s", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
+SOURCE = "source"  # added by the loaders: the CSV file a row came from
 # Text even when it looks like a number: a config hash of digits must not become an int.
 STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "subset", "optimizer", "status",
-                            "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir",
-                            "tags"})
-_INTEGER = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|nan|inf(inity)?)", re.IGNORECASE)
+                            "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
+                            "run_dir", "tags", SOURCE})
+# The columns of a run joined onto each row of its curves (load_metrics, load_locality).
+RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
+# What reading a CSV may raise when the file is missing, damaged or not a CSV.
+READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError)
 
+
+# ---------- writing ----------
 
 def format_value(value) -> str:
-    """The CSV text of one value: blank for None, repr for floats."""
-    if value is None:
+    """The CSV text of one value: blank for None/NA, repr for floats (so NaN is "nan")."""
+    if value is None or value is pd.NA:
         return ""
-    if isinstance(value, (bool, str)):
-        return str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, str):
+        return value
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):
@@ -44,66 +64,84 @@ def format_value(value) -> str:
     return str(value)
 
 
-def parse_value(column: str, text):
-    """The typed value of one CSV cell: None, bool, int, float, or the text itself."""
-    if text is None or text == "":
-        return None
-    if column in STRING_COLUMNS:
-        return text
-    if text in ("True", "False"):
-        return text == "True"
-    if _INTEGER.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
-    return text
+def _frame_of_rows(rows) -> pd.DataFrame:
+    """Row dicts as a DataFrame of their Python values as they are (a key a row lacks is None)."""
+    rows = list(rows)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return pd.DataFrame([[row.get(key) for key in keys] for row in rows], columns=keys, dtype=object)
 
 
-def write_rows(path, rows, columns) -> None:
-    """Write a whole table atomically: `columns`, then any other keys the rows have."""
-    columns = list(dict.fromkeys([*columns, *(key for row in rows for key in row)]))
+def write_table(path, table, columns=()) -> None:
+    """Write a whole table atomically: `columns` first, then the table's other columns.
+
+    `table` is a DataFrame (typed, or the text of a table read with read_text) or a list of row
+    dicts. Every CSV this project writes goes through here.
+    """
+    frame = table if isinstance(table, pd.DataFrame) else _frame_of_rows(table)
+    order = list(dict.fromkeys([*columns, *frame.columns]))
+    text = frame.astype(object).reindex(columns=order, fill_value="").map(format_value)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: format_value(row.get(key)) for key in columns} for row in rows)
+    text.to_csv(buffer, index=False, lineterminator="\n")
     write_text(path, buffer.getvalue())
 
 
-def _read_text_table(path):
-    """The header and the rows of a CSV, every cell as its text ("" when blank)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [{key: text or "" for key, text in row.items() if key is not None} for row in reader]
-        return list(reader.fieldnames or []), rows
+def write_rows(path, rows, columns) -> None:
+    """Write row dicts as a whole table (see write_table)."""
+    write_table(path, rows, columns)
 
 
-def append_rows(path, rows, columns) -> None:
-    """Append rows to a CSV (header written if new), rewriting it atomically."""
-    path = Path(path)
-    header, old = _read_text_table(path) if path.exists() else ([], [])
-    write_rows(path, old + list(rows), [*header, *columns])
+def write_result(run_dir, row: dict) -> None:
+    """Write run_dir/result.csv: one row, in RESULT_COLUMNS order (extra keys after)."""
+    write_table(Path(run_dir) / "result.csv", [row], RESULT_COLUMNS)
 
 
-def truncate_after_epoch(path, epoch: int) -> None:
-    """Drop the rows whose epoch is after `epoch` (no-op when the file is missing)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    header, rows = _read_text_table(path)
-    kept = [row for row in rows if not _after(row, epoch)]
-    if len(kept) != len(rows):
-        write_rows(path, kept, header)
+# ---------- reading ----------
+
+def read_text(path) -> pd.DataFrame:
+    """A CSV exactly as written: every cell its text ("" when blank); an empty file has no columns."""
+    try:
+        return pd.read_csv(path, dtype=object, keep_default_na=False, na_filter=False, index_col=False,
+                           encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
-def _after(row, epoch) -> bool:
-    value = parse_value("epoch", row.get("epoch"))
-    return isinstance(value, (int, float)) and value > epoch
+def _typed_column(name, text: pd.Series) -> pd.Series:
+    present = text.ne("")
+    values = text[present]
+    if name in STRING_COLUMNS:
+        return text.where(present).astype("string")
+    if values.empty:
+        return pd.Series(np.nan, index=text.index, dtype="float64")
+    if values.isin(["True", "False"]).all():
+        return text.map({"True": True, "False": False}).astype("boolean")
+    try:
+        integers = pd.to_numeric(values)  # int64 when every cell is an integer; raises on nan, inf, text
+        if pd.api.types.is_integer_dtype(integers):
+            return integers.astype("Int64").reindex(text.index)
+    except (ValueError, TypeError, OverflowError):
+        pass
+    try:
+        return values.astype("float64").reindex(text.index)  # float() per cell: exact, reads nan and inf
+    except (ValueError, TypeError):
+        return text.where(present).astype("string")
+
+
+def typed_columns(text: pd.DataFrame) -> pd.DataFrame:
+    """The typed table of a text table (see the module docstring for the rules)."""
+    return pd.DataFrame({name: _typed_column(name, text[name]) for name in text.columns}, index=text.index)
+
+
+def read_table(path) -> pd.DataFrame:
+    """One CSV as a typed DataFrame."""
+    return typed_columns(read_text(path))
 
 
 def read_rows(path) -> list:
-    """Every row of a CSV as a dict of typed values (see parse_value)."""
-    header, rows = _read_text_table(path)
-    return [{key: parse_value(key, row.get(key)) for key in header} for row in rows]
+    """Every row of a CSV as a dict of Python values: None for a blank cell, else int, float, bool or str."""
+    text = read_text(path)
+    values = typed_columns(text).astype(object).where(text.ne(""), None)
+    return values.to_dict("records")
 
 
 def read_last_row(path) -> dict:
@@ -113,15 +151,136 @@ def read_last_row(path) -> dict:
     return rows[-1] if rows else {}
 
 
-def write_result(run_dir, row: dict) -> None:
-    """Write run_dir/result.csv: one row, in RESULT_COLUMNS order (extra keys after)."""
-    write_rows(Path(run_dir) / "result.csv", [row], RESULT_COLUMNS)
-
-
 def read_result(run_dir):
     """The row of run_dir/result.csv, or None when it is missing or unreadable."""
     try:
         rows = read_rows(Path(run_dir) / "result.csv")
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except READ_ERRORS:
         return None
     return rows[0] if rows else None
+
+
+# ---------- growing and trimming the per-epoch tables (text in, text out: nothing is re-formatted) ----------
+
+def append_rows(path, rows, columns) -> None:
+    """Append rows to a CSV (header written if new), rewriting it atomically."""
+    path = Path(path)
+    old = read_text(path) if path.exists() else pd.DataFrame()
+    new = _frame_of_rows(rows).map(format_value)
+    write_table(path, pd.concat([old, new], ignore_index=True).fillna(""), [*old.columns, *columns])
+
+
+def truncate_after_epoch(path, epoch: int) -> None:
+    """Drop the rows whose epoch is after `epoch` (no-op when the file is missing)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    text = read_text(path)
+    if "epoch" not in text:
+        return
+    after = pd.to_numeric(text["epoch"], errors="coerce") > epoch
+    if after.any():
+        write_table(path, text[~after])
+
+
+# ---------- loading runs and sweeps ----------
+
+def result_tables(paths) -> list:
+    """The CSVs the inputs stand for: a run directory's result.csv; a sweep directory's summary.csv
+    (gathered afresh from its jobs, or as it is when the folder holds no job); a CSV file itself."""
+    from convitlab.sweeps import SUMMARY, gather_sweep, job_dirs  # sweeps builds on this module
+
+    tables = []
+    for path in _flatten(paths):
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: no such file or directory")
+        if path.is_dir() and (path / "result.csv").is_file():
+            tables.append(path / "result.csv")
+        elif path.is_dir() and not job_dirs(path) and (path / SUMMARY).is_file():
+            tables.append(path / SUMMARY)
+        elif path.is_dir():
+            tables.append(gather_sweep(path))
+        else:
+            tables.append(path)
+    return tables
+
+
+def _flatten(paths):
+    for path in paths:
+        if isinstance(path, (str, Path)):
+            yield path
+        else:
+            yield from path
+
+
+def load_results(*paths) -> pd.DataFrame:
+    """Every run the inputs hold, one row each, typed, with a `source` column naming its CSV.
+
+    An input is a run directory or its result.csv, a sweep directory (gathered into its
+    summary.csv first: failed and unfinished jobs are rows too, with their status), a
+    summary.csv, or a list of these.
+    """
+    texts = []
+    for table in result_tables(paths):
+        try:
+            text = read_text(table)
+        except READ_ERRORS as exc:
+            raise UserError(f"{table}: not a readable CSV ({' '.join(str(exc).split())})") from None
+        texts.append(text.assign(**{SOURCE: str(table)}))
+    combined = pd.concat(texts, ignore_index=True).fillna("") if texts else pd.DataFrame(columns=[SOURCE])
+    return typed_columns(combined)
+
+
+def run_directory(row, filename):
+    """The directory holding a run's `filename`: where its run_dir says, else beside the table it
+    came from (a sweep moved since it ran), else the folder of its result.csv; None when absent."""
+    source = Path(row[SOURCE]) if isinstance(row.get(SOURCE), str) else None
+    run_dir = row.get("run_dir") if isinstance(row.get("run_dir"), str) else None
+    candidates = []
+    if run_dir:
+        candidates.append(Path(run_dir))
+        if source is not None:
+            candidates.append(source.parent / Path(run_dir).name)
+    if source is not None and source.name == "result.csv":
+        candidates.append(source.parent)
+    return next((folder for folder in candidates if (folder / filename).is_file()), None)
+
+
+def run_curves(runs: pd.DataFrame, filename, columns=None) -> pd.DataFrame:
+    """The rows of each run's `filename` (metrics.csv, locality.csv), typed, with the run's
+    `columns` (default RUN_KEYS) joined on and `source` naming the curve's file.
+
+    The index is the run's index in `runs`. A run column a curve also has (lr, img_per_s,
+    epochs, ...) is joined as <name>_run. Runs without a readable file are left out.
+    """
+    columns = [name for name in (RUN_KEYS if columns is None else columns) if name in runs.columns]
+    texts, owners = [], []
+    for label, row in zip(runs.index, runs.astype(object).where(runs.notna(), None).to_dict("records")):
+        folder = run_directory(row, filename)
+        try:
+            text = read_text(folder / filename) if folder is not None else None
+        except READ_ERRORS:
+            text = None
+        if text is not None and len(text):
+            texts.append(text.assign(**{SOURCE: str(folder / filename)}))
+            owners += [label] * len(text)
+    if not texts:
+        return pd.DataFrame(columns=columns)
+    curves = typed_columns(pd.concat(texts, ignore_index=True).fillna(""))
+    ids = runs.loc[owners, columns].rename(columns={name: f"{name}_run" for name in columns if name in curves})
+    joined = pd.concat([ids.reset_index(drop=True), curves], axis=1)
+    joined.index = pd.Index(owners, name="run")
+    return joined
+
+
+def load_metrics(*paths) -> pd.DataFrame:
+    """The metrics.csv rows (one per epoch) of every run load_results(*paths) finds, each with its
+    run's identity columns (RUN_KEYS; `lr_run` is the configured learning rate, `lr` the epoch's)."""
+    return run_curves(load_results(*paths), "metrics.csv")
+
+
+def load_locality(*paths) -> pd.DataFrame:
+    """The locality.csv rows (epoch, layer, head: nonlocality, gate, ...) of every run
+    load_results(*paths) finds, each with its run's identity columns (RUN_KEYS)."""
+    return run_curves(load_results(*paths), "locality.csv")

@@ -66,13 +66,11 @@ def _with_global_norm_clip(optimizer_class):
     return GlobalNormClipped
 
 
-def learning_rate_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg) -> float:
+def learning_rate_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, cfg) -> float:
     """Per-step learning rate: linear warm-up from warmup_lr, then cosine to min_lr (or constant)."""
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup_steps:
         return cfg.warmup_lr + (base_lr - cfg.warmup_lr) * step / warmup_steps
     if cfg.name == "constant":
         return base_lr
-    total = max(1, epochs * steps_per_epoch - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / total)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

@@ -63,7 +63,8 @@ def run_training(cfg, run_dir, overrides=()) -> dict:
     row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
     try:
-        from convitlab.engine.trainer import fit, total_epochs  # inside: an import failure is a failed run too
+        from convitlab.engine.protocol import total_epochs  # inside: an import failure is a failed run too
+        from convitlab.engine.trainer import fit
 
         validate(cfg)
         cfg_hash = config_hash(cfg)

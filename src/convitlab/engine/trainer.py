@@ -25,6 +25,7 @@ from convitlab.engine.checkpoint import Checkpointer, rng_state
 from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
+from convitlab.engine.protocol import plan
 from convitlab.errors import UserError
 from convitlab.models import create_model
 from convitlab.runtime import run_deferred_signals, select_device
@@ -46,21 +47,6 @@ class LoopState:
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
-
-
-def total_epochs(cfg) -> int:
-    """schedule.epochs, times 1/fraction when schedule.scale_epochs (the paper's small-sample runs)."""
-    epochs = cfg.schedule.epochs
-    return max(1, round(epochs / cfg.data.fraction)) if cfg.schedule.scale_epochs else epochs
-
-
-def evaluation_interval(cfg) -> int:
-    """Epochs between evaluations. With scale_epochs, 1/fraction epochs hold as many images as one
-    full-data epoch, so every fraction is evaluated equally often (and small subsets are not
-    dominated by evaluating the whole validation split after every few steps)."""
-    if cfg.trainer.eval_every is not None:
-        return cfg.trainer.eval_every
-    return max(1, round(1 / cfg.data.fraction)) if cfg.schedule.scale_epochs else 1
 
 
 def model_kwargs(model_cfg) -> dict:
@@ -113,8 +99,8 @@ def evaluate(model, loader, amp_dtype=None):
             "val_top5": 100 * sums.get("top5", 0) / count}
 
 
-def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch, epochs, base_lr,
-                    num_classes, amp_dtype, scaler, ema):
+def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_lr, num_classes, amp_dtype,
+                    scaler, ema):
     """One pass over the training loader; returns the epoch's train metrics and timings."""
     model.train()
     loader.batch_sampler.set_epoch(epoch)
@@ -123,7 +109,8 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
     smoothing = cfg.trainer.label_smoothing
     mixing = mixing_enabled(cfg.data.augment)
     world = distributed.world_size()
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True,
+    steps_per_epoch = protocol.steps_per_epoch
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{protocol.epochs}", leave=False, dynamic_ncols=True,
                disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
     iterator = iter(loader)
     for batch_index in range(steps_per_epoch):
@@ -132,7 +119,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, steps_per_epoch
         images, labels = next(iterator)
         data_wait += time.perf_counter() - tick
         labels = labels.flatten()
-        lr = learning_rate_at(state.step, steps_per_epoch, epochs, base_lr, cfg.schedule)
+        lr = learning_rate_at(state.step, protocol.total_steps, protocol.warmup_steps, base_lr, cfg.schedule)
         optimizer.set_lr(lr)
         if mixing:
             rng = mix_rng(cfg.seed, epoch, batch_index)
@@ -201,10 +188,11 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    epochs = total_epochs(cfg)
     steps_per_epoch = len(train_loader)
     if cfg.trainer.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+    protocol = plan(cfg, steps_per_epoch)
+    epochs = protocol.epochs
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
     state = LoopState(world_size=distributed.world_size())
     latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)
@@ -225,18 +213,18 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     writer = _visualdl_writer(run_dir) if main else None
 
     row = {"params": params, "flops": flops, "epochs": epochs, "status": "running"}
-    eval_every = evaluation_interval(cfg)
+    pending = []  # metrics rows of the epochs since the last checkpoint, written with the next one
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
-            train = train_one_epoch(train_model, train_loader, optimizer, cfg, state, epoch, steps_per_epoch,
-                                    epochs, base_lr, data.num_classes, amp_dtype, scaler, ema)
+            train = train_one_epoch(train_model, train_loader, optimizer, cfg, state, epoch, protocol, base_lr,
+                                    data.num_classes, amp_dtype, scaler, ema)
             state.epoch = epoch
             state.train_time_s += train["epoch_s"]
             state.train_images += train["images"]
             metrics = {"epoch": epoch, **{k: v for k, v in train.items() if k != "images"}}
-            evaluated = epoch % eval_every == 0 or epoch == epochs
             improved, locality = False, []
-            if evaluated:
+            pending.append(metrics)
+            if protocol.evaluates(epoch):
                 # With EMA on, the EMA weights are the model that is evaluated, measured and kept as best.
                 with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
                     val = evaluate(model, val_loader, amp_dtype)
@@ -251,18 +239,26 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
                     state.best_top1, state.best_epoch = val["val_top1"], epoch
                 log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", epoch, epochs,
                          metrics["train_loss"], val["val_top1"], val["val_top5"], train["img_per_s"])
-            rng_states = distributed.gather_objects(rng_state())  # every rank takes part
             if main:
-                results.append_rows(run_dir / "metrics.csv", [metrics], results.METRIC_COLUMNS)
+                _log_epoch(writer, metrics, locality)
                 if locality:
                     results.append_rows(run_dir / "locality.csv", locality, results.LOCALITY_COLUMNS)
-                _log_epoch(writer, metrics, locality)
-                checkpoints.save(epoch, model, optimizer, asdict(state), rng_states, ema, scaler)
-            distributed.barrier()
+            if protocol.evaluates(epoch):
+                # Checkpoints follow evaluations (once per full-data epoch's worth of images): a
+                # 5.7M-parameter model checkpointed after each of 500 short passes spent a quarter
+                # of its time writing them. A resume redoes at most one interval, exactly.
+                rng_states = distributed.gather_objects(rng_state())  # every rank takes part
+                if main:
+                    results.append_rows(run_dir / "metrics.csv", pending, results.METRIC_COLUMNS)
+                    checkpoints.save(epoch, model, optimizer, asdict(state), rng_states, ema, scaler)
+                pending = []
+                distributed.barrier()
         row["status"] = "completed"
     except Diverged as exc:
         log.error("%s: stopping; the last good checkpoint is kept", exc)
         row.update(status="diverged", error=str(exc))
+        if main and pending:  # the epochs that completed before it, for the record
+            results.append_rows(run_dir / "metrics.csv", pending, results.METRIC_COLUMNS)
     finally:
         if writer is not None:
             _log_hparams(writer, cfg, state)
@@ -275,7 +271,7 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     row.update(top1=last_eval.get("val_top1"), top5=last_eval.get("val_top5"),
                best_top1=state.best_top1 if evaluated_once else None,
                best_epoch=state.best_epoch if evaluated_once else None, final_val_loss=last_eval.get("val_loss"),
-               final_train_loss=last.get("train_loss"), train_time_s=state.train_time_s,
+               final_train_loss=last.get("train_loss"), images_seen=state.train_images, train_time_s=state.train_time_s,
                img_per_s=state.train_images / state.train_time_s if state.train_time_s else None)
     return row
 
