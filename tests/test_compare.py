@@ -1,13 +1,17 @@
-"""compare: tables (mean, std, n, gain) from known numbers, plots, odd inputs, and the CLI."""
+"""compare: tables (mean, std, n, gain with its interval and test) from known numbers, the t
+distribution against its tables, plots, odd inputs, and the CLI."""
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from convitlab import results
-from convitlab.compare import compare, compare_results, load_results
+from convitlab.compare import (compare, compare_results, fieller_interval, gain_test, t_cdf, t_quantile,
+                                    t_upper_tail)
+from convitlab.results import load_results
 from convitlab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +58,17 @@ def test_table_mean_std_n_and_gain_by_hand(tmp_path):
     c = compare(load_results([sweep]))
     assert c.vs == "model" and c.by == ["fraction"]  # local_up_to_layer follows the model, epochs the fraction
     assert c.baseline == "deit_micro" and c.columns == ["deit_micro", "convit_micro"]
-    assert list(c.cells) == [(0.05,), (0.25,), (1.0,)]
-    convit, deit = c.cells[(0.05,)]["convit_micro"], c.cells[(0.05,)]["deit_micro"]
+    assert c.keys == [(0.05,), (0.25,), (1.0,)]
+    convit, deit = c.cell((0.05,), "convit_micro"), c.cell((0.05,), "deit_micro")
     assert (convit.mean, convit.std, convit.n) == pytest.approx((47.8, 1.0, 3))
     assert (deit.mean, deit.std, deit.n) == pytest.approx((34.8, 2.0, 3))
     assert c.gain((0.05,), "convit_micro") == pytest.approx(37.356, abs=1e-3)  # the paper's +37%
     # 0.25: the failed seed is left out → (58.6, 59.6): mean 59.1, std sqrt(0.5)
-    convit = c.cells[(0.25,)]["convit_micro"]
+    convit = c.cell((0.25,), "convit_micro")
     assert (convit.mean, convit.std, convit.n) == pytest.approx((59.1, 0.5 ** 0.5, 2))
     assert c.gain((0.25,), "convit_micro") == pytest.approx(23.125)
     assert c.gain((0.25,), "deit_micro") is None
-    assert sorted(r["status"] for r in c.left_out) == ["failed", "unfinished"]
+    assert sorted(c.left_out["status"]) == ["failed", "unfinished"]
 
 
 def test_written_tables_and_left_out_report(tmp_path):
@@ -77,7 +81,7 @@ def test_written_tables_and_left_out_report(tmp_path):
     assert first["convit_micro n"] == 3 and first["convit_micro gain %"] == pytest.approx(37.356, abs=1e-3)
     markdown = (sweep / "comparison.md").read_text()
     assert markdown in report
-    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% |" in markdown
+    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in markdown
     assert "left out 2 of 19 runs: 1 failed, 1 unfinished" in markdown
     assert "RuntimeError: out of memory" in markdown and "seed=3" in markdown
     assert len(results.read_rows(sweep / "summary.csv")) == 19  # gathered on demand
@@ -86,11 +90,11 @@ def test_written_tables_and_left_out_report(tmp_path):
 def test_by_vs_and_baseline_choices(tmp_path):
     rows = load_results([sample_efficiency_sweep(tmp_path)])
     flipped = compare(rows, vs="fraction", by=["model"])
-    assert flipped.columns == [0.05, 0.25, 1.0] and list(flipped.cells) == [("convit_micro",), ("deit_micro",)]
+    assert flipped.columns == [0.05, 0.25, 1.0] and flipped.keys == [("convit_micro",), ("deit_micro",)]
     assert flipped.gain(("deit_micro",), 1.0) == pytest.approx(100 * (79.9 / 34.8 - 1))
     flat = compare(rows, by=["model", "fraction"])
-    assert flat.vs is None and len(flat.cells) == 6 and flat.columns == [None]
-    assert flat.cells[("deit_micro", 1.0)][None].n == 3
+    assert flat.vs is None and len(flat.keys) == 6 and flat.columns == ["top1"] and flat.gain_columns == []
+    assert flat.cell(("deit_micro", 1.0), "top1").n == 3
     against_convit = compare(rows, baseline="convit_micro")
     assert against_convit.gain((0.05,), "deit_micro") == pytest.approx(100 * (34.8 / 47.8 - 1))
     assert against_convit.columns == ["convit_micro", "deit_micro"]
@@ -110,7 +114,7 @@ def test_locality_sweep_plot(tmp_path):
     report = compare_results([tmp_path / "locality_sweep.csv"], out=tmp_path / "out")
     c = compare(load_results([tmp_path / "locality_sweep.csv"]))
     assert c.vs is None and c.by == ["locality_strength", "local_up_to_layer"]
-    assert c.cells[(1.0, 3)][None].mean == pytest.approx(60.5)
+    assert c.cell((1.0, 3), "top1").mean == pytest.approx(60.5)
     assert (tmp_path / "out" / "top1_vs_locality.png").read_bytes().startswith(PNG)
     assert "skipped top1_vs_fraction.png: fraction does not vary" in report
     assert "skipped nonlocality.png" in report and "skipped gates.png" in report
@@ -132,11 +136,11 @@ def test_old_csv_without_some_columns_still_compares(tmp_path):
     c = compare(load_results([old]))
     # No status column: every row counts; no local_up_to_layer: the baseline is the first model.
     assert c.vs == "model" and c.by == [] and c.baseline == "convit_micro"
-    assert c.cells[()]["deit_micro"].mean == 41.0 and c.cells[()]["deit_micro"].n == 3
+    assert c.cell((), "deit_micro").mean == 41.0 and c.cell((), "deit_micro").n == 3
     assert c.gain((), "deit_micro") == pytest.approx(100 * (41 / 51 - 1))
     one = tmp_path / "one.csv"
     one.write_text("model,seed,top1,status,extra\nconvit_micro,0,50.0,completed,x\n")
-    assert math.isnan(compare(load_results([one])).cells[()][None].std)
+    assert math.isnan(compare(load_results([one])).cell((), "top1").std)
 
 
 def test_missing_metric_or_no_completed_run_is_one_line_error(tmp_path):
@@ -168,7 +172,7 @@ def test_cli_writes_tables_and_plots(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path, locality=True)
     proc = run([str(sweep), "--out", "out", "--metric", "top1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% |" in proc.stdout
+    assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in proc.stdout
     out = tmp_path / "out"
     assert (out / "comparison.csv").stat().st_size > 0 and (out / "comparison.md").stat().st_size > 0
     for name in ("top1_vs_fraction.png", "nonlocality.png", "gates.png"):
@@ -195,9 +199,9 @@ def test_a_cell_never_pools_different_setups():
     """Two setups that differ only in a setting without a column (say, warm-up) must not be averaged."""
     def row(seed, setup, warmup):
         return {"model": "convit_micro", "fraction": 0.1, "seed": seed, "status": "completed", "top1": 50.0 + seed,
-                "setup_hash": setup, "overrides": f"schedule.warmup_epochs={warmup} seed={seed}", "_source": "x.csv"}
+                "setup_hash": setup, "overrides": f"schedule.warmup_epochs={warmup} seed={seed}", "source": "x.csv"}
 
     repeats = [row(0, "aaaa", 2), row(1, "aaaa", 2)]
-    assert compare(repeats).cells[()][None].n == 2  # seeds of one setup: averaged
+    assert compare(pd.DataFrame(repeats)).cell((), "top1").n == 2  # seeds of one setup: averaged
     with pytest.raises(UserError, match="would average 2 different setups.*warmup_epochs=5"):
-        compare(repeats + [row(2, "bbbb", 5)])
+        compare(pd.DataFrame(repeats + [row(2, "bbbb", 5)]))

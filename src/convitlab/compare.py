@@ -1,29 +1,217 @@
-"""Comparison tables and plots across runs and sweeps.
+"""Comparison tables and plots across runs and sweeps, built on the DataFrames of convitlab.results.
 
-Rows are grouped by the knobs that vary (never the seed); each group gets the mean ± sample
-std over its seeds and n. With a `vs` key the groups become a pivot, one column per value,
-plus the relative gain of each column over a baseline: mean / mean_baseline − 1, in percent
-(the paper's Table 2: ConViT-S 47.8 vs DeiT-S 34.8 at 5% of the data → +37%).
+Completed runs are grouped by the knobs that vary (never the seed); each cell gets the mean, the
+sample std and n of the metric over its runs. With a `vs` key the cells become a pivot, one column
+per value, and every column but the baseline gets its gain over the baseline, mean / mean_baseline
+− 1 in percent (the paper's Table 2: ConViT-S 47.8 vs DeiT-S 34.8 at 5% of the data → +37%), with
+
+- a 95% confidence interval by Fieller's theorem: the ratios ρ for which the t statistic of
+  mean(column) − ρ·mean(baseline) stays within the t quantile. It is exact for a ratio of normal
+  means (the delta method is a first-order approximation, coarse at 3 seeds), and it is the set
+  of ratios the t-test does not reject, so a paired interval excludes 0% exactly when the
+  one-sided test below is significant at 2.5%;
+- the one-sided p-value of a t-test that the column's mean beats the baseline's.
+
+Both are paired (a paired t-test, n − 1 degrees of freedom) when the two cells hold the same seeds
+(and data.subset_seed, where a table records it), once each: such runs share their data subset and
+initial draws, and pairing takes that shared variation out. Otherwise they are Welch's (unequal
+variances, Satterthwaite's degrees of freedom; for the interval at the estimated ratio). Not a
+bootstrap: 3 seeds give 10 distinct resamples, and its intervals are too narrow at such n.
+Fewer than 2 runs (or pairs) in a cell: no interval and no test.
+
+The Student t distribution is computed here (the regularised incomplete beta function by its
+continued fraction), so scipy is not needed.
 """
-import csv
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from convitlab import results
 from convitlab.atomic import atomic_path, write_text
 from convitlab.errors import UserError
-from convitlab.sweeps import gather_sweep
+from convitlab.results import SOURCE
 
 # The knobs a table may group by, in the order it shows them; never the seed.
 KNOBS = ["ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
          "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads", "depth", "img_size",
          "patch_size", "lr", "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "mixup", "cutmix",
          "ema", "batch_size", "epochs", "study"]
-SOURCE = "_source"  # key added to every loaded row: the file it came from
+PAIR_KEYS = ("seed", "subset_seed")  # runs in two cells with equal values of these are paired
+CONFIDENCE = 0.95
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "best_top1": "best top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
+# Working columns of Comparison.runs: the table row and column (positions) each run falls in.
+ROW, COLUMN = "_row", "_column"
+# The gain statistics and their names in comparison.csv (after "<column label> ").
+GAIN_FIELDS = {"gain": "gain %", "low": "gain CI low %", "high": "gain CI high %", "t": "gain t", "dof": "gain dof",
+               "p": "gain p", "n": "gain n", "test": "gain test"}
 
+
+# ---------- the Student t distribution ----------
+
+def _beta_continued_fraction(a, b, x) -> float:
+    """1 + d1/(1 + d2/(1 + ...)), the continued fraction of I_x(a, b), by the modified Lentz method.
+
+    d(2m+1) = −(a+m)(a+b+m)x / ((a+2m)(a+2m+1)), d(2m) = m(b−m)x / ((a+2m−1)(a+2m)); it
+    converges quickly for x < (a+1)/(a+b+2).
+    """
+    tiny = 1e-300
+    value, c, d = 1.0, 1.0, 0.0
+    for j in range(1, 10_000):
+        m = j // 2
+        if j % 2:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + term * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + term / c
+        c = c if abs(c) > tiny else tiny
+        value *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return value
+
+
+def regularized_beta(a, b, x, y=None) -> float:
+    """I_x(a, b), the regularised incomplete beta function; y = 1 − x (give it when known exactly)."""
+    y = 1.0 - x if y is None else y
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log(y) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front / (a * _beta_continued_fraction(a, b, x))
+    return 1.0 - front / (b * _beta_continued_fraction(b, a, y))
+
+
+def t_upper_tail(t, dof) -> float:
+    """P(T > t) for Student's t with `dof` > 0 degrees of freedom (not necessarily an integer)."""
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    if t == 0.0:
+        return 0.5
+    half = 0.5 * regularized_beta(dof / 2.0, 0.5, dof / (dof + t * t), t * t / (dof + t * t))
+    return half if t > 0 else 1.0 - half
+
+
+def t_cdf(t, dof) -> float:
+    """P(T ≤ t)."""
+    return t_upper_tail(-t, dof)
+
+
+def t_quantile(p, dof) -> float:
+    """The t with P(T ≤ t) = p, by bisection on the upper tail (monotone: no starting guess needed)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p={p} is not in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, dof)
+    tail, low, high = 1.0 - p, 0.0, 1.0
+    while t_upper_tail(high, dof) > tail:
+        low, high = high, 2.0 * high
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if t_upper_tail(middle, dof) > tail:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-14 * high:
+            break
+    return 0.5 * (low + high)
+
+
+# ---------- how sure a gain is ----------
+
+def fieller_interval(mean_a, mean_b, var_a, var_b, cov_ab, t) -> tuple:
+    """The ratios ρ with (mean_a − ρ·mean_b)² ≤ t²·(var_a − 2ρ·cov_ab + ρ²·var_b), where var_a,
+    var_b, cov_ab are the (co)variances of the two means: Fieller's interval for mean_a / mean_b.
+    (−inf, inf) when mean_b is not clear of 0 at this t (the set is then unbounded)."""
+    q = t * t
+    a = mean_b * mean_b - q * var_b
+    b = mean_a * mean_b - q * cov_ab
+    c = mean_a * mean_a - q * var_a
+    if a <= 0.0:
+        return -math.inf, math.inf
+    root = math.sqrt(max(b * b - a * c, 0.0))
+    return (b - root) / a, (b + root) / a
+
+
+def welch_dof(var_a, var_b, n_a, n_b) -> float:
+    """Satterthwaite's degrees of freedom of var_a + var_b (variances of two means of n_a, n_b runs)."""
+    denominator = var_a * var_a / (n_a - 1) + var_b * var_b / (n_b - 1)
+    return (var_a + var_b) ** 2 / denominator if denominator > 0 else math.inf
+
+
+def _t_statistic(difference, standard_error) -> float:
+    if standard_error > 0:
+        return difference / standard_error
+    return math.copysign(math.inf, difference) if difference else 0.0
+
+
+@dataclass(frozen=True)
+class GainTest:
+    """A column's gain over the baseline in percent, its 95% interval, and the one-sided t-test."""
+    gain: float  # 100 · (mean / mean_baseline − 1)
+    low: float   # the interval's bounds, in percent like the gain (NaN without a test)
+    high: float
+    t: float     # the test's statistic and degrees of freedom
+    dof: float
+    p: float     # one-sided: P(T ≥ t) if the column were no better than the baseline
+    n: int       # the pairs (paired) or the smaller cell's runs (Welch)
+    test: str    # "paired" or "Welch"; None when n < 2 (no interval, no test)
+
+
+def gain_test(values, baseline, paired: bool) -> GainTest:
+    """The gain of `values` (a cell's metric) over `baseline`; paired: the two are aligned by seed."""
+    a, b = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    if len(a) == 0 or len(b) == 0:
+        return GainTest(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0, None)
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    gain = 100.0 * (mean_a / mean_b - 1.0) if mean_b else math.nan
+    n = len(a) if paired else min(len(a), len(b))
+    if n < 2 or math.isnan(gain):
+        return GainTest(gain, math.nan, math.nan, math.nan, math.nan, math.nan, n, None)
+    if paired:
+        differences = a - b
+        t = _t_statistic(float(differences.mean()), float(differences.std(ddof=1)) / math.sqrt(n))
+        dof = ci_dof = n - 1.0
+        covariance = np.cov(a, b, ddof=1) / n
+        var_a, var_b, cov_ab = covariance[0, 0], covariance[1, 1], covariance[0, 1]
+    else:
+        var_a, var_b, cov_ab = float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b), 0.0
+        t = _t_statistic(mean_a - mean_b, math.sqrt(var_a + var_b))
+        dof = welch_dof(var_a, var_b, len(a), len(b))
+        ci_dof = welch_dof(var_a, (mean_a / mean_b) ** 2 * var_b, len(a), len(b))
+    quantile = t_quantile((1.0 + CONFIDENCE) / 2.0, ci_dof) if math.isfinite(ci_dof) else 0.0  # inf: no spread
+    low, high = fieller_interval(mean_a, mean_b, var_a, var_b, cov_ab, quantile)
+    return GainTest(gain, 100.0 * (low - 1.0), 100.0 * (high - 1.0), t, dof, t_upper_tail(t, dof), n,
+                    "paired" if paired else "Welch")
+
+
+def _pair_ids(cell: pd.DataFrame, keys) -> list:
+    """Each run's (seed, subset_seed, ...) as a tuple, None for a blank."""
+    values = cell[keys].astype(object)
+    return list(values.where(cell[keys].notna(), None).itertuples(index=False, name=None))
+
+
+def cell_gain(cell: pd.DataFrame, base: pd.DataFrame, metric) -> GainTest:
+    """The gain of one cell's runs over the baseline cell's runs, paired by seed when they can be:
+    both cells hold the same seeds (and subset seeds, if recorded), each once."""
+    keys = [key for key in PAIR_KEYS if key in cell and key in base]
+    if "seed" in keys and cell["seed"].notna().all() and base["seed"].notna().all():
+        ids, base_ids = _pair_ids(cell, keys), _pair_ids(base, keys)
+        if len(set(ids)) == len(ids) == len(base_ids) == len(set(base_ids)) and set(ids) == set(base_ids):
+            by_id = dict(zip(base_ids, base[metric]))
+            return gain_test(cell[metric], [by_id[i] for i in ids], paired=True)
+    return gain_test(cell[metric], base[metric], paired=False)
+
+
+# ---------- the comparison ----------
 
 @dataclass(frozen=True)
 class Stats:
@@ -38,103 +226,143 @@ class Comparison:
     by: list  # the row keys
     vs: str  # the column key, or None
     baseline: object  # the vs value gains are relative to (None without vs)
-    columns: list  # the vs values, baseline first ([None] without vs)
-    cells: dict  # tuple of by values → {vs value: Stats}
-    completed: list  # the rows the statistics use
-    left_out: list  # the rows that did not complete
+    columns: list  # the vs values, baseline first ([metric] without vs)
+    rows: pd.DataFrame  # the table's rows: their by values, indexed by row position
+    cells: pd.DataFrame  # (row, column) positions → mean, std, n
+    gains: pd.DataFrame  # (row, column) positions of the gain columns → the GainTest fields
+    runs: pd.DataFrame  # the completed runs, with their table positions (ROW, COLUMN; <NA> without the metric)
+    left_out: pd.DataFrame  # the runs that did not complete
+
+    @property
+    def keys(self) -> list:
+        """The table's rows as tuples of by values, in order."""
+        return list(self.rows.astype(object).itertuples(index=False, name=None))
 
     @property
     def gain_columns(self) -> list:
         """The columns that get a gain: every vs value but the baseline."""
-        return [column for column in self.columns if self.vs and column != self.baseline]
+        return self.columns[1:] if self.vs else []
+
+    def label(self, column) -> str:
+        return _show(column) if self.vs else self.metric
+
+    def _position(self, key, column):
+        keys = self.keys
+        if tuple(key) not in keys or column not in self.columns:
+            return None
+        return keys.index(tuple(key)), self.columns.index(column)
+
+    def cell(self, key, column) -> Stats:
+        """The mean, std and n of a cell; None when it holds no run."""
+        position = self._position(key, column)
+        if position is None or position not in self.cells.index:
+            return None
+        mean, std, n = self.cells.loc[position, ["mean", "std", "n"]]
+        return Stats(float(mean), float(std), int(n))
+
+    def gain_test(self, key, column) -> GainTest:
+        """The gain of a cell over the baseline with its interval and test; None for the baseline."""
+        position = self._position(key, column)
+        if position is None or position not in self.gains.index:
+            return None
+        values = self.gains.loc[position]
+        return GainTest(**{name: (None if pd.isna(values[name]) else values[name]) if name == "test"
+                           else values[name] for name in GAIN_FIELDS})
 
     def gain(self, key, column):
         """mean(column) / mean(baseline) − 1 in percent, for the table row `key` (None if undefined)."""
-        cells = self.cells[key]
-        if self.vs is None or column == self.baseline or column not in cells or self.baseline not in cells:
-            return None
-        base = cells[self.baseline].mean
-        return 100.0 * (cells[column].mean / base - 1.0) if base else None
+        test = self.gain_test(key, column)
+        return None if test is None or math.isnan(test.gain) else float(test.gain)
+
+    def table(self) -> pd.DataFrame:
+        """comparison.csv: the by values, then per column mean, std, n, then per gain column the
+        gain % with its interval (CI low/high %), t, dof, one-sided p, n and test."""
+        table = self.rows
+        for position, column in enumerate(self.columns):
+            stats = self.cells.xs(position, level=COLUMN).astype({"n": "Int64"})
+            table = table.join(stats.add_prefix(f"{self.label(column)} "))
+        for position, column in enumerate(self.columns[1:] if self.vs else [], start=1):
+            gains = self.gains.xs(position, level=COLUMN).astype({"n": "Int64", "test": "string"})
+            table = table.join(gains.rename(columns={name: f"{self.label(column)} {title}"
+                                                     for name, title in GAIN_FIELDS.items()}))
+        return table.reset_index(drop=True)
 
 
-def result_table(path) -> Path:
-    """The CSV an input stands for: a run directory's result.csv, a sweep's (freshly gathered) summary.csv."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    if path.is_dir():
-        return path / "result.csv" if (path / "result.csv").is_file() else gather_sweep(path)
-    return path
+def status(frame: pd.DataFrame) -> pd.Series:
+    """Each run's status; runs without one (hand-made tables) count as completed."""
+    if "status" not in frame:
+        return pd.Series("completed", index=frame.index, dtype="string")
+    return frame["status"].astype("string").fillna("completed")
 
 
-def load_results(inputs) -> list:
-    """The rows of every input, each with SOURCE naming its file."""
-    rows = []
-    for table in map(result_table, inputs):
-        try:
-            loaded = results.read_rows(table)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise UserError(f"{table}: not a readable CSV ({exc})") from None
-        rows += [{**row, SOURCE: str(table)} for row in loaded]
-    return rows
-
-
-def status(row) -> str:
-    """A row's status; rows without one (hand-made tables) count as completed."""
-    return row.get("status") or "completed"
-
-
-def compare(rows, metric="top1", by=None, vs=None, baseline=None) -> Comparison:
-    """Group the completed rows (see the module docstring); by/vs default to the varying knobs."""
-    completed = [row for row in rows if status(row) == "completed"]
-    left_out = [row for row in rows if status(row) != "completed"]
-    if not completed:
-        found = f"only {left_out_summary(left_out)}" if left_out else "the inputs hold no result rows"
+def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None) -> Comparison:
+    """Group the completed runs of a load_results table (see the module docstring); by/vs default
+    to the varying knobs."""
+    completed = status(frame).eq("completed")
+    runs, left_out = frame[completed], frame[~completed]
+    if runs.empty:
+        found = f"only {left_out_summary(left_out)}" if len(left_out) else "the inputs hold no result rows"
         raise UserError(f"no completed run to compare: {found}")
-    _require_values(completed, metric, "--metric")
+    _require_values(runs, metric, "--metric")
     for key in [*(by or []), *([vs] if vs else [])]:
-        _require_column(completed, key)
-    varying = [key for key in KNOBS if len({row.get(key) for row in completed}) > 1]
+        _require_column(runs, key)
+    _require_numbers(runs, metric)
+    varying = [key for key in KNOBS if key in runs and runs[key].nunique(dropna=False) > 1]
     if vs is None:
         vs = next((key for key in ("model", "ablation") if key in varying and key not in (by or [])), None)
-    by = [key for key in by if key != vs] if by is not None else default_by(completed, varying, vs)
+    by = [key for key in by if key != vs] if by is not None else default_by(runs, varying, vs)
+    if vs is None and baseline is not None:
+        raise UserError("--baseline needs a --vs key: no knob varies to compare against")
+    _refuse_mixed_setups(runs, [*by, *([vs] if vs else [])])
 
-    groups = {}
-    for row in completed:
-        value = _number(row, metric)
-        if value is not None:
-            key = tuple(row.get(k) for k in by)
-            groups.setdefault(key, {}).setdefault(row.get(vs) if vs else None, []).append(value)
-    _refuse_mixed_setups(completed, by, vs)
-    cells = {key: {column: _stats(values) for column, values in per_column.items()}
-             for key, per_column in sorted(groups.items(), key=lambda item: tuple(map(_order, item[0])))}
-    columns = sorted({column for per_column in cells.values() for column in per_column}, key=_order)
-    if vs is None:
-        if baseline is not None:
-            raise UserError("--baseline needs a --vs key: no knob varies to compare against")
+    measured = runs[runs[metric].notna()]
+    rows = measured.groupby(by, dropna=False, sort=True).ngroup() if by else pd.Series(0, index=measured.index)
+    if vs:
+        codes, values = pd.factorize(measured[vs], sort=True, use_na_sentinel=False)
+        values = values.tolist()
+        baseline = pick_baseline(runs, vs, values, baseline)
+        first = next(i for i, value in enumerate(values) if value is baseline)
+        order = [first] + [i for i in range(len(values)) if i != first]
+        columns = [values[i] for i in order]
+        codes = np.argsort(order)[codes]  # sorted position → table position (baseline first)
     else:
-        baseline = pick_baseline(completed, vs, columns, baseline)
-        columns = [baseline] + [c for c in columns if c != baseline]
-    return Comparison(metric, by, vs, baseline, columns, cells, completed, left_out)
+        codes, columns = np.zeros(len(measured), dtype=int), [metric]
+    positions = pd.DataFrame({ROW: rows, COLUMN: codes}, index=measured.index)
+    work = measured.join(positions)
+
+    cells = work.groupby([ROW, COLUMN])[metric].agg(mean="mean", std="std", n="count")
+    table_rows = work.drop_duplicates(ROW).set_index(ROW).sort_index()[by]
+    groups = dict(iter(work.groupby([ROW, COLUMN])))
+    gains = pd.DataFrame(
+        [vars(cell_gain(groups.get((row, column), work.iloc[:0]), groups.get((row, 0), work.iloc[:0]), metric))
+         for row in table_rows.index for column in range(1, len(columns) if vs else 1)],
+        index=pd.MultiIndex.from_tuples([(row, column) for row in table_rows.index
+                                         for column in range(1, len(columns) if vs else 1)], names=[ROW, COLUMN]),
+        columns=list(GAIN_FIELDS))
+    runs = runs.join(positions.astype("Int64"))
+    return Comparison(metric, by, vs, baseline if vs else None, columns, table_rows, cells, gains, runs, left_out)
 
 
-def _refuse_mixed_setups(rows, by, vs) -> None:
-    """A cell must average repeats of one setup (rows with one setup_hash) and nothing else: runs
+def _refuse_mixed_setups(runs, keys) -> None:
+    """A cell must average repeats of one setup (runs with one setup_hash) and nothing else: runs
     that differ in a setting result.csv has no column for would otherwise be pooled silently."""
-    setups = {}
-    for row in rows:
-        if row.get("setup_hash"):  # older tables lack it: nothing to check
-            cell = tuple(row.get(k) for k in by) + ((row.get(vs),) if vs else ())
-            setups.setdefault(cell, {}).setdefault(row["setup_hash"], row)
-    for cell, examples in setups.items():
-        if len(examples) > 1:
-            shown = "; ".join(f"{row.get('overrides') or row.get('run_dir')}" for row in list(examples.values())[:3])
-            raise UserError(f"the cell {', '.join(map(_show, cell)) or '(all runs)'} would average {len(examples)} "
-                            f"different setups (differing in settings beyond the table's keys; e.g. {shown}): "
-                            "compare them separately, or pass --by with the key that tells them apart")
+    if "setup_hash" not in runs:  # older tables lack it: nothing to check
+        return
+    hashed = runs[runs["setup_hash"].notna()]
+    cell = hashed.groupby(keys, dropna=False).ngroup() if keys else pd.Series(0, index=hashed.index)
+    setups = hashed["setup_hash"].groupby(cell).nunique()
+    mixed = setups[setups > 1]
+    if mixed.empty:
+        return
+    examples = hashed[cell == mixed.index[0]].drop_duplicates("setup_hash")
+    shown = "; ".join(str(_first_of(row, "overrides", "run_dir")) for row in _records(examples.head(3)))
+    values = ", ".join(_show(value) for value in examples[keys].iloc[0]) if keys else ""
+    raise UserError(f"the cell {values or '(all runs)'} would average {mixed.iloc[0]} "
+                    f"different setups (differing in settings beyond the table's keys; e.g. {shown}): "
+                    "compare them separately, or pass --by with the key that tells them apart")
 
 
-def default_by(rows, varying, vs) -> list:
+def default_by(runs, varying, vs) -> list:
     """The varying knobs, less those that the vs key or an earlier kept knob already determine.
 
     E.g. local_up_to_layer follows the model (it tells the columns apart, not the rows) and
@@ -142,127 +370,138 @@ def default_by(rows, varying, vs) -> list:
     """
     kept = []
     for key in varying:
-        if key != vs and not _determined(rows, key, kept + ([vs] if vs else [])):
+        if key != vs and not _determined(runs, key, kept + ([vs] if vs else [])):
             kept.append(key)
     return kept
 
 
-def _determined(rows, key, by) -> bool:
+def _determined(runs, key, by) -> bool:
     """Whether every combination of the `by` values goes with one value of `key`."""
-    seen = {}
-    return all(seen.setdefault(tuple(row.get(k) for k in by), row.get(key)) == row.get(key) for row in rows)
+    if not by:
+        return runs[key].nunique(dropna=False) <= 1
+    return runs.groupby(by, dropna=False)[key].nunique(dropna=False).max() <= 1
 
 
-def pick_baseline(rows, vs, columns, asked):
+def pick_baseline(runs, vs, columns, asked):
     """The asked value, else the column whose runs have no GPSA (local_up_to_layer 0), else the first."""
     if asked is not None:
         for column in columns:
             if str(column) == asked or _same_number(column, asked):
                 return column
         raise UserError(f"--baseline {asked}: not a value of {vs} (values: {', '.join(map(_show, columns))})")
-    no_gpsa = [column for column in columns
-               if all(row.get("local_up_to_layer") == 0 for row in rows if row.get(vs) == column)]
-    return (no_gpsa or columns)[0]
+    if "local_up_to_layer" in runs:
+        no_gpsa = runs["local_up_to_layer"].eq(0).fillna(False).astype(bool)
+        for column in columns:
+            if no_gpsa[_equals(runs[vs], column)].all():
+                return column
+    return columns[0]
+
+
+def _equals(series, value) -> pd.Series:
+    """series == value as a plain boolean mask, blank matching blank."""
+    if pd.isna(value):
+        return series.isna()
+    return series.eq(value).fillna(False).astype(bool)
 
 
 def _same_number(value, text) -> bool:
     try:
-        return isinstance(value, (int, float)) and float(text) == float(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(text) == float(value)
     except ValueError:
         return False
 
 
-def _stats(values) -> Stats:
-    return Stats(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+def _sources(runs) -> pd.Series:
+    return runs[SOURCE] if SOURCE in runs else pd.Series("the table", index=runs.index)
 
 
-def _number(row, column):
-    value = row.get(column)
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise UserError(f"column {column!r} holds {value!r}, not a number, in {row[SOURCE]}")
-
-
-def _require_values(rows, column, option) -> None:
-    """Stop unless every file has values of `column` in its completed rows."""
-    _stop_if_lacking(rows, column, option, lambda file_rows: all(row.get(column) is None for row in file_rows))
-
-
-def _require_column(rows, column) -> None:
-    """Stop unless every file has `column` (blank cells are fine: a knob some runs lack)."""
-    _stop_if_lacking(rows, column, "--by/--vs", lambda file_rows: column not in file_rows[0])
-
-
-def _stop_if_lacking(rows, column, option, lacks) -> None:
-    per_file = {}
-    for row in rows:
-        per_file.setdefault(row[SOURCE], []).append(row)
-    lacking = [file for file, file_rows in per_file.items() if lacks(file_rows)]
+def _require_values(runs, column, option) -> None:
+    """Stop unless every file has values of `column` in its completed runs."""
+    sources = _sources(runs)
+    if column in runs:
+        blank = runs[column].isna().groupby(sources, sort=False).all()
+        lacking = list(blank[blank].index)
+    else:
+        lacking = list(sources.unique())
     if lacking:
-        raise UserError(f"column {column!r} ({option}) is missing from {', '.join(lacking)}")
+        raise UserError(f"column {column!r} ({option}) is missing from {', '.join(map(str, lacking))}")
 
 
-def _order(value):
-    """Sort key for mixed cells: numbers by value, then text, then blanks."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return (2, 0.0, "")
-    if isinstance(value, (int, float)):
-        return (0, float(value), "")
-    return (1, 0.0, str(value))
+def _require_column(runs, column) -> None:
+    """Stop unless the tables have `column` (blank cells are fine: a knob some runs lack)."""
+    if column not in runs:
+        raise UserError(f"column {column!r} (--by/--vs) is missing from {', '.join(map(str, _sources(runs).unique()))}")
+
+
+def _require_numbers(runs, column) -> None:
+    values = runs[column]
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return
+    for label, value in values.dropna().items():
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"column {column!r} holds {value!r}, not a number, in {_sources(runs)[label]}") from None
+        if isinstance(value, (bool, np.bool_)):
+            raise UserError(f"column {column!r} holds {value!r}, not a number, in {_sources(runs)[label]}")
+
+
+def _records(frame) -> list:
+    """The rows of a frame as dicts, None for a blank."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def _first_of(row, *keys):
+    return next((row[key] for key in keys if row.get(key)), None)
 
 
 def _show(value) -> str:
-    if value is None:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def left_out_summary(rows) -> str:
+def left_out_summary(frame) -> str:
     """E.g. "2 failed, 1 unfinished"."""
-    counts = {}
-    for row in rows:
-        counts[status(row)] = counts.get(status(row), 0) + 1
-    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    counts = status(frame).value_counts().sort_index()
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
 def left_out_report(comparison) -> list:
     """Lines saying which runs the statistics leave out and why."""
-    rows = comparison.left_out
-    if not rows:
+    left_out = comparison.left_out
+    if left_out.empty:
         return []
-    total = len(rows) + len(comparison.completed)
-    lines = [f"left out {len(rows)} of {total} runs: {left_out_summary(rows)}"]
-    for row in rows:
-        where = row.get("run_dir") or row.get("run_id") or row[SOURCE]
-        detail = row.get("error") or row.get("overrides")
-        lines.append(f"- {status(row)}: {where}" + (f" ({detail})" if detail else ""))
+    total = len(left_out) + len(comparison.runs)
+    lines = [f"left out {len(left_out)} of {total} runs: {left_out_summary(left_out)}"]
+    for row, state in zip(_records(left_out), status(left_out)):
+        where = _first_of(row, "run_dir", "run_id", SOURCE)
+        detail = _first_of(row, "error", "overrides")
+        lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
     return lines
 
 
-# ---------- the table ----------
+# ---------- the Markdown table ----------
 
-def _label(comparison, column) -> str:
-    return _show(column) if comparison.vs else comparison.metric
+def _cell_text(stats) -> str:
+    if stats is None:
+        return "–"
+    std = "–" if math.isnan(stats.std) else f"{stats.std:.2f}"
+    return f"{stats.mean:.2f} ± {std} ({stats.n})"
 
 
-def csv_table(comparison):
-    """(columns, rows) of comparison.csv: by values, then per column mean, std, n and gain %."""
-    header = list(comparison.by)
-    for column in comparison.columns:
-        label = _label(comparison, column)
-        header += [f"{label} mean", f"{label} std", f"{label} n"]
-    header += [f"{_label(comparison, c)} gain %" for c in comparison.gain_columns]
-    rows = []
-    for key, cells in comparison.cells.items():
-        row = dict(zip(comparison.by, key))
-        for column in comparison.columns:
-            label, stats = _label(comparison, column), cells.get(column)
-            if stats is not None:
-                std = None if math.isnan(stats.std) else stats.std
-                row.update({f"{label} mean": stats.mean, f"{label} std": std, f"{label} n": stats.n})
-        row.update({f"{_label(comparison, c)} gain %": comparison.gain(key, c) for c in comparison.gain_columns})
-        rows.append(row)
-    return header, rows
+def gain_text(test) -> str:
+    """E.g. "+37.4% [+31.5, +43.4] p<0.001", "+23.1% [−2.0, +51.0] p=0.062†" (Welch),
+    "+23.1%, n=1: no CI"."""
+    if test is None or math.isnan(test.gain):
+        return "–"
+    text = f"{test.gain:+.1f}%"
+    if test.test is None:
+        return f"{text}, n={test.n}: no CI"
+    bounded = math.isfinite(test.low) and math.isfinite(test.high)
+    interval = f"[{test.low:+.1f}, {test.high:+.1f}]" if bounded else "[unbounded]"
+    p = "p<0.001" if test.p < 0.001 else f"p={test.p:.3f}"
+    return f"{text} {interval} {p}" + ("†" if test.test == "Welch" else "")
 
 
 def markdown_table(comparison) -> str:
@@ -270,23 +509,17 @@ def markdown_table(comparison) -> str:
     c = comparison
     caption = f"{c.metric}: mean ± std over seeds (n)"
     if c.vs:
-        caption += f", columns by {c.vs}; gain = mean / mean({_show(c.baseline)}) − 1"
-    header = [*c.by, *(_label(c, column) for column in c.columns), *(f"gain {_show(g)}" for g in c.gain_columns)]
+        base = _show(c.baseline)
+        caption += (f", columns by {c.vs}; gain = mean / mean({base}) − 1 [95% CI] and the one-sided p that "
+                    f"it beats {base}, paired by seed († Welch: the cells do not share their seeds)")
+    header = [*c.by, *(c.label(column) for column in c.columns), *(f"gain {_show(g)}" for g in c.gain_columns)]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, cells in c.cells.items():
-        cells_text = [_cell(cells.get(column)) for column in c.columns]
-        gains = [c.gain(key, column) for column in c.gain_columns]
-        gains_text = ["–" if g is None else f"{g:+.1f}%" for g in gains]
-        lines.append("| " + " | ".join([*map(_show, key), *cells_text, *gains_text]) + " |")
+    for key in c.keys:
+        cells = [_cell_text(c.cell(key, column)) for column in c.columns]
+        gains = [gain_text(c.gain_test(key, column)) for column in c.gain_columns]
+        lines.append("| " + " | ".join([*map(_show, key), *cells, *gains]) + " |")
     report = left_out_report(c)
     return "\n".join(lines + ([""] + report if report else [])) + "\n"
-
-
-def _cell(stats) -> str:
-    if stats is None:
-        return "–"
-    std = "–" if math.isnan(stats.std) else f"{stats.std:.2f}"
-    return f"{stats.mean:.2f} ± {std} ({stats.n})"
 
 
 # ---------- the plots ----------
@@ -307,30 +540,26 @@ def _save(fig, path) -> str:
     return f"wrote {path}"
 
 
-def _varies(rows, key) -> bool:
-    return len({row.get(key) for row in rows if row.get(key) is not None}) > 1
+def _floats(series) -> np.ndarray:
+    return series.astype("float64").to_numpy()
 
 
 def line_plot(comparison, x, line_keys, path, xscale):
     """Metric (mean ± std over seeds) against knob `x`, one line per combination of `line_keys`."""
     c = comparison
-    if not _varies(c.completed, x):
+    if x not in c.runs or c.runs[x].nunique() < 2:
         return f"skipped {path.name}: {x} does not vary"
-    lines = {}
-    for row in c.completed:
-        value = _number(row, c.metric)
-        if value is not None and row.get(x) is not None:
-            line = tuple(row.get(k) for k in line_keys)
-            lines.setdefault(line, {}).setdefault(row[x], []).append(value)
+    line_keys = [key for key in line_keys if key in c.runs]
+    data = c.runs[c.runs[x].notna() & c.runs[c.metric].notna()]
+    points = data.groupby([*line_keys, x], dropna=False, sort=True)[c.metric].agg(["mean", "std"]).reset_index()
     fig, (ax,) = _figure()
-    for line in sorted(lines, key=lambda key: tuple(map(_order, key))):
-        points = sorted(((xv, _stats(values)) for xv, values in lines[line].items()), key=lambda p: _order(p[0]))
+    for line, part in (points.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), points)]):
         label = ", ".join(f"{k}={_show(v)}" for k, v in zip(line_keys, line)) or c.metric
-        ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[p[1].std for p in points],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(_floats(part[x]), _floats(part["mean"]), yerr=_floats(part["std"]), marker="o", capsize=3,
+                    label=label)
     if xscale == "symlog":
-        positive = [row[x] for row in c.completed if isinstance(row.get(x), (int, float)) and row[x] > 0]
-        ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        positive = data[x][data[x] > 0]
+        ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
     else:
         ax.set_xscale(xscale)
     ax.set_xlabel(x)
@@ -354,61 +583,28 @@ def plot_metric_vs_locality(comparison, out):
     return line_plot(c, "locality_strength", line_keys, Path(out) / f"{c.metric}_vs_locality.png", "symlog")
 
 
-def run_path(row):
-    """The run directory of a row: where it says, else beside the table it came from."""
-    source = Path(row[SOURCE])
-    candidates = [source.parent] if source.name == "result.csv" else []
-    if row.get("run_dir"):
-        candidates = [Path(row["run_dir"]), source.parent / Path(row["run_dir"]).name, *candidates]
-    return next((path for path in candidates if (path / "locality.csv").is_file()), None)
-
-
 def locality_panels(comparison):
-    """(title, {vs value: [locality rows of each run]}) for one table row with locality.csv files:
-    the first whose runs have GPSA layers (the plots are about them), else the first of all."""
+    """(title, {column: locality rows of its runs}) for one table row whose runs have locality.csv
+    files: the first whose runs have GPSA layers (the plots are about them), else the first of all.
+    The rows are indexed by run (see results.run_curves)."""
     c = comparison
-    found = []
-    for key in c.cells:
-        panels = {}
-        for row in c.completed:
-            path = run_path(row) if tuple(row.get(k) for k in c.by) == key else None
-            rows = _read_locality(path) if path is not None else None
-            if rows:
-                panels.setdefault(row.get(c.vs) if c.vs else None, []).append(rows)
-        if panels:
-            title = ", ".join(f"{k}={_show(v)}" for k, v in zip(c.by, key))
-            found.append((title, {column: panels[column] for column in c.columns if column in panels}))
-            if any(_finite(r["gate"]) for runs in panels.values() for rows in runs for r in rows):
-                return found[-1]
-    return found[0] if found else (None, {})
+    curves = results.run_curves(c.runs[c.runs[ROW].notna()], "locality.csv", columns=[ROW, COLUMN])
+    if curves.empty or any(key not in curves for key in ("epoch", "layer", "head", "nonlocality", "gate")):
+        return None, {}
+    curves = curves.dropna(subset=["epoch", "layer", "head"])
+    with_gates = np.isfinite(_floats(curves["gate"]))
+    rows = sorted(curves[ROW].unique())
+    gated = sorted(curves.loc[with_gates, ROW].unique())
+    row = int((gated or rows)[0])
+    title = ", ".join(f"{k}={_show(v)}" for k, v in zip(c.by, c.keys[row]))
+    mine = curves[curves[ROW] == row]
+    return title, {c.columns[int(column)]: part for column, part in mine.groupby(COLUMN, sort=True)}
 
 
-def _read_locality(run_dir):
-    """The rows of run_dir/locality.csv, or None when unreadable or lacking the columns plotted."""
-    try:
-        rows = results.read_rows(run_dir / "locality.csv")
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    needed = ("epoch", "layer", "head", "nonlocality", "gate")
-    return rows if rows and all(key in rows[0] for key in needed) else None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _mean_by(runs, key_of, value_of) -> dict:
-    """Average value_of(row) per key_of(row) within each run, then over runs (non-finite values skipped)."""
-    per_run = []
-    for rows in runs:
-        sums = {}
-        for row in rows:
-            value = value_of(row)
-            if _finite(value):
-                sums.setdefault(key_of(row), []).append(value)
-        per_run.append({key: statistics.fmean(values) for key, values in sums.items()})
-    keys = {key for means in per_run for key in means}
-    return {key: statistics.fmean([m[key] for m in per_run if key in m]) for key in keys}
+def _run_means(part, value, keys) -> pd.Series:
+    """`value` averaged over each run's rows per `keys`, then over runs (non-finite values skipped)."""
+    frame = part.reset_index().assign(**{value: part[value].where(np.isfinite(_floats(part[value]))).to_numpy()})
+    return frame.groupby(["run", *keys])[value].mean().groupby(level=keys).mean().dropna()
 
 
 def _panel_title(comparison, column, group) -> str:
@@ -426,14 +622,14 @@ def plot_nonlocality(comparison, out):
     if not panels:
         return f"skipped {path.name}: no run has a locality.csv"
     fig, axes = _figure(len(panels), sharey=True)
-    for ax, (column, runs) in zip(axes, panels.items()):
-        means = _mean_by(runs, lambda r: (r["layer"], r["epoch"]), lambda r: r["nonlocality"])
-        gpsa = {row["layer"] for rows in runs for row in rows if _finite(row["gate"])}  # MHSA layers: NaN
-        layers = sorted({layer for layer, _ in means})
+    for ax, (column, part) in zip(axes, panels.items()):
+        means = _run_means(part, "nonlocality", ["layer", "epoch"])
+        gpsa = set(part.loc[np.isfinite(_floats(part["gate"])), "layer"])  # MHSA layers: NaN
+        layers = sorted(means.index.get_level_values("layer").unique())
         for layer in layers:
-            epochs = sorted(e for lay, e in means if lay == layer)
+            curve = means.xs(layer, level="layer")
             kind = "GPSA" if layer in gpsa else "MHSA"
-            ax.plot(epochs, [means[(layer, e)] for e in epochs], "-" if layer in gpsa else "--", marker=".",
+            ax.plot(_floats(curve.index.to_series()), curve.to_numpy(), "-" if layer in gpsa else "--", marker=".",
                     color=colormaps["viridis"](layer / max(len(layers) - 1, 1)), label=f"layer {layer} ({kind})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -444,31 +640,25 @@ def plot_nonlocality(comparison, out):
     return _save(fig, path)
 
 
-def _at_last_epoch(rows) -> list:
-    last = max(row["epoch"] for row in rows)
-    return [row for row in rows if row["epoch"] == last]
-
-
 def plot_gates(comparison, out):
     """σ(λ) per GPSA layer and head at each run's last epoch (averaged over runs), as heatmaps."""
     path = Path(out) / "gates.png"
     group, panels = locality_panels(comparison)
     maps = {}
-    for column, runs in panels.items():
-        last = [_at_last_epoch(rows) for rows in runs]
-        gates = _mean_by(last, lambda r: (r["layer"], r["head"]), lambda r: r["gate"])
-        if gates:
-            maps[column] = gates
+    for column, part in panels.items():
+        last = part[part["epoch"] == part.groupby(level="run")["epoch"].transform("max")]
+        gates = _run_means(last, "gate", ["layer", "head"])
+        if len(gates):
+            maps[column] = gates.unstack("head")  # layers × heads, NaN where a head has no gate
     if not maps:
         return f"skipped {path.name}: no GPSA gate in any locality.csv"
     fig, axes = _figure(len(maps), width=5.0)
-    for ax, (column, gates) in zip(axes, maps.items()):
-        layers, heads = sorted({k[0] for k in gates}), sorted({k[1] for k in gates})
-        grid = [[gates.get((layer, head), math.nan) for head in heads] for layer in layers]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, values in enumerate(grid):
-            for j, value in enumerate(values):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
+    for ax, (column, grid) in zip(axes, maps.items()):
+        layers, heads = list(grid.index), list(grid.columns)
+        values = grid.to_numpy(dtype=float)
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
         ax.set_xticks(range(len(heads)), [str(h) for h in heads])
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xticks([j - 0.5 for j in range(1, len(heads))], minor=True)
@@ -492,12 +682,11 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
 
     `out` defaults to the first input's folder (the input itself when it is a directory).
     """
-    comparison = compare(load_results(inputs), metric, by, vs, baseline)
+    comparison = compare(results.load_results(*inputs), metric, by, vs, baseline)
     first = Path(inputs[0])
     out = Path(out) if out else (first if first.is_dir() else first.parent)
     markdown = markdown_table(comparison)
-    header, rows = csv_table(comparison)
-    results.write_rows(out / "comparison.csv", rows, header)
+    results.write_table(out / "comparison.csv", comparison.table())
     write_text(out / "comparison.md", markdown)
     notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
     if plots:

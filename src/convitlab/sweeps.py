@@ -3,6 +3,7 @@ import logging
 import os
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
 
@@ -34,15 +35,22 @@ def hydra_overrides(job_dir) -> list:
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
-def job_row(job_dir: Path) -> dict:
-    """The job's result row, or a row with status "unfinished" when it has none."""
-    row = results.read_result(job_dir)
-    if row is None:
+def job_table(job_dir: Path) -> pd.DataFrame:
+    """The job's result.csv as written (one row), or a row with status "unfinished" when it has none.
+
+    Cells are kept as text: the summary holds exactly what each job wrote.
+    """
+    try:
+        table = results.read_text(job_dir / "result.csv").head(1)
+    except results.READ_ERRORS:
+        table = None
+    if table is None or table.empty:
         row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(hydra_overrides(job_dir))}
         if (job_dir / "result.csv").exists():
             row["error"] = "result.csv is unreadable"
+        table = pd.DataFrame([row], dtype=object)
     # Where the job is now: the sweep may have been moved since it ran.
-    return {**row, "run_dir": str(job_dir)}
+    return table.assign(run_dir=str(job_dir))
 
 
 def gather_sweep(sweep_dir) -> Path:
@@ -50,9 +58,12 @@ def gather_sweep(sweep_dir) -> Path:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UserError(f"{sweep_dir}: no such directory")
-    rows = sorted((job_row(job) for job in job_dirs(sweep_dir)), key=lambda row: row["run_dir"])
+    tables = [job_table(job) for job in job_dirs(sweep_dir)]
+    summary = pd.concat(tables, ignore_index=True).fillna("") if tables else pd.DataFrame()
+    if len(summary):
+        summary = summary.sort_values("run_dir", kind="stable")
     path = sweep_dir / SUMMARY
-    results.write_rows(path, rows, results.RESULT_COLUMNS)
+    results.write_table(path, summary, results.RESULT_COLUMNS)
     return path
 
 
