@@ -3,6 +3,7 @@
 config (Hydra composes conf/) → validation → data → model → training loop → result tables.
 """
 import logging
+import shlex
 import sys
 
 import hydra
@@ -11,23 +12,58 @@ from hydra.types import RunMode
 
 import convitlab  # noqa: F401  (gives Paddle every CPU core)
 from convitlab.config import register_configs
+from convitlab.runtime import signal_name
 
 log = logging.getLogger("convitlab.train")
 register_configs()
 
 
+def resume_command(run_dir) -> str:
+    """This command again, on the same run directory (the default one is named by the time)."""
+    args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith(("hydra.run.dir=", "trainer.resume="))]
+    return shlex.join(["python", sys.argv[0], *args, f"hydra.run.dir={run_dir}"])
+
+
+def interrupted(exc) -> str:
+    done = getattr(exc, "epochs_done", None)
+    kept = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} kept (checkpoints/epoch_{done:04d})" if done else
+            "no epoch was completed" if done == 0 else "its last checkpoint is kept")
+    return f"interrupted by {signal_name(exc.signum)}: {kept}"
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg):
     from convitlab.engine.run import describe_error, run_training
-    from convitlab.runtime import defer_signal_handlers, share_machine_between_jobs
+    from convitlab.engine.run_lock import RunDirInUse
+    from convitlab.runtime import (Interrupted, defer_signal_handlers, share_machine_between_jobs,
+                                   stop_at_step_boundaries, stop_signal)
 
+    logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error
+    stop_at_step_boundaries()  # SIGTERM, SIGINT: stop at the next step boundary, result.csv says interrupted
     hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
         share_machine_between_jobs(hydra_cfg)
         defer_signal_handlers()  # submitit's preemption/time-limit signal: requeue between steps
+        if stop_signal():  # an earlier job of this process was stopped: the sweep is stopping
+            print(f"job {run_dir} not started: the sweep was stopped by {signal_name(stop_signal())}",
+                  file=sys.stderr)
+            return None
     try:
-        row = run_training(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        row = run_training(cfg, run_dir, list(hydra_cfg.overrides.task))
+    except RunDirInUse as exc:  # nothing was written
+        if multirun:  # the job that process runs is left to it; the other jobs carry on
+            print(f"job {run_dir} skipped: in use by {exc.holder_text}", file=sys.stderr)
+            return None
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as exc:  # result.csv says "interrupted"
+        if multirun:  # the sweep says how to resume, when it ends
+            log.warning("job %s %s", run_dir, interrupted(exc))
+            return None
+        print(f"{interrupted(exc)}; resume with: {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
         message = describe_error(exc)
         if multirun:  # the job's result.csv says "failed"; the other jobs carry on

@@ -16,10 +16,11 @@ from pathlib import Path
 import paddle
 
 from convitlab import distributed
-from convitlab.atomic import atomic_path
+from convitlab.atomic import atomic_path, disk_full_error, human_bytes, is_disk_full, remove_temporaries
 from convitlab.errors import UserError
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+_TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/
 
 
 def _sha256(path: Path) -> str:
@@ -84,26 +85,54 @@ class Checkpointer:
     def save(self, epoch, model, optimizer, state: dict, rng_states: list, ema=None, scaler=None):
         """A checkpoint of epoch `epoch`; rng_states holds every rank's RNG state, in rank order."""
         final = self.directory / f"epoch_{epoch:04d}"
-        tmp = self.directory / f".tmp-{final.name}"
+        tmp = self.directory / f"{_TMP_PREFIX}{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        paddle.save(model.state_dict(), str(tmp / "model.pdparams"))
-        paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / "optimizer.pdopt"))
-        if ema is not None:
-            paddle.save(ema.state_dict(), str(tmp / "ema.pdparams"))
-        extras = {"rng": rng_states, "scaler": scaler.state_dict() if scaler is not None else None}
-        with open(tmp / "rng.pkl", "wb") as f:
-            pickle.dump(extras, f)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=1))
-        for path in tmp.iterdir():  # on disk before the rename makes them the checkpoint (power loss)
-            _fsync(path)
-        shutil.rmtree(final, ignore_errors=True)  # a same-epoch leftover from a killed run
-        tmp.rename(final)
-        _fsync(self.directory)
+        writing = final
+        try:
+            tmp.mkdir(parents=True)
+            writing = final / "model.pdparams"
+            paddle.save(model.state_dict(), str(tmp / writing.name))
+            writing = final / "optimizer.pdopt"
+            paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / writing.name))
+            if ema is not None:
+                writing = final / "ema.pdparams"
+                paddle.save(ema.state_dict(), str(tmp / writing.name))
+            writing = final / "rng.pkl"
+            extras = {"rng": rng_states, "scaler": scaler.state_dict() if scaler is not None else None}
+            with open(tmp / writing.name, "wb") as f:
+                pickle.dump(extras, f)
+            writing = final / "state.json"
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / writing.name).write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=1))
+            writing = final
+            for path in tmp.iterdir():  # on disk before the rename makes them the checkpoint (power loss)
+                _fsync(path)
+            shutil.rmtree(final, ignore_errors=True)  # a same-epoch leftover from a killed run
+            tmp.rename(final)
+            _fsync(self.directory)
+        except BaseException as exc:
+            # No half-built checkpoint left behind, and its space back for result.csv and the logs;
+            # the previous checkpoints are untouched.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                previous = self.latest()
+                size = sum(p.stat().st_size for p in previous.iterdir()) if previous else 0
+                hint = (f" (a checkpoint takes {human_bytes(size)}; trainer.keep_checkpoints={self.keep} of them "
+                        "are kept)" if previous else "")
+                raise disk_full_error(writing, exc, hint) from None
+            raise
         for old in self.generations()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def remove_leftovers(self) -> list:
+        """Remove what a killed save left: half-built checkpoint folders and temporaries."""
+        if not self.directory.is_dir():
+            return []
+        removed = [p for p in sorted(self.directory.glob(_TMP_PREFIX + "*")) if p.is_dir()]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed + remove_temporaries(self.directory)
 
     def save_best(self, model):
         with atomic_path(self.directory / "best.pdparams") as tmp:

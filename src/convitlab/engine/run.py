@@ -1,4 +1,5 @@
 """One run of the entry point: validate, skip or resume, train, and always leave a result row."""
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -6,11 +7,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from convitlab import distributed, results
-from convitlab.atomic import write_text
+from convitlab.atomic import find_disk_full, remove_temporaries, write_text
 from convitlab.config import image_size_pair, validate
+from convitlab.engine import run_lock
 from convitlab.errors import UserError
 from convitlab.run_record import RunRecord, config_hash, convitlab_version, setup_hash
-from convitlab.runtime import cpu_threads
+from convitlab.runtime import Interrupted, cpu_threads, signal_name
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
@@ -52,20 +54,37 @@ def clear_run_outputs(run_dir: Path) -> None:
 def run_training(cfg, run_dir, overrides=()) -> dict:
     """Train the run described by `cfg` in `run_dir` and return its result row.
 
-    A finished run with the same config is reported, not retrained (unless
-    trainer.resume=false); any failure still writes result.csv with status "failed" and
-    the error in one line, then re-raises.
+    The run directory is held for the whole run (engine/run_lock.py): another process holding
+    it raises RunDirInUse before anything is written. A finished run with the same config is
+    reported, not retrained (unless trainer.resume=false); any failure still writes result.csv
+    with status "failed" and the error in one line, then re-raises; a stop (Interrupted, or
+    submitit's exit for a requeue) writes status "interrupted" and the epochs kept.
     """
     run_dir = Path(run_dir)
+    with run_lock.hold(run_dir) as lock:
+        if lock.taken_over:
+            log.warning("the lock of %s was left by %s, which is gone: taken over", run_dir,
+                        run_lock.describe(lock.taken_over))
+            lock.taken_over = None
+        return _run_training(cfg, run_dir, overrides)
+
+
+def _run_training(cfg, run_dir: Path, overrides) -> dict:
     distributed.init()
     main = distributed.is_main()
     record = RunRecord(run_dir)
     row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
     try:
-        from convitlab.engine.protocol import total_epochs  # inside: an import failure is a failed run too
+        from convitlab.engine.checkpoint import Checkpointer  # inside: an import failure is a failed run too
+        from convitlab.engine.protocol import total_epochs
         from convitlab.engine.trainer import fit
 
+        if main:  # the run's own, under its lock: what a killed write left
+            removed = Checkpointer(run_dir / "checkpoints").remove_leftovers() + remove_temporaries(run_dir)
+            if removed:
+                log.info("removed the temporary files of an interrupted write: %s",
+                         ", ".join(str(p.relative_to(run_dir)) for p in removed))
         validate(cfg)
         cfg_hash = config_hash(cfg)
         row.update(identity_row(cfg, run_dir, cfg_hash, overrides), epochs=total_epochs(cfg))
@@ -84,13 +103,44 @@ def run_training(cfg, run_dir, overrides=()) -> dict:
         distributed.barrier()
         row.update(fit(cfg, run_dir, cfg_hash))
     except BaseException as exc:
+        stopped = isinstance(exc, (Interrupted, SystemExit))  # SystemExit: submitit's requeue
+        full = None if stopped else find_disk_full(exc, run_dir)
         # Never overwrite the result of a run that belongs to another config.
         if main and record.stored_hash() in (None, cfg_hash):
-            results.write_result(run_dir, {**row, "status": "failed", "error": one_line(exc)})
+            outcome = (interrupted_outcome(run_dir, exc, row.get("epochs")) if stopped else
+                       {"status": "failed", "error": str(full) if full is not None else one_line(exc)})
+            try:
+                results.write_result(run_dir, {**row, **outcome})
+            except OSError as write_error:  # e.g. the disk is still full: the first error is the one to report
+                log.error("result.csv not written: %s", one_line(write_error))
+        if full is not None and full is not exc:
+            raise full from None
         raise
     if main:
         results.write_result(run_dir, row)
     return row
+
+
+def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:
+    """result.csv's outcome columns for a stopped run: status "interrupted", how far its last
+    checkpoint got (what a resume starts from) and what stopped it. Sets exc.epochs_done."""
+    from convitlab.engine.checkpoint import Checkpointer
+
+    state, latest = {}, Checkpointer(run_dir / "checkpoints").latest()
+    if latest is not None:
+        try:
+            state = json.loads((latest / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+    done = int(state.get("epoch", 0))
+    exc.epochs_done = done
+    cause = signal_name(exc.signum) if isinstance(exc, Interrupted) else f"a requeue ({one_line(exc)})"
+    kept = (f"{'epoch 1' if done == 1 else f'epochs 1-{done}'} of {epochs} kept in checkpoints/epoch_{done:04d}"
+            if done else "no epoch completed")
+    best = state.get("best_epoch") or None
+    return {"status": "interrupted", "epochs_done": done, "error": f"stopped by {cause}: {kept}; the same command "
+            "resumes it", "best_top1": state.get("best_top1") if best else None, "best_epoch": best,
+            "images_seen": state.get("train_images"), "train_time_s": state.get("train_time_s")}
 
 
 def one_line(exc: BaseException) -> str:

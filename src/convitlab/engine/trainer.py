@@ -114,7 +114,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
                disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
     iterator = iter(loader)
     for batch_index in range(steps_per_epoch):
-        run_deferred_signals()  # a step boundary: a requeue's exit leaves no op half done
+        run_deferred_signals(step=state.step)  # a step boundary: a requeue's exit or a stop leaves no op half done
         tick = time.perf_counter()
         images, labels = next(iterator)
         data_wait += time.perf_counter() - tick
