@@ -26,14 +26,14 @@ from convitlab.atomic import write_text
 from convitlab.errors import UserError
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_s",
-                  "img_per_s", "data_wait_frac"]
+                  "img_per_s", "data_wait_frac", "skipped_steps"]
 LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_distance"]
 IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction", "subset", "locality_strength",
                     "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
                     "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
                     "drop_path_rate", "label_smoothing", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
-                   "images_seen", "params", "flops", "train_time_s", "img_per_s", "error"]
+                   "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
 SOURCE = "source"  # added by the loaders: the CSV file a row came from

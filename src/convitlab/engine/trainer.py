@@ -21,6 +21,7 @@ from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
 from convitlab.data.seeds import mix_rng
+from convitlab.engine.amp import amp_settings
 from convitlab.engine.checkpoint import Checkpointer, rng_state
 from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
@@ -43,6 +44,7 @@ class LoopState:
     train_time_s: float = 0.0
     train_images: int = 0
     world_size: int = 1     # ranks that wrote it: a resume needs the same
+    skipped_steps: int = 0  # optimiser steps the fp16 loss scaler skipped (gradient overflow)
 
 
 class Diverged(Exception):
@@ -67,16 +69,6 @@ def build_model(cfg):
 def seed_everything(seed: int) -> None:
     paddle.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def amp_settings(amp: str, device: str):
-    if amp == "off":
-        return None, None
-    if device != "gpu":
-        raise UserError(f"trainer.amp={amp!r} needs a GPU: use trainer.amp=off on the CPU")
-    dtype = {"fp16": "float16", "bf16": "bfloat16"}[amp]
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16) if amp == "fp16" else None
-    return dtype, scaler
 
 
 @paddle.no_grad()
@@ -113,6 +105,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{protocol.epochs}", leave=False, dynamic_ncols=True,
                disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
     iterator = iter(loader)
+    skipped_steps = 0
     for batch_index in range(steps_per_epoch):
         run_deferred_signals(step=state.step)  # a step boundary: a requeue's exit or a stop leaves no op half done
         tick = time.perf_counter()
@@ -135,10 +128,12 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
         # when a last partial batch (data.drop_last=false) splits unevenly across ranks.
         weight = count * world / loader.batch_sampler.global_batch_size(batch_index)
         objective = loss * weight if weight != 1 else loss
+        skipped = False
         if scaler is not None:
             scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
+            skipped = scaler.last_step_skipped  # a gradient overflow: no update, the scale halved
         else:
             objective.backward()
             optimizer.step()
@@ -146,7 +141,17 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
         if ema is not None:
             ema.update(model)
         state.step += 1
-        totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1))
+        if skipped:  # its loss (often NaN) trained nothing: kept out of the epoch's loss and top-1
+            skipped_steps += 1
+            state.skipped_steps += 1
+            totals.add(count)
+            if scaler.overflow_unexplained():
+                raise Diverged(f"float16 overflow at every step down to a loss scale of {scaler.loss_scale:g} in "
+                               f"epoch {epoch} ({skipped_steps} steps skipped): the loss or its gradients are "
+                               "not finite whatever the scale")
+        else:
+            totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1),
+                       trained=count)
         if not bar.disable and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
             images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
             bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")  # syncs: every 10 steps
@@ -154,9 +159,14 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
     bar.close()
     elapsed = time.perf_counter() - start
     sums, count = totals.reduced()
-    if not math.isfinite(sums["loss"]):
+    trained = sums.get("trained", 0.0)  # images of the steps that updated the model
+    if trained and not math.isfinite(sums["loss"]):
         raise Diverged(f"training loss became {sums['loss']} in epoch {epoch}")
-    return {"lr": lr, "train_loss": sums["loss"] / count, "train_top1": 100 * sums["top1"] / count,
+    if skipped_steps:
+        log.info("epoch %d: %d of %d steps skipped (float16 gradient overflow); loss scale now %g", epoch,
+                 skipped_steps, steps_per_epoch, scaler.loss_scale)
+    return {"lr": lr, "train_loss": sums["loss"] / trained if trained else math.nan,
+            "train_top1": 100 * sums["top1"] / trained if trained else math.nan, "skipped_steps": skipped_steps,
             "epoch_s": elapsed, "img_per_s": count / elapsed, "data_wait_frac": data_wait / elapsed,
             "images": int(count)}
 
@@ -263,7 +273,8 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
         if writer is not None:
             _log_hparams(writer, cfg, state)
             writer.close()
-    rows = results.read_rows(run_dir / "metrics.csv") if main else []
+    # (none yet when a run diverges in its first epoch)
+    rows = results.read_rows(run_dir / "metrics.csv") if main and (run_dir / "metrics.csv").exists() else []
     last = rows[-1] if rows else {}
     evaluated = [r for r in rows if r.get("val_top1") is not None]
     last_eval = evaluated[-1] if evaluated else {}  # a diverged run may stop between evaluations
@@ -272,6 +283,7 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
                best_top1=state.best_top1 if evaluated_once else None,
                best_epoch=state.best_epoch if evaluated_once else None, final_val_loss=last_eval.get("val_loss"),
                final_train_loss=last.get("train_loss"), images_seen=state.train_images, train_time_s=state.train_time_s,
+               skipped_steps=state.skipped_steps,
                img_per_s=state.train_images / state.train_time_s if state.train_time_s else None)
     return row
 
