@@ -205,3 +205,122 @@ def test_a_cell_never_pools_different_setups():
     assert compare(pd.DataFrame(repeats)).cell((), "top1").n == 2  # seeds of one setup: averaged
     with pytest.raises(UserError, match="would average 2 different setups.*warmup_epochs=5"):
         compare(pd.DataFrame(repeats + [row(2, "bbbb", 5)]))
+
+
+# ---------- how sure a gain is ----------
+
+@pytest.mark.parametrize("p,dof,table", [
+    (0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 3, 3.182446), (0.975, 4, 2.776445),
+    (0.975, 10, 2.228139), (0.975, 30, 2.042272), (0.95, 5, 2.015048), (0.995, 3, 5.840909),
+    (0.9, 2, 1.885618), (0.975, 1e7, 1.959964), (0.025, 4, -2.776445)])
+def test_student_t_quantile_matches_the_tables(p, dof, table):
+    assert t_quantile(p, dof) == pytest.approx(table, abs=2e-6)
+
+
+def test_student_t_cdf_matches_closed_forms():
+    for t in (-7.0, -1.3, -0.2, 0.0, 0.4, 1.0, 2.5, 9.0, 120.0):
+        x = t / math.sqrt(4 + t * t)
+        closed = {1: 0.5 + math.atan(t) / math.pi, 2: 0.5 + t / (2 * math.sqrt(2 + t * t)),
+                  3: 0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi,
+                  4: 0.5 + 0.75 * x - x ** 3 / 4}
+        for dof, value in closed.items():
+            assert t_cdf(t, dof) == pytest.approx(value, abs=1e-12)
+            assert t_upper_tail(t, dof) == pytest.approx(1 - value, abs=1e-12)
+    # A non-integer dof (Welch's) lies between its neighbours.
+    assert t_upper_tail(2.0, 2) > t_upper_tail(2.0, 2.5) > t_upper_tail(2.0, 3)
+    assert t_upper_tail(math.inf, 3) == 0.0 and t_upper_tail(0.0, 3) == 0.5
+
+
+def hand_table(column_runs, baseline_runs):
+    """(seed, top1) runs of a `convit_micro` cell and a `deit_micro` baseline cell, as load_results gives them."""
+    rows = [{"model": model, "local_up_to_layer": layers, "seed": seed, "top1": top1, "status": "completed",
+             "source": "hand.csv"}
+            for model, layers, runs in (("convit_micro", 5, column_runs), ("deit_micro", 0, baseline_runs))
+            for seed, top1 in runs]
+    return pd.DataFrame(rows).astype({"seed": "Int64", "top1": "float64", "local_up_to_layer": "Int64"})
+
+
+def test_paired_interval_and_test_on_a_known_table():
+    # Baseline without spread: the interval is 20% ± t(0.975, 2)·s/(√n·mean_b) = 20 ± 24.841%
+    # and the paired differences (5, 10, 15) give t = 10/(5/√3) = 2√3, p = (1 − t/√(t² + 2))/2.
+    c = compare(hand_table([(0, 55.0), (1, 60.0), (2, 65.0)], [(0, 50.0), (1, 50.0), (2, 50.0)]))
+    test = c.gain_test((), "convit_micro")
+    assert test.test == "paired" and test.n == 3 and test.dof == 2
+    assert test.gain == pytest.approx(20.0)
+    assert (test.low, test.high) == pytest.approx((20 - 24.841379, 20 + 24.841379), abs=1e-5)
+    assert test.t == pytest.approx(2 * math.sqrt(3)) and test.p == pytest.approx(0.037089950, abs=1e-9)
+
+    # Correlated seeds, by hand: Fieller's quadratic (b² ρ² − 2abρ + a² with the t-scaled (co)variances
+    # of the means var_a = 25/3, var_b = 3, cov = 5) has roots 1.1182611, 1.2605335; the
+    # differences (8, 10, 12) give t = 5√3, p = (1 − t/√(t² + 2))/2 = 0.0065362.
+    column, baseline = [(0, 55.0), (1, 60.0), (2, 65.0)], [(1, 50.0), (0, 47.0), (2, 53.0)]  # paired by seed, not order
+    c = compare(hand_table(column, baseline))
+    test = c.gain_test((), "convit_micro")
+    assert test.test == "paired" and test.gain == pytest.approx(20.0)
+    assert (test.low, test.high) == pytest.approx((11.82611, 26.05335), abs=1e-4)
+    assert test.p == pytest.approx(0.006536229, abs=1e-9)
+    # The bounds are the ratios the paired t-test of column − ρ·baseline just rejects at 2.5% a side.
+    a, b = (pd.Series([v for _, v in sorted(cell)]) for cell in (column, baseline))
+    for bound, side in ((test.low, 1), (test.high, -1)):
+        differences = a - (1 + bound / 100) * b
+        t = differences.mean() / (differences.std() / math.sqrt(3))
+        assert t == pytest.approx(side * 4.302653, abs=1e-5)
+    assert "| 55.00 ± 5.00 (3) | 60.00 ± 5.00 (3) |" not in markdown_of(c)  # columns: baseline first
+    assert "| 50.00 ± 3.00 (3) | 60.00 ± 5.00 (3) | +20.0% [+11.8, +26.1] p=0.007 |" in markdown_of(c)
+
+
+def test_welch_when_the_cells_do_not_share_their_seeds():
+    # Seeds 0-2 against 3-5: Welch. Equal variances 25/3 of the means: t = 10/√(50/3) = √6, dof = 4,
+    # p = 1 − F4(√6) = 1/2 − 3x/4 + x³/4 with x = √6/√10.
+    c = compare(hand_table([(0, 55.0), (1, 60.0), (2, 65.0)], [(3, 45.0), (4, 50.0), (5, 55.0)]))
+    test = c.gain_test((), "convit_micro")
+    assert test.test == "Welch" and test.n == 3
+    assert test.t == pytest.approx(math.sqrt(6)) and test.dof == pytest.approx(4.0)
+    assert test.p == pytest.approx(0.035241998, abs=1e-9) and test.gain == pytest.approx(20.0)
+    # The interval: (60 − ρ·50)/√(v + ρ²v) = ±t(0.975, ν) at its bounds, ν Satterthwaite's at ρ = 1.2.
+    v, nu = 25 / 3, (25 / 3 * (1 + 1.44)) ** 2 / ((25 / 3) ** 2 * (1 + 1.44 ** 2) / 2)
+    for bound, side in ((test.low, 1), (test.high, -1)):
+        rho = 1 + bound / 100
+        assert (60 - rho * 50) / math.sqrt(v + rho * rho * v) == pytest.approx(side * t_quantile(0.975, nu), abs=1e-9)
+    assert markdown_of(c).count("†") == 2  # the cell and the caption
+    # One seed missing from the column (a failed run): not the same seeds, so Welch too.
+    partial = compare(hand_table([(0, 55.0), (1, 60.0)], [(0, 50.0), (1, 50.0), (2, 51.0)]))
+    assert partial.gain_test((), "convit_micro").test == "Welch"
+
+
+def test_a_cell_with_one_run_has_no_interval(tmp_path):
+    c = compare(hand_table([(0, 60.0)], [(0, 50.0), (1, 52.0)]))
+    test = c.gain_test((), "convit_micro")
+    assert test.gain == pytest.approx(100 * (60 / 51 - 1)) and test.n == 1 and test.test is None
+    assert math.isnan(test.low) and math.isnan(test.high) and math.isnan(test.p)
+    assert "| 51.00 ± 1.41 (2) | 60.00 ± – (1) | +17.6%, n=1: no CI |" in markdown_of(c)
+    results.write_table(tmp_path / "comparison.csv", c.table())
+    (row,) = results.read_rows(tmp_path / "comparison.csv")
+    assert row["convit_micro gain %"] == pytest.approx(100 * (60 / 51 - 1)) and row["convit_micro gain n"] == 1
+    assert math.isnan(row["convit_micro gain CI low %"]) and row["convit_micro gain test"] is None
+
+
+def test_the_csv_holds_every_number_at_full_precision(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    compare_results([sweep], plots=False)
+    (first, second, _) = results.read_rows(sweep / "comparison.csv")
+    c = compare(load_results(sweep))
+    expected = c.gain_test((0.05,), "convit_micro")
+    assert first["convit_micro gain %"] == expected.gain == pytest.approx(100 * (47.8 / 34.8 - 1), abs=1e-12)
+    assert (first["convit_micro gain CI low %"], first["convit_micro gain CI high %"]) == (expected.low, expected.high)
+    assert (first["convit_micro gain t"], first["convit_micro gain dof"]) == (expected.t, 2.0)
+    assert expected.t == pytest.approx(13 * math.sqrt(3))  # differences 14, 13, 12
+    assert first["convit_micro gain p"] == expected.p and first["convit_micro gain test"] == "paired"
+    assert second["convit_micro gain test"] == "Welch" and second["convit_micro n"] == 2  # seed 2 failed
+
+
+def test_fieller_interval_edge_cases():
+    assert fieller_interval(60.0, 50.0, 0.0, 0.0, 0.0, 4.3) == pytest.approx((1.2, 1.2))  # no spread: the point
+    assert fieller_interval(60.0, 1.0, 1.0, 1.0, 0.0, 4.3) == (-math.inf, math.inf)  # baseline not clear of 0
+    same = gain_test([50.0, 51.0, 52.0], [50.0, 51.0, 52.0], paired=True)
+    assert same.gain == 0.0 and same.t == 0.0 and same.p == 0.5
+
+
+def markdown_of(comparison):
+    from convitlab.compare import markdown_table
+    return markdown_table(comparison)

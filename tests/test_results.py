@@ -2,10 +2,13 @@
 import csv
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
 from convitlab import results
+from convitlab.errors import UserError
 from convitlab.sweeps import GatherSweep, gather_sweep
 
 
@@ -31,7 +34,7 @@ def test_append_truncate_read_round_trip_with_typed_values(tmp_path):
     results.truncate_after_epoch(path, 2)
     assert [r["epoch"] for r in results.read_rows(path)] == [1, 2]
     results.append_rows(path, [metric_row(3)], results.METRIC_COLUMNS)
-    assert results.read_last_row(path) == metric_row(3)
+    assert results.read_last_row(path) == {**dict.fromkeys(results.METRIC_COLUMNS), **metric_row(3)}
 
 
 def test_append_keeps_old_rows_when_a_column_appears(tmp_path):
@@ -137,3 +140,119 @@ def test_gather_sweep_callback_and_a_job_without_overrides(tmp_path):
     assert len(rows) == 4
     nested = [r for r in rows if r["run_dir"].endswith("job")][0]
     assert nested["status"] == "unfinished" and nested["overrides"] is None
+
+
+# ---------- DataFrames: load_results, load_metrics, load_locality ----------
+
+def typed_frame():
+    """One column of every kind load_results gives, with missing values and awkward numbers."""
+    return pd.DataFrame({
+        "run_id": pd.array(["0042", "r1", None], dtype="string"),  # looks like a number: still text
+        "config_hash": pd.array(["1234567890123456", "00ff", "7e5"], dtype="string"),
+        "model": pd.array(["convit_micro", None, "deit_micro"], dtype="string"),
+        "seed": pd.array([0, None, 2], dtype="Int64"),
+        "params": pd.array([2**53 + 1, 12, None], dtype="Int64"),  # beyond a float's integers
+        "fraction": [0.05, 0.1 + 0.2, np.nan],
+        "top1": [1 / 3, math.inf, -1e-300],
+        "use_local_init": pd.array([True, None, False], dtype="boolean"),
+        "img_size": pd.array(["32x48", "32", None], dtype="string"),
+    })
+
+
+def test_write_then_load_round_trips_values_and_dtypes(tmp_path):
+    frame = typed_frame()
+    results.write_table(tmp_path / "t.csv", frame)
+    back = results.read_table(tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(back, frame, check_exact=True)
+    # Twice: what load gives, written again, loads the same, byte for byte.
+    results.write_table(tmp_path / "again.csv", back)
+    assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "t.csv").read_bytes()
+    # A run's result.csv: every column of RESULT_COLUMNS, typed; hashes and run ids as text.
+    results.write_result(tmp_path / "run", {"run_id": "0007", "config_hash": "0123", "seed": 3, "fraction": 0.05,
+                                            "use_local_init": True, "status": "completed", "top1": 47.8})
+    loaded = results.load_results(tmp_path / "run")
+    assert list(loaded.columns) == results.RESULT_COLUMNS + ["source"]
+    assert loaded.loc[0, "run_id"] == "0007" and loaded.loc[0, "config_hash"] == "0123"
+    assert loaded.dtypes[["run_id", "config_hash", "model", "error", "source"]].eq("string").all()
+    assert (loaded.dtypes["seed"], loaded.dtypes["fraction"], loaded.dtypes["use_local_init"]) == ("Int64", "float64",
+                                                                                                    "boolean")
+    assert loaded.loc[0, "source"] == str(tmp_path / "run" / "result.csv") and pd.isna(loaded.loc[0, "model"])
+
+
+def test_load_results_of_a_sweep_with_a_failed_and_an_unfinished_job(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    frame = results.load_results(sweep)
+    assert list(frame["status"]) == ["completed", "failed", "unfinished"]
+    assert frame.dtypes["status"] == "string" and frame.dtypes["seed"] == "Int64"
+    assert frame.loc[0, "top1"] == 50.0 and math.isnan(frame.loc[1, "top1"]) and frame.loc[0, "config_hash"] == "0001"
+    assert frame.loc[1, "error"] == "RuntimeError: out of memory" and frame.loc[2, "overrides"] == "seed=2 model=deit_micro"
+    assert set(frame["source"]) == {str(sweep / "summary.csv")}
+    # Several inputs at once: the sweep again by its summary.csv, and one run directory.
+    more = results.load_results(sweep / "summary.csv", [sweep / "seed=0"])
+    assert len(more) == 4 and list(more["source"])[-1] == str(sweep / "seed=0" / "result.csv")
+    assert more.loc[3, "run_dir"] == "/elsewhere/seed=0"  # what the run recorded; the summary says where it is now
+
+
+def test_gathering_keeps_each_job_cell_as_written(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    job = sweep / "seed=0"
+    (job / "result.csv").write_text("run_id,seed,lr,top1,status\nseed=0,0,1e-07,50.00,completed\n")
+    gather_sweep(sweep)
+    with open(sweep / "summary.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert (first["lr"], first["top1"], first["run_dir"]) == ("1e-07", "50.00", str(job))
+
+
+def test_an_older_table_without_some_columns_still_loads(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text("model,seed,top1\nconvit_micro,0,50.5\ndeit_micro,1,\n")
+    frame = results.load_results(old)
+    assert list(frame.columns) == ["model", "seed", "top1", "source"]
+    assert list(frame["seed"]) == [0, 1] and frame.loc[0, "top1"] == 50.5 and math.isnan(frame.loc[1, "top1"])
+    # Loaded with a newer table: the columns it lacks are blank in its rows.
+    results.write_result(tmp_path / "run", {"model": "convit_micro", "seed": 2, "top1": 51.0, "status": "completed"})
+    both = results.load_results(old, tmp_path / "run")
+    assert len(both) == 3 and list(both["status"].isna()) == [True, True, False]
+    assert both.dtypes["seed"] == "Int64"
+
+
+def test_unreadable_or_missing_input_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="nowhere: no such file or directory"):
+        results.load_results(tmp_path / "nowhere")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"model,top1\n\xff\xfe\x81\n")
+    with pytest.raises(UserError, match="bad.csv: not a readable CSV") as err:
+        results.load_results(bad)
+    assert "\n" not in str(err.value)
+
+
+def job_with_curves(sweep, name, model, seed, epochs):
+    job = make_job(sweep, name, [f"seed={seed}"], {"status": "completed", "model": model, "seed": seed, "lr": 1e-3,
+                                                   "top1": 50.0 + seed})
+    results.append_rows(job / "metrics.csv", [metric_row(e, lr=1e-3 * e, val_top1=40.0 + e) for e in range(1, epochs + 1)],
+                        results.METRIC_COLUMNS)
+    results.append_rows(job / "locality.csv", [{"epoch": e, "layer": 0, "head": h, "nonlocality": 2.0 + h,
+                                                "gate": math.nan if model == "deit_micro" else 0.5}
+                                               for e in range(1, epochs + 1) for h in range(2)],
+                        results.LOCALITY_COLUMNS)
+    return job
+
+
+def test_load_metrics_and_locality_join_each_runs_identity(tmp_path):
+    sweep = tmp_path / "sweep"
+    job_with_curves(sweep, "a", "convit_micro", 0, epochs=3)
+    job_with_curves(sweep, "b", "deit_micro", 1, epochs=2)
+    make_job(sweep, "c", ["seed=2"])  # unfinished, no curves: not in them
+    metrics = results.load_metrics(sweep)
+    assert len(metrics) == 5 and list(metrics.index) == [0, 0, 0, 1, 1]  # the run's row in load_results
+    assert list(metrics["model"]) == ["convit_micro"] * 3 + ["deit_micro"] * 2
+    assert list(metrics["epoch"]) == [1, 2, 3, 1, 2] and metrics.dtypes["epoch"] == "Int64"
+    assert metrics.loc[0, "lr_run"].tolist() == [1e-3] * 3 and metrics.loc[0, "lr"].tolist() == [1e-3, 2e-3, 3e-3]
+    assert metrics["val_top1"].tolist() == [41.0, 42.0, 43.0, 41.0, 42.0] and set(metrics["status"]) == {"completed"}
+    assert metrics["source"].iloc[-1] == str(sweep / "b" / "metrics.csv")
+    pivot = metrics.pivot_table(index="epoch", columns="model", values="val_top1")
+    assert pivot.loc[2, "deit_micro"] == 42.0
+    locality = results.load_locality(sweep)
+    assert len(locality) == 10 and locality.dtypes["gate"] == "float64"
+    assert locality[locality["model"] == "deit_micro"]["gate"].isna().all()
+    assert locality.groupby("model")["nonlocality"].mean().to_dict() == {"convit_micro": 2.5, "deit_micro": 2.5}

@@ -236,7 +236,7 @@ class Comparison:
     @property
     def keys(self) -> list:
         """The table's rows as tuples of by values, in order."""
-        return list(self.rows.astype(object).itertuples(index=False, name=None))
+        return [tuple(values) for values in self.rows.astype(object).to_numpy()]  # () per row without by keys
 
     @property
     def gain_columns(self) -> list:
@@ -266,8 +266,9 @@ class Comparison:
         if position is None or position not in self.gains.index:
             return None
         values = self.gains.loc[position]
-        return GainTest(**{name: (None if pd.isna(values[name]) else values[name]) if name == "test"
-                           else values[name] for name in GAIN_FIELDS})
+        test = None if pd.isna(values["test"]) else str(values["test"])
+        return GainTest(*(float(values[name]) for name in ("gain", "low", "high", "t", "dof", "p")),
+                        int(values["n"]), test)
 
     def gain(self, key, column):
         """mean(column) / mean(baseline) − 1 in percent, for the table row `key` (None if undefined)."""

@@ -43,6 +43,8 @@ STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "
                             "run_dir", "tags", SOURCE})
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
 RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
+# The columns of each per-epoch table (others may follow: readers keep whatever a file has).
+CURVE_COLUMNS = {"metrics.csv": METRIC_COLUMNS, "locality.csv": LOCALITY_COLUMNS}
 # What reading a CSV may raise when the file is missing, damaged or not a CSV.
 READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError)
 
@@ -265,8 +267,8 @@ def run_curves(runs: pd.DataFrame, filename, columns=None) -> pd.DataFrame:
         if text is not None and len(text):
             texts.append(text.assign(**{SOURCE: str(folder / filename)}))
             owners += [label] * len(text)
-    if not texts:
-        return pd.DataFrame(columns=columns)
+    if not texts:  # no run has one: the columns such a file has, and none of its rows
+        texts = [pd.DataFrame(columns=[*CURVE_COLUMNS.get(filename, []), SOURCE])]
     curves = typed_columns(pd.concat(texts, ignore_index=True).fillna(""))
     ids = runs.loc[owners, columns].rename(columns={name: f"{name}_run" for name in columns if name in curves})
     joined = pd.concat([ids.reset_index(drop=True), curves], axis=1)
