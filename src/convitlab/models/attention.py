@@ -97,11 +97,12 @@ class GPSA(nn.Layer):
         qkv = self._qkv(x)
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
         positional = gate * self.positional_attention()  # [H, N, N], small
-        if fused_attention_wanted(qkv) and not (self.training and self.attn_drop.p > 0):
+        if fused_attention_wanted(qkv, self.head_dim) and not (self.training and self.attn_drop.p > 0):
             # (1 - g) softmax(q kᵀ) v is plain attention: one fused kernel, the [B, H, N, N] map
             # never stored; the positional part stays one shared product. Token-major throughout.
+            # No dropout here, and the default scale 1/sqrt(d) is self.scale (see fused_attention_call).
             q, k, v = split_tokens(qkv, self.num_heads)
-            content = F.scaled_dot_product_attention(q, k, v, scale=self.scale, training=self.training)
+            content = F.scaled_dot_product_attention(q, k, v, training=self.training)
             out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul(positional, v, layout="token_major")
             return self.proj_drop(self.proj(out.flatten(2)))
         q, k, v = split_heads(qkv, self.num_heads)
@@ -142,9 +143,10 @@ class MHSA(nn.Layer):
 
     def forward(self, x):
         qkv = paddle.matmul(x, self.qkv.weight)
-        if fused_attention_wanted(qkv):
+        if fused_attention_wanted(qkv, self.head_dim):
             q, k, v = split_tokens(qkv, self.num_heads)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale,
+            # Paddle 3.0-3.2 ignore `training` without a mask: dropout_p itself is 0 outside training.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                                  training=self.training)
             return self.proj_drop(self.proj(out.flatten(2)))
         q, k, v = split_heads(qkv, self.num_heads)
@@ -155,15 +157,54 @@ class MHSA(nn.Layer):
 
 FUSED_ATTENTION = True  # False: always the explicit softmax(q kᵀ) v
 _CUDA_BUILD = paddle.is_compiled_with_cuda()
+FLASH_MIN_CAPABILITY = (8, 0)  # FlashAttention-2, Paddle's flash kernel: Ampere (A100, RTX 30xx) or newer
+FLASH_MAX_HEAD_DIM = 256
 
 
-def fused_attention_wanted(qkv):
-    """Whether the content attention runs as F.scaled_dot_product_attention (flash attention):
-    on a GPU in float16/bfloat16 (trainer.amp), where it never stores the [B, H, N, N] map. On
-    the CPU Paddle runs it as the same matrix products and softmax, 20% slower than ours here,
-    and in float32 a GPU has no flash kernel either; both keep the explicit path."""
-    return (FUSED_ATTENTION and _CUDA_BUILD and paddle.device.get_device().startswith("gpu")
-            and qkv.dtype in (paddle.float16, paddle.bfloat16))
+def version_tuple(version: str):
+    """(major, minor) of a Paddle version string; a development build ("0.0.0") counts as newest."""
+    parts = []
+    for piece in str(version).split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    major, minor = (parts + [0, 0])[:2]
+    return (99, 99) if (major, minor) == (0, 0) else (major, minor)
+
+
+def fused_attention_call(paddle_version: str, device: str, capability, dtype: str, head_dim: int) -> bool:
+    """Whether F.scaled_dot_product_attention runs its flash kernel here (pure: the caller gives
+    Paddle's version, the device "cpu"/"gpu:N", its compute capability, the dtype, the head size).
+
+    The call never passes `scale` (Paddle 3.0-3.2 have no such argument; 3.3 refuses its flash
+    kernel whenever it is given and falls back to one that stores the full map): the default,
+    1/sqrt(head_dim), is the models' scale. Without a mask, Paddle 3.0-3.2 send every GPU call to
+    the flash kernel, which needs compute capability >= 8.0 and fails below; 3.3 checks that,
+    the head size (a multiple of 8, at most 256) and the dtype itself. Elsewhere (the CPU, where
+    Paddle runs it as the same products 20% slower than ours; float32; older GPUs; odd head
+    sizes) the explicit path runs.
+    """
+    return (version_tuple(paddle_version) >= (3, 0) and device.startswith("gpu")
+            and dtype in ("float16", "bfloat16") and tuple(capability)[:2] >= FLASH_MIN_CAPABILITY
+            and head_dim % 8 == 0 and head_dim <= FLASH_MAX_HEAD_DIM)
+
+
+_fused_decisions = {}  # (device, dtype, head_dim) -> bool, decided once
+
+
+def fused_attention_wanted(qkv, head_dim: int) -> bool:
+    """Whether this forward pass computes its content attention with the flash kernel
+    (fused_attention_call on this process's device; float16/bfloat16 come from trainer.amp)."""
+    if not (FUSED_ATTENTION and _CUDA_BUILD) or qkv.dtype not in (paddle.float16, paddle.bfloat16):
+        return False
+    device = paddle.device.get_device()
+    dtype = "float16" if qkv.dtype == paddle.float16 else "bfloat16"
+    key = (device, dtype, head_dim)
+    if key not in _fused_decisions:
+        capability = (0, 0)
+        if device.startswith("gpu"):
+            capability = paddle.device.cuda.get_device_capability(int(device.partition(":")[2] or 0))
+        _fused_decisions[key] = fused_attention_call(paddle.__version__, device, capability, dtype, head_dim)
+    return _fused_decisions[key]
 
 
 def split_heads(qkv, num_heads):
