@@ -17,6 +17,7 @@ import paddle
 
 from convitlab import distributed
 from convitlab.atomic import atomic_path, disk_full_error, human_bytes, is_disk_full, remove_temporaries
+from convitlab.engine import rng
 from convitlab.errors import UserError
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
@@ -53,16 +54,13 @@ def _rename(key, mapping):
 
 
 def rng_state():
-    state = {"cpu": paddle.get_rng_state()}
-    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        state["cuda"] = paddle.get_cuda_rng_state()
-    return state
+    """This process's CPU and current-GPU generator states (engine/rng.py)."""
+    return rng.capture()
 
 
 def set_rng_state(state):
-    paddle.set_rng_state(state["cpu"])
-    if "cuda" in state and paddle.is_compiled_with_cuda():
-        paddle.set_cuda_rng_state(state["cuda"])
+    """Restored on any device and GPU count; what cannot be is logged in one line (engine/rng.py)."""
+    return rng.restore(state)
 
 
 class Checkpointer:
