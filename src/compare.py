@@ -1,6 +1,7 @@
 """Compare runs: `python src/compare.py <sweep dirs, run dirs or result CSVs ...> [--by KEY ...] [--vs KEY]`.
 
-Prints mean ± std over seeds per group (and each column's gain over the baseline) and writes
+Prints mean ± std over seeds per group (and each column's gain over the baseline, with its 95%
+confidence interval and the one-sided p-value that it beats the baseline) and writes
 comparison.csv, comparison.md and plots into --out (default: the first input's folder).
 """
 import argparse

@@ -153,6 +153,10 @@ def test_missing_metric_or_no_completed_run_is_one_line_error(tmp_path):
     assert "good.csv" not in str(err.value)
     with pytest.raises(UserError, match="'top5'"):
         compare(load_results([good]), metric="top5")
+    text = tmp_path / "text.csv"
+    text.write_text("model,seed,top1,status\nconvit_micro,1,about 50,completed\n")
+    with pytest.raises(UserError, match=r"column 'top1' holds 'about 50', not a number, in .*text.csv"):
+        compare(load_results([good, text]))
     failed = tmp_path / "failed.csv"
     failed.write_text("model,seed,top1,status,error\nconvit_micro,0,,failed,boom\n")
     with pytest.raises(UserError, match="no completed run to compare: only 1 failed"):

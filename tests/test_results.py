@@ -1,4 +1,5 @@
-"""Result tables (append, truncate, typed reading, result.csv) and gathering a sweep into summary.csv."""
+"""Result tables (append, truncate, typed reading, result.csv), gathering a sweep into summary.csv, and the
+DataFrames of load_results, load_metrics and load_locality."""
 import csv
 import math
 
@@ -256,3 +257,9 @@ def test_load_metrics_and_locality_join_each_runs_identity(tmp_path):
     assert len(locality) == 10 and locality.dtypes["gate"] == "float64"
     assert locality[locality["model"] == "deit_micro"]["gate"].isna().all()
     assert locality.groupby("model")["nonlocality"].mean().to_dict() == {"convit_micro": 2.5, "deit_micro": 2.5}
+
+
+def test_curves_of_runs_without_any_keep_their_columns(tmp_path):
+    metrics = results.load_metrics(fake_sweep(tmp_path))  # no job wrote a metrics.csv
+    assert metrics.empty and {"model", "seed", "lr_run", "epoch", "lr", "val_top1", "source"} <= set(metrics.columns)
+    assert metrics.groupby("epoch")["val_top1"].mean().empty  # what a notebook does with it still works

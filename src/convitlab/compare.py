@@ -23,7 +23,7 @@ The Student t distribution is computed here (the regularised incomplete beta fun
 continued fraction), so scipy is not needed.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -333,15 +333,20 @@ def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None)
 
     cells = work.groupby([ROW, COLUMN])[metric].agg(mean="mean", std="std", n="count")
     table_rows = work.drop_duplicates(ROW).set_index(ROW).sort_index()[by]
-    groups = dict(iter(work.groupby([ROW, COLUMN])))
-    gains = pd.DataFrame(
-        [vars(cell_gain(groups.get((row, column), work.iloc[:0]), groups.get((row, 0), work.iloc[:0]), metric))
-         for row in table_rows.index for column in range(1, len(columns) if vs else 1)],
-        index=pd.MultiIndex.from_tuples([(row, column) for row in table_rows.index
-                                         for column in range(1, len(columns) if vs else 1)], names=[ROW, COLUMN]),
-        columns=list(GAIN_FIELDS))
+    gains = _gains(work, metric, table_rows.index, len(columns) if vs else 1)
     runs = runs.join(positions.astype("Int64"))
     return Comparison(metric, by, vs, baseline if vs else None, columns, table_rows, cells, gains, runs, left_out)
+
+
+def _gains(work, metric, rows, ncolumns) -> pd.DataFrame:
+    """The GainTest of every (row, column) position but the baseline's (column 0), by cell_gain."""
+    cells = dict(iter(work.groupby([ROW, COLUMN])))
+    none = work.iloc[:0]
+    positions = [(row, column) for row in rows for column in range(1, ncolumns)]
+    tests = [asdict(cell_gain(cells.get((row, column), none), cells.get((row, 0), none), metric))
+             for row, column in positions]
+    return pd.DataFrame(tests, index=pd.MultiIndex.from_tuples(positions, names=[ROW, COLUMN]),
+                        columns=list(GAIN_FIELDS))
 
 
 def _refuse_mixed_setups(runs, keys) -> None:
@@ -435,16 +440,22 @@ def _require_column(runs, column) -> None:
 
 
 def _require_numbers(runs, column) -> None:
+    """Stop unless `column` holds numbers (a text or boolean column is named with a value that is not one)."""
     values = runs[column]
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return
-    for label, value in values.dropna().items():
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"column {column!r} holds {value!r}, not a number, in {_sources(runs)[label]}") from None
-        if isinstance(value, (bool, np.bool_)):
-            raise UserError(f"column {column!r} holds {value!r}, not a number, in {_sources(runs)[label]}")
+    present = values.dropna()
+    label = next((label for label, value in present.items() if not _is_number(value)), present.index[0])
+    value = present[label].item() if isinstance(present[label], np.generic) else present[label]
+    raise UserError(f"column {column!r} holds {value!r}, not a number, in {_sources(runs)[label]}")
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, (bool, np.bool_))
 
 
 def _records(frame) -> list:
