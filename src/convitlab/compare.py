@@ -495,17 +495,18 @@ def left_out_report(comparison) -> list:
 
 # ---------- the Markdown table ----------
 
-def _cell_text(stats) -> str:
-    if stats is None:
+def _cell_text(row, label) -> str:
+    """E.g. "47.80 ± 1.00 (3)", from the `<label> mean/std/n` columns of a table row."""
+    mean, std, n = (row[f"{label} {name}"] for name in ("mean", "std", "n"))
+    if mean is None:
         return "–"
-    std = "–" if math.isnan(stats.std) else f"{stats.std:.2f}"
-    return f"{stats.mean:.2f} ± {std} ({stats.n})"
+    return f"{mean:.2f} ± {'–' if std is None or math.isnan(std) else f'{std:.2f}'} ({n})"
 
 
 def gain_text(test) -> str:
-    """E.g. "+37.4% [+31.5, +43.4] p<0.001", "+23.1% [−2.0, +51.0] p=0.062†" (Welch),
-    "+23.1%, n=1: no CI"."""
-    if test is None or math.isnan(test.gain):
+    """E.g. "+37.4% [+26.4, +51.9] p<0.001", "+23.1% [+12.6, +35.5] p=0.003†" (Welch),
+    "+17.6%, n=1: no CI"; "–" without a gain."""
+    if test is None or test.gain is None or math.isnan(test.gain):
         return "–"
     text = f"{test.gain:+.1f}%"
     if test.test is None:
@@ -517,19 +518,22 @@ def gain_text(test) -> str:
 
 
 def markdown_table(comparison) -> str:
-    """The table in Markdown, with a caption and the left-out runs."""
+    """The table in Markdown, rendered from comparison.table() (what comparison.csv holds), with a
+    caption and the left-out runs."""
     c = comparison
     caption = f"{c.metric}: mean ± std over seeds (n)"
     if c.vs:
         base = _show(c.baseline)
         caption += (f", columns by {c.vs}; gain = mean / mean({base}) − 1 [95% CI] and the one-sided p that "
                     f"it beats {base}, paired by seed († Welch: the cells do not share their seeds)")
-    header = [*c.by, *(c.label(column) for column in c.columns), *(f"gain {_show(g)}" for g in c.gain_columns)]
+    labels, gain_labels = [c.label(column) for column in c.columns], [c.label(g) for g in c.gain_columns]
+    header = [*c.by, *labels, *(f"gain {label}" for label in gain_labels)]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in c.keys:
-        cells = [_cell_text(c.cell(key, column)) for column in c.columns]
-        gains = [gain_text(c.gain_test(key, column)) for column in c.gain_columns]
-        lines.append("| " + " | ".join([*map(_show, key), *cells, *gains]) + " |")
+    for row in _records(c.table()):
+        cells = [_cell_text(row, label) for label in labels]
+        gains = [gain_text(GainTest(**{name: row[f"{label} {title}"] for name, title in GAIN_FIELDS.items()}))
+                 for label in gain_labels]
+        lines.append("| " + " | ".join([*(_show(row[key]) for key in c.by), *cells, *gains]) + " |")
     report = left_out_report(c)
     return "\n".join(lines + ([""] + report if report else [])) + "\n"
 
