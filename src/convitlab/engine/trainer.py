@@ -218,7 +218,10 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
         results.truncate_after_epoch(run_dir / "metrics.csv", state.epoch)
         results.truncate_after_epoch(run_dir / "locality.csv", state.epoch)
     if cfg.trainer.to_static:
-        train_model = paddle.jit.to_static(train_model)
+        # The model itself, in place: DataParallel wraps this very object, so it runs the static
+        # forward and keeps its gradient all-reduce (tests/test_distributed.py); DataParallel's own
+        # forward(*inputs) cannot be converted (to_static raised "requires 0 arguments").
+        paddle.jit.to_static(model)
     probe = _locality_probe(data.val, cfg.trainer.locality_batch_size) if cfg.trainer.measure_locality else None
     writer = _visualdl_writer(run_dir) if main else None
 
