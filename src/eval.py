@@ -48,9 +48,15 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg):
     from convitlab.engine.run import describe_error
+    from convitlab.runtime import Interrupted, signal_name, stop_at_step_boundaries
+
+    stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()
     try:
         row = evaluate_checkpoint(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    except Interrupted as exc:
+        print(f"interrupted by {signal_name(exc.signum)}: nothing evaluated", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,8 @@
 """Import of reference checkpoints: timm's .safetensors, the authors' .pth, our own .pdparams.
 
+None of them runs code when read: .safetensors holds raw tensors, .pth is read by torch.load
+with weights_only=True, and .pdparams (a pickle) by safe_pickle's arrays-only unpickler.
+
 Reference (PyTorch) checkpoints use the same parameter names as convitlab; only Linear
 weights differ, stored [out, in] there and [in, out] in Paddle.
 """
@@ -13,6 +16,7 @@ import paddle.nn as nn
 
 from convitlab.errors import UserError
 from convitlab.models.convit import resize_pos_embed, square_grid
+from convitlab.safe_pickle import load_arrays
 
 log = logging.getLogger(__name__)
 FORMATS = (".safetensors", ".pth", ".pdparams")
@@ -30,9 +34,11 @@ def read_checkpoint(path):
             return load_file(str(path)), "reference"
         if suffix == ".pth":
             return _read_torch(path), "reference"
-        if suffix == ".pdparams":
-            state = paddle.load(str(path))
+        if suffix == ".pdparams":  # a pickle: read without running any of it (safe_pickle)
+            state = load_arrays(path)
             state = state.get("model", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise UserError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict of weights")
             return {k: np.asarray(v) for k, v in state.items()}, "paddle"
     except UserError:
         raise

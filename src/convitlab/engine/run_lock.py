@@ -192,7 +192,7 @@ class RunLock:
     def _write_holder(self) -> None:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "start": process_start(os.getpid()), "launch": launch_id(),
-                  "command": shlex.join([os.path.basename(sys.executable), *sys.argv])[:300]}
+                  "command": shlex.join([os.path.basename(sys.executable), *sys.argv])[:1000]}
         data = json.dumps(holder).encode()
         with reporting_disk_full(self.path):
             os.ftruncate(self.fd, 0)
