@@ -275,7 +275,8 @@ def run_deferred_signals(step=None) -> None:
 
 
 def share_machine_between_jobs(hydra_cfg) -> None:
-    """Under the joblib launcher, give each parallel job its share of the cores, or one GPU;
+    """Under the joblib launcher, give each parallel job its share of the cores (and, through
+    gpu_slots.GpuPerJob, a GPU of its own);
     under submitit, the hydra.launcher.cpus_per_task it asked for (when set)."""
     target = str(hydra_cfg.launcher.get("_target_", "")).lower()
     cores = available_cores()
@@ -290,6 +291,4 @@ def share_machine_between_jobs(hydra_cfg) -> None:
     set_cpu_threads(max(1, cores // parallel))
     log.info("job #%s: %d CPU threads (%d cores shared by %d parallel jobs)", hydra_cfg.job.num, cpu_threads(),
              cores, parallel)
-    import paddle
-    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        os.environ["FLAGS_selected_gpus"] = str(hydra_cfg.job.num % paddle.device.cuda.device_count())
+    # The job's GPU: a free one, taken before the job started (gpu_slots.GpuPerJob, a Hydra callback).

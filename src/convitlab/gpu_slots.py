@@ -1,0 +1,137 @@
+"""Parallel sweep jobs on one GPU machine (hydra/launcher=joblib): one job per GPU at a time, and
+the GPU memory a job cached released when it ends.
+
+Giving job k the GPU k mod (GPU count) put two jobs on one GPU as soon as jobs ended unevenly
+(with 2 GPUs: job 1 ends first, its worker takes job 2, GPU 0, where job 0 still runs). A job
+takes a free GPU instead: each GPU is a lock file `gpu<i>.lock` in the sweep directory's
+`.gpu_slots/`, held (flock) for the job's length; the job tries its preferred GPU (k mod count)
+first, then the others in turn, and waits when all are taken (more parallel jobs than GPUs).
+The kernel drops a lock when its process dies however it dies.
+
+joblib's worker processes are reused from job to job: at a job's end (Hydra's on_job_end) the
+GPU is given back and the memory Paddle's allocator cached for the job is released
+(paddle.device.cuda.empty_cache). The CUDA context itself stays with the worker process.
+"""
+import errno
+import fcntl
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+SLOTS_DIR = ".gpu_slots"
+POLL_S = 1.0
+
+
+def slot_order(job_num: int, gpu_count: int) -> list:
+    """The GPUs a job tries, in order: its own (job number mod count), then the next ones."""
+    return [(job_num + i) % gpu_count for i in range(gpu_count)]
+
+
+def pick_slot(job_num: int, gpu_count: int, busy) -> "int | None":
+    """The GPU job `job_num` takes when the GPUs in `busy` are taken (None: all are)."""
+    return next((gpu for gpu in slot_order(job_num, gpu_count) if gpu not in busy), None)
+
+
+class GpuSlot:
+    """A GPU held by this process (its lock file open and locked) until release()."""
+
+    def __init__(self, index: int, fd: int, path: Path):
+        self.index, self._fd, self.path = index, fd, path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _try_lock(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def claim_gpu(directory, job_num: int, gpu_count: int, poll_s: float = POLL_S, timeout_s=None) -> GpuSlot:
+    """Take a free GPU for job `job_num` (its own first), waiting while all are taken.
+    TimeoutError after timeout_s (None: wait as long as it takes)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    start, said = time.monotonic(), False
+    while True:
+        for gpu in slot_order(job_num, gpu_count):
+            path = directory / f"gpu{gpu}.lock"
+            fd = _try_lock(path)
+            if fd is not None:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"job {job_num}, pid {os.getpid()}\n".encode())
+                return GpuSlot(gpu, fd, path)
+        if timeout_s is not None and time.monotonic() - start >= timeout_s:
+            raise TimeoutError(f"no free GPU among {gpu_count} after {timeout_s} s")
+        if not said:
+            log.info("job #%d: all %d GPUs are taken by other jobs: waiting for one", job_num, gpu_count)
+            said = True
+        time.sleep(poll_s)
+
+
+def visible_gpus() -> int:
+    import paddle
+    return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
+
+
+def free_device_memory() -> None:
+    """Release what Paddle's GPU allocator keeps cached (after the job's objects are collected)."""
+    gc.collect()
+    if visible_gpus():
+        import paddle
+        paddle.device.cuda.empty_cache()
+
+
+_held = {"slot": None}  # the GPU this process holds for its current job
+
+
+def release_job_gpu() -> None:
+    slot = _held["slot"]
+    if slot is not None:
+        slot.release()
+        _held["slot"] = None
+
+
+class GpuPerJob(Callback):
+    """Hydra callback: under the joblib launcher a job takes a free GPU (FLAGS_selected_gpus,
+    which runtime.select_device reads) before it starts; every sweep job gives its GPU and the
+    memory it cached back when it ends."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        release_job_gpu()  # a previous job of this worker that ended without on_job_end
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if "joblib" not in launcher.lower() or OmegaConf.select(config, "trainer.device", default="auto") == "cpu":
+            return
+        count = visible_gpus()
+        if not count:
+            return
+        job_num = int(OmegaConf.select(config, "hydra.job.num", default=0) or 0)
+        slots = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="."))) / SLOTS_DIR
+        slot = claim_gpu(slots, job_num, count)
+        _held["slot"] = slot
+        os.environ["FLAGS_selected_gpus"] = str(slot.index)
+        log.info("job #%d: GPU %d (one job per GPU; %d visible)", job_num, slot.index, count)
+
+    def on_job_end(self, config, **kwargs) -> None:
+        release_job_gpu()
+        free_device_memory()
