@@ -18,7 +18,7 @@ WANTS_CPU := $(filter cpu,$(EXTRA_LIST))
 # The two Paddle builds install the same `paddle` package: remove the other one first.
 OTHER_PADDLE := $(if $(WANTS_GPU),paddlepaddle,$(if $(WANTS_CPU),paddlepaddle-gpu))
 
-.PHONY: setup test test-fast demo bench clean FORCE
+.PHONY: setup test test-fast test-gpu check-gpu demo bench clean FORCE
 
 # Idempotent: re-installs only when pyproject.toml changed or EXTRAS differs from the last setup.
 setup: $(STAMP)
@@ -41,6 +41,20 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The GPU tests (tests marked gpu; skipped, with the reason, where Paddle sees no GPU).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs -m gpu
+
+# A new GPU machine, in one command: a GPU must be visible, the GPU tests pass, then a short
+# benchmark (convit_tiny 224/16, fp16, eager; results in outputs/bench/gpu_check.csv).
+check-gpu: setup
+	$(BIN)/python -c "import sys, paddle; n = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0; \
+	  sys.exit(0 if n else 'no GPU visible to Paddle ' + paddle.__version__ + ': install the GPU build (make setup EXTRAS=gpu,cluster,dev) and check nvidia-smi'); \
+	  print(n, 'GPU(s):', paddle.device.cuda.get_device_name(), 'compute capability', paddle.device.cuda.get_device_capability(), 'CUDA', paddle.version.cuda(), 'Paddle', paddle.__version__)"
+	$(BIN)/python -m pytest -q -rs -m gpu
+	$(BIN)/python src/bench.py --models convit_tiny --resolutions 224/16 --batch-sizes 64 --variants ours local0 \
+	  --amp fp16 --repeats 10 --output outputs/bench/gpu_check.csv
 
 demo: setup
 	$(BIN)/python src/train.py -m experiment=demo

@@ -31,13 +31,15 @@ import paddle.nn.functional as F
 from paddle.base import core
 
 from convitlab.analysis.summary import count_flops
+from convitlab.engine.amp import amp_settings, check_amp_supported
+from convitlab.errors import UserError
 from convitlab.models import cpu_layers, create_model
 from convitlab.models.attention import GPSA, relative_positions
 from convitlab.runtime import cpu_threads, user_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
-COLUMNS = ["framework", "model", "variant", "to_static", "device", "threads", "img_size", "patch_size",
+COLUMNS = ["framework", "model", "variant", "to_static", "amp", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
            "achieved_gflops"]
 VARIANTS = ["ours", "local0", "baseline", "seed", "seed_defaults", "timm", "timm_local0"]
@@ -166,28 +168,39 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
     x = paddle.randn([batch, in_chans, img, img])
     labels = paddle.randint(0, args.num_classes, [batch])
     run_model = paddle.jit.to_static(model, full_graph=True) if to_static else model
+    amp_dtype, scaler = amp_settings(args.amp, "gpu" if on_gpu() else "cpu")  # as training runs it
+
+    def forward():
+        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
+            return run_model(x)
+
     if mode == "infer":
         model.eval()
 
         def step():
             with paddle.no_grad():
-                run_model(x)
+                forward()
     else:
         model.train()
         optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters(),
                                            weight_decay=0.05)
 
         def step():
-            loss = F.cross_entropy(run_model(x), labels)
-            loss.backward()
-            optimizer.step()
+            loss = F.cross_entropy(forward().astype("float32"), labels)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             optimizer.clear_grad()
         flops *= 3  # backward costs about twice the forward
     step()  # first call outside the memory window: lazy allocations, to_static tracing
     baseline = reset_peak_memory()
     seconds = time_steps(step, args.warmup, args.repeats)
-    return row("paddle", name, variant, to_static, img, patch, batch, mode, seconds,
-               peak_memory(baseline), flops)
+    return {**row("paddle", name, variant, to_static, img, patch, batch, mode, seconds, peak_memory(baseline), flops),
+            "amp": args.amp}
 
 
 def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, memory, flops):
@@ -275,6 +288,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "local0", "baseline", "timm"])
     parser.add_argument("--to-static", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="paddle.jit.to_static the Paddle models (both: eager and static rows)")
+    parser.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"],
+                        help="the Paddle models under trainer.amp's mixed precision (a GPU only)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -288,6 +303,10 @@ def parse_args(argv=None):
         args.batch_sizes *= len(args.resolutions)
     if len(args.batch_sizes) != len(args.resolutions):
         parser.error("--batch-sizes: give one per resolution, or one for all")
+    try:
+        check_amp_supported(args.amp, "gpu" if on_gpu() else "cpu")
+    except UserError as exc:
+        parser.error(f"--amp {args.amp}: {exc}")
     return args
 
 
@@ -312,7 +331,7 @@ def main(argv=None):
             for config in configs:
                 rows.append(bench_paddle(*config[:1], variant, *config[1:], to_static, args))
                 print(" ".join(f"{k}={rows[-1][k]}" for k in
-                               ("model", "variant", "to_static", "img_size", "batch_size", "mode",
+                               ("model", "variant", "to_static", "amp", "img_size", "batch_size", "mode",
                                 "img_per_s", "peak_mem_mb", "achieved_gflops")), flush=True)
     if not args.no_peak:
         peak = matmul_peak()

@@ -36,8 +36,13 @@ def test_fused_path_matches_explicit_path(monkeypatch, name, local_up_to_layer, 
 
 
 def test_cpu_and_float32_keep_the_explicit_path():
-    assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 12]), 2)
-    assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 48], dtype="float16"), 16)  # the CPU
+    previous = paddle.device.get_device()
+    paddle.set_device("cpu")  # also on a GPU machine
+    try:
+        assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 12]), 2)
+        assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 48], dtype="float16"), 16)
+    finally:
+        paddle.set_device(previous)
 
 
 # (Paddle version, device, compute capability, dtype, head size) -> the flash kernel?

@@ -45,3 +45,18 @@ def test_baseline_formulations_compute_the_same_model():
     expected = model(x).numpy()
     for cls in (bench.ReferenceGPSA, bench.SeedGPSA):
         np.testing.assert_allclose(bench.swap_gpsa(model, cls)(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_mixed_precision_needs_a_gpu_and_says_so(tmp_path):
+    """--amp runs the models as trainer.amp does; where there is no GPU it is refused in one line."""
+    command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
+               "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--num-classes", "10", "--variants", "ours",
+               "--no-peak", "--amp", "fp16", "--output", str(tmp_path / "bench.csv")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / "bench.csv", newline="") as f:
+            assert {r["amp"] for r in csv.DictReader(f)} == {"fp16"}
+    else:
+        assert result.returncode == 2 and "--amp fp16: trainer.amp='fp16' needs a GPU" in result.stderr
+        assert not (tmp_path / "bench.csv").exists()

@@ -88,7 +88,16 @@ def test_older_cpu_checkpoints_restore_the_cpu_generator():
     assert rng.restore({"cpu": ["old-cpu"]}, here) == [] and here.cpu == "old-cpu"
 
 
-def test_the_cpu_generator_round_trips_for_real(tmp_path):
+@pytest.fixture
+def on_cpu():
+    """The CPU as the current device, also on a GPU machine (restored after)."""
+    previous = paddle.device.get_device()
+    paddle.set_device("cpu")
+    yield
+    paddle.set_device(previous)
+
+
+def test_the_cpu_generator_round_trips_for_real(tmp_path, on_cpu):
     paddle.seed(7)
     saved = rng.capture()
     assert saved["format"] == 2 and saved["gpu"] is None  # this machine: the CPU
