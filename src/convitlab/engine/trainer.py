@@ -146,6 +146,7 @@ def train_one_epoch(model, loader, optimizer, cfg, state, epoch, protocol, base_
             state.skipped_steps += 1
             totals.add(count)
             if scaler.overflow_unexplained():
+                bar.close()
                 raise Diverged(f"float16 overflow at every step down to a loss scale of {scaler.loss_scale:g} in "
                                f"epoch {epoch} ({skipped_steps} steps skipped): the loss or its gradients are "
                                "not finite whatever the scale")
