@@ -214,6 +214,27 @@ def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_e
     assert read_csv(run_dir / "locality.csv") == read_csv(straight / "locality.csv")
 
 
+def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):
+    """A signal sent to a process group and forwarded again by a launcher (paddle.distributed.launch,
+    submitit's local controller) arrives twice within milliseconds: one stop, not a stop at once."""
+    from convitlab import runtime
+
+    monkeypatch.setattr(runtime, "_stop", {"signal": None, "at": 0.0})
+    monkeypatch.setattr(runtime, "_deferred", [])
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        runtime.stop_at_step_boundaries((signal.SIGTERM,))
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the process is still here: not taken as a second request
+        assert runtime.stop_signal() == signal.SIGTERM
+        with pytest.raises(runtime.Interrupted) as caught:
+            runtime.run_deferred_signals(step=5)
+        assert caught.value.exit_code == 143
+        runtime.run_deferred_signals(step=6)  # raised once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 def test_a_stopped_sweep_stops_its_job_starts_no_other_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ def select_device(requested: str) -> str:
 _deferred = []  # (handler, signum, frame) of signals caught, waiting for a safe point
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_AGREEMENT_STEPS = 10  # with several ranks, a stop is agreed on every this many training steps
-_stop = {"signal": None}   # the first stop signal received by this process
+SAME_STOP_S = 2.0          # a repeat this soon is the same request delivered twice, not a second one
+_stop = {"signal": None, "at": 0.0}  # the first stop signal received by this process, and when
 
 
 class Interrupted(BaseException):
@@ -218,8 +220,10 @@ def stop_at_step_boundaries(signums=STOP_SIGNALS) -> None:
     """Make SIGTERM and SIGINT stop the run at its next step boundary (run_deferred_signals
     raises Interrupted there) instead of Paddle's C++ handler (a C++ traceback) or a
     KeyboardInterrupt raised inside an op. A second one stops the process at once, as a kill
-    would. Signals that another handler owns are left alone: ignored ones (SIG_IGN, e.g. a
-    background job's SIGINT) and Python handlers someone else installed (submitit's SIGTERM)."""
+    would, unless it comes within SAME_STOP_S: a signal sent to a process group and forwarded
+    by a launcher (paddle.distributed.launch, submitit's local controller) arrives twice. Signals
+    that another handler owns are left alone: ignored ones (SIG_IGN, e.g. a background job's
+    SIGINT) and Python handlers someone else installed (submitit's SIGTERM)."""
     for signum in signums:
         current = signal.getsignal(signum)
         if current is signal.SIG_IGN or (callable(current) and current not in (signal.default_int_handler,
@@ -230,11 +234,13 @@ def stop_at_step_boundaries(signums=STOP_SIGNALS) -> None:
 
 def _request_stop(signum, frame) -> None:
     name = signal_name(signum)
-    if _stop["signal"] is not None:  # the second one: no more waiting for a boundary
+    if _stop["signal"] is not None:
+        if time.monotonic() - _stop["at"] < SAME_STOP_S:
+            return  # the same request, delivered to the process group and forwarded again
         os.write(2, f"{name} again: stopping at once; the last checkpoint is kept and the same command "
                     f"resumes from it\n".encode())
-        os._exit(128 + signum)
-    _stop["signal"] = signum
+        os._exit(128 + signum)  # the second one: no more waiting for a boundary
+    _stop["signal"], _stop["at"] = signum, time.monotonic()
     _deferred.append((_raise_interrupted, signum, frame))
     log.warning("%s received: stopping at the next step boundary (%s again stops at once)", name, name)
 
