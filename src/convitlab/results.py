@@ -31,7 +31,7 @@ LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_dis
 IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction", "subset", "locality_strength",
                     "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
                     "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
-                    "drop_path_rate", "label_smoothing", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
+                    "drop_path_rate", "label_smoothing", "random_crop", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]

@@ -36,7 +36,8 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
             "optimizer": cfg.optimizer.name if "optimizer" in cfg else None,
             "weight_decay": cfg.optimizer.weight_decay if "optimizer" in cfg else None,
             "drop_path_rate": m.drop_path_rate, "label_smoothing": cfg.trainer.label_smoothing,
-            "mixup": d.augment.mixup, "cutmix": d.augment.cutmix, "ema": cfg.trainer.ema,
+            "random_crop": d.augment.random_crop, "mixup": d.augment.mixup, "cutmix": d.augment.cutmix,
+            "ema": cfg.trainer.ema,
             "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
             "config_hash": cfg_hash, "setup_hash": setup_hash(cfg), "convitlab_version": convitlab_version(),
             "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
