@@ -219,7 +219,7 @@ def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     submitit's local controller) arrives twice within milliseconds: one stop, not a stop at once."""
     from convitlab import runtime
 
-    monkeypatch.setattr(runtime, "_stop", {"signal": None, "at": 0.0})
+    monkeypatch.setattr(runtime, "_stop", {"signal": None, "at": 0.0, "owner": None})
     monkeypatch.setattr(runtime, "_deferred", [])
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:

@@ -182,7 +182,7 @@ _deferred = []  # (handler, signum, frame) of signals caught, waiting for a safe
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_AGREEMENT_STEPS = 10  # with several ranks, a stop is agreed on every this many training steps
 SAME_STOP_S = 2.0          # a repeat this soon is the same request delivered twice, not a second one
-_stop = {"signal": None, "at": 0.0}  # the first stop signal received by this process, and when
+_stop = {"signal": None, "at": 0.0, "owner": None}  # the first stop signal, when, and the process it stops
 
 
 class Interrupted(BaseException):
@@ -230,9 +230,12 @@ def stop_at_step_boundaries(signums=STOP_SIGNALS) -> None:
                                                                                _request_stop)):
             continue
         signal.signal(signum, _request_stop)
+    _stop["owner"] = os.getpid()
 
 
 def _request_stop(signum, frame) -> None:
+    if os.getpid() != _stop["owner"]:
+        return  # a forked data loader worker: its parent stops, then ends it
     name = signal_name(signum)
     if _stop["signal"] is not None:
         if time.monotonic() - _stop["at"] < SAME_STOP_S:
