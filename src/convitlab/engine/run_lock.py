@@ -183,7 +183,12 @@ class RunLock:
                             "file alone (its holder's process or heartbeat)", self.run_dir)
             self.taken_over = holder or None
             self.fd = fd
-            self._write_holder()
+            try:
+                self._write_holder()
+            except BaseException:  # e.g. no space left for it: the lock is not kept
+                os.close(fd)
+                self.fd = None
+                raise
             threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True).start()
             return
         raise RunDirInUse(f"run directory {self.run_dir}: its lock file keeps changing; another process is "
