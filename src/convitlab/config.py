@@ -4,7 +4,7 @@ Hydra checks types and unknown keys while composing; `validate` then checks valu
 bad value fails before any work with one line naming the key, the value and what is allowed.
 """
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -32,6 +32,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
+    pretrained: Optional[str] = None   # train.py: start from these weights (convitlab/finetune.py)
 
 
 @dataclass
@@ -99,6 +100,16 @@ class ScheduleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How a run started from model.pretrained trains (convitlab/finetune.py)."""
+    freeze_patch_embed: bool = False   # the patch convolution keeps the file's filters
+    freeze_blocks: int = 0             # the first k blocks keep the file's weights
+    backbone_lr_scale: float = 1.0     # everything but the head trains at optimizer.lr x this
+    channel_adapt: str = "sum"         # 3-channel filters onto 1-channel data: sum | mean
+    checkpoints: Dict[str, str] = field(default_factory=dict)  # model name -> file (experiment=finetune)
+
+
+@dataclass
 class TrainerConfig:
     device: str = "auto"               # auto | cpu | gpu
     amp: str = "off"                   # off | fp16 | bf16 (GPU)
@@ -124,6 +135,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     schedule: ScheduleConfig = MISSING
     trainer: TrainerConfig = MISSING
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     tags: List[str] = field(default_factory=list)
     study: str = "default"             # names the sweep directory; presets set it
@@ -268,7 +280,7 @@ def validate(cfg) -> None:
     if "optimizer" in cfg:
         o, s = cfg.optimizer, cfg.schedule
         check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
-        check(o.lr > 0, "optimizer.lr", o.lr, "a number > 0")
+        check(o.lr >= 0, "optimizer.lr", o.lr, "a number >= 0 (0 trains nothing: a check of model.pretrained)")
         check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
         check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
               "two numbers in [0, 1)")
@@ -277,3 +289,6 @@ def validate(cfg) -> None:
         check(0 <= s.warmup_epochs, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
         check(s.warmup_lr >= 0, "schedule.warmup_lr", s.warmup_lr, "a number >= 0")
         check(s.min_lr >= 0, "schedule.min_lr", s.min_lr, "a number >= 0")
+    if "finetune" in cfg:
+        from convitlab.finetune import validate_finetune
+        validate_finetune(cfg)

@@ -34,13 +34,14 @@ IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction
                     "drop_path_rate", "label_smoothing", "random_crop", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
-PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags"]
+PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags",
+                      "pretrained", "pretrained_sha256"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
 SOURCE = "source"  # added by the loaders: the CSV file a row came from
 # Text even when it looks like a number: a config hash of digits must not become an int.
 STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "subset", "optimizer", "status",
                             "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
-                            "run_dir", "tags", SOURCE})
+                            "run_dir", "tags", "pretrained", "pretrained_sha256", SOURCE})
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
 RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
 # The columns of each per-epoch table (others may follow: readers keep whatever a file has).

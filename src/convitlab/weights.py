@@ -126,3 +126,19 @@ def save_pdparams(model, path):
     with atomic_path(path) as tmp:
         paddle.save(model.state_dict(), str(tmp))
     return os.fspath(path)
+
+
+def reference_state(model):
+    """The model's weights in the reference (timm/authors') layout: Linear weights [out, in]."""
+    linear = linear_weight_names(model)
+    return {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
+
+
+def save_safetensors(model, path):
+    """Save the model's weights as timm does (.safetensors, reference layout), atomically."""
+    from safetensors.numpy import save_file
+
+    from convitlab.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        save_file(reference_state(model), str(tmp))
+    return os.fspath(path)

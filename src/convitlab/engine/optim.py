@@ -9,16 +9,22 @@ from convitlab.errors import UserError
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "gating_param")
 
 
-def parameter_groups(model, weight_decay, no_decay_on_1d=True):
-    decay, no_decay = [], []
+def parameter_groups(model, weight_decay, no_decay_on_1d=True, lr_scale=None):
+    """The decayed and the undecayed parameters; with `lr_scale(name)` (fine-tuning), each split
+    further by the scale of the base learning rate it trains at."""
+    by_scale = {}
     for name, param in model.named_parameters():
-        if param.stop_gradient:  # frozen (ablations): not optimised, not decayed
+        if param.stop_gradient:  # frozen (ablations, fine-tuning): not optimised, not decayed
             continue
         skip = no_decay_on_1d and (param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES)
+        decay, no_decay = by_scale.setdefault(lr_scale(name) if lr_scale else 1.0, ([], []))
         (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = []
+    for scale, (decay, no_decay) in by_scale.items() or [(1.0, ([], []))]:
+        extra = {} if scale == 1.0 else {"learning_rate": scale}  # Paddle: a group's scale of the base rate
+        groups.append({"params": decay, "weight_decay": weight_decay, **extra})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, **extra})
     return groups
 
 
@@ -30,13 +36,14 @@ def base_learning_rate(cfg, global_batch_size: int) -> float:
 OPTIMIZERS = {"adamw": paddle.optimizer.AdamW, "adam": paddle.optimizer.Adam, "sgd": paddle.optimizer.Momentum}
 
 
-def build_optimizer(model, cfg, grad_clip=None):
+def build_optimizer(model, cfg, grad_clip=None, lr_scale=None):
     """The optimiser of optimizer.name over the reference's parameter groups; with grad_clip, the
     norm of all gradients together is clipped before each step (Paddle's own grad_clip would clip
-    each parameter group on its own)."""
+    each parameter group on its own); with lr_scale(name), per-parameter scales of the rate."""
     if cfg.name not in OPTIMIZERS:
         raise UserError(f"optimizer.name={cfg.name!r} is not allowed: adamw, adam or sgd")
-    common = dict(parameters=parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d), learning_rate=cfg.lr)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d, lr_scale)
+    common = dict(parameters=groups, learning_rate=cfg.lr)
     if cfg.name == "adamw":
         kwargs = dict(beta1=cfg.betas[0], beta2=cfg.betas[1], epsilon=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":  # L2 through the groups' weight_decay, as torch's Adam

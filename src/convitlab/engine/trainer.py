@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from convitlab import distributed, results
+from convitlab import distributed, finetune, results
 from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
@@ -54,6 +54,7 @@ class Diverged(Exception):
 def model_kwargs(model_cfg) -> dict:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("name")
+    kwargs.pop("pretrained", None)  # a file to load, not a knob of the model (convitlab/finetune.py)
     kwargs["img_size"] = tuple(kwargs["img_size"]) if isinstance(kwargs["img_size"], list) else kwargs["img_size"]
     return kwargs
 
@@ -191,13 +192,15 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
         write_subset_csv(run_dir / "subset.csv", data.subset_indices, data.subset_labels)
 
     model = build_model(cfg)
+    # model.pretrained on a fresh start, frozen layers (before the optimiser, EMA and DataParallel copy anything)
+    lr_scale, pretrained_columns = finetune.prepare(cfg, model, run_dir)
     # Wrapped before anything copies the weights (EMA): DataParallel broadcasts rank 0's
     # parameters, so every rank starts from the same model whatever its seed.
     train_model = paddle.DataParallel(model) if distributed.world_size() > 1 else model
     params, flops = count_parameters(model), count_flops(model)
     global_batch = cfg.data.batch_size * distributed.world_size()
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip, lr_scale)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
     steps_per_epoch = len(train_loader)
     if cfg.trainer.max_steps_per_epoch:
@@ -226,7 +229,7 @@ def fit(cfg, run_dir, cfg_hash: str) -> dict:
     probe = _locality_probe(data.val, cfg.trainer.locality_batch_size) if cfg.trainer.measure_locality else None
     writer = _visualdl_writer(run_dir) if main else None
 
-    row = {"params": params, "flops": flops, "epochs": epochs, "status": "running"}
+    row = {"params": params, "flops": flops, "epochs": epochs, "status": "running", **pretrained_columns}
     pending = []  # metrics rows of the epochs since the last checkpoint, written with the next one
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
