@@ -360,12 +360,16 @@ def test_the_crafted_file_does_run_code_when_unpickled_as_paddle_load_would(tmp_
     assert marker.exists()
 
 
-@pytest.mark.parametrize("entry", ["eval", "convert"])
+@pytest.mark.parametrize("entry", ["eval", "finetune", "convert"])
 def test_a_crafted_pdparams_is_refused_in_one_line_and_runs_nothing(tmp_path, entry):
     marker = tmp_path / "marker"
     crafted = crafted_pdparams(tmp_path / "crafted.pdparams", marker)
     if entry == "eval":
         proc = run(EVAL + [f"ckpt={crafted}", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    elif entry == "finetune":
+        run_dir = tmp_path / "run"
+        proc = run(TRAIN + SHORT + [f"model.pretrained={crafted}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert read_csv(run_dir / "result.csv")[0]["status"] == "failed" and not (run_dir / "checkpoints").exists()
     else:
         proc = run(CONVERT + [str(crafted), str(tmp_path / "out.pdparams"), "model=convit_micro"], cwd=tmp_path)
         assert not (tmp_path / "out.pdparams").exists()
