@@ -1,7 +1,10 @@
 """What the end-to-end tests share: the entry points, running them, reading the CSVs they write."""
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +35,13 @@ def compose_train(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def kill_after_checkpoint(command, run_dir, cwd, epoch=2, wait_s=240):
+    """Start a training command and SIGKILL it once its checkpoint of `epoch` exists."""
+    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + wait_s
+    while not (run_dir / "checkpoints" / f"epoch_{epoch:04d}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()

@@ -4,14 +4,11 @@ The checkpoints are made here: a freshly initialised tiny ConViT at the publishe
 (224x224, patch 16, 3 channels, 1000 classes), saved as timm's .safetensors and as .pdparams.
 """
 import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import paddle
 import pytest
-from helpers import ROOT, TRAIN, compose_train, read_csv, run, without_timings
+from helpers import ROOT, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
 
 from convitlab.errors import UserError
 from convitlab.finetune import adapt_state, backbone_lr_scale, file_sha256
@@ -215,13 +212,7 @@ def test_killed_and_resumed_finetune_equals_an_uninterrupted_one(checkpoints, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    child = subprocess.Popen(TRAIN + args + [f"hydra.run.dir={killed}"], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "epoch_0002").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_after_checkpoint(TRAIN + args + [f"hydra.run.dir={killed}"], killed, cwd=tmp_path)
     assert not (killed / "result.csv").exists()
     digest = file_sha256(pretrained)
     pretrained.write_bytes(b"not weights")  # same path, so the same config; unreadable if read again

@@ -1,11 +1,8 @@
 """Training end to end: through the real entry point (subprocess) and through the compose API."""
-import os
-import signal
-import subprocess
 import time
 
 import pytest
-from helpers import EVAL, ROOT, TRAIN, read_csv, run, without_timings
+from helpers import EVAL, ROOT, TRAIN, kill_after_checkpoint, read_csv, run, without_timings
 from hydra import compose, initialize_config_dir
 
 from convitlab.config import register_configs
@@ -81,13 +78,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    child = subprocess.Popen(TRAIN + args + [f"hydra.run.dir={killed}"], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "epoch_0002").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_after_checkpoint(TRAIN + args + [f"hydra.run.dir={killed}"], killed, cwd=tmp_path)
     assert not (killed / "result.csv").exists()
     resumed = run(TRAIN + args + [f"hydra.run.dir={killed}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
