@@ -1,8 +1,8 @@
 """Training checkpoints: complete or absent, never half-written, and checked when read.
 
 Each checkpoint is a folder `epoch_NNNN/` (model.pdparams, optimizer.pdopt, ema.pdparams,
-rng.pkl, state.json with the files' SHA-256) built under a temporary name and renamed into
-place. The newest `keep` generations are kept, so a damaged one has a fallback (its error names it);
+rng.pkl, state.json with the files' SHA-256 and its own) built under a temporary name and renamed
+into place. The newest `keep` generations are kept, so a damaged one has a fallback (its error names it);
 `best.pdparams` holds the weights of the best epoch for evaluation (the EMA weights when EMA is on).
 """
 import hashlib
@@ -30,6 +30,11 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of state.json's content less its own digest: an edited loop state shows as damage."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -101,7 +106,8 @@ class Checkpointer:
                 pickle.dump(extras, f)
             writing = final / "state.json"
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-            (tmp / writing.name).write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=1))
+            content = {**state, "epoch": epoch, "files": files}
+            (tmp / writing.name).write_text(json.dumps({**content, "sha256": _state_digest(content)}, indent=1))
             writing = final
             for path in tmp.iterdir():  # on disk before the rename makes them the checkpoint (power loss)
                 _fsync(path)
@@ -143,6 +149,10 @@ class Checkpointer:
                    + (f", or delete it to resume from {previous[-1].name}" if previous else ""))
         try:
             state = json.loads((folder / "state.json").read_text())
+            recorded = state.pop("sha256", None)
+            if recorded != _state_digest(state):
+                raise ValueError("state.json does not match its checksum" if recorded else
+                                 "state.json has no checksum of its own (written by an older convitlab)")
             for name, digest in state["files"].items():
                 if _sha256(folder / name) != digest:
                     raise ValueError(f"{name} does not match its checksum")
