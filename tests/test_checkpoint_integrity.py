@@ -23,8 +23,8 @@ def one_line_error(proc) -> str:
 
 def test_best_pdparams_is_the_best_epochs_ema_and_eval_reproduces_its_val_loss(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run(TRAIN + SHORT + ["schedule.epochs=3", "trainer.ema=true", "trainer.ema_decay=0.5", f"hydra.run.dir={run_dir}"],
-               cwd=tmp_path)
+    ema_on = ["trainer.ema=true", "trainer.ema_decay=0.5"]
+    proc = run(TRAIN + SHORT + ["schedule.epochs=3", *ema_on, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = read_csv(run_dir / "result.csv")[0]
     best_epoch = int(result["best_epoch"])

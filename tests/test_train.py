@@ -68,11 +68,14 @@ def test_finished_run_is_reported_not_retrained_and_other_config_refused(tmp_pat
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    """SIGKILL after the second checkpoint, start again: metrics equal an uninterrupted run."""
+@pytest.mark.parametrize("ema", [False, True])
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, ema):
+    """SIGKILL after the second checkpoint, start again: metrics equal an uninterrupted run (with EMA
+    on, the evaluated weights are the EMA's, so its state must come back too)."""
     args = ["schedule.epochs=4", "trainer.max_steps_per_epoch=4", "data.batch_size=32",
             "trainer.locality_batch_size=16", "trainer.progress_bar=false", "model.drop_path_rate=0.1",
             "data.augment.mixup=0.8", "data.augment.cutmix=1.0"]
+    args += ["trainer.ema=true", "trainer.ema_decay=0.5"] if ema else []
     straight = tmp_path / "straight"
     proc = run(TRAIN + args + [f"hydra.run.dir={straight}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
