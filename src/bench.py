@@ -31,7 +31,7 @@ import paddle.nn.functional as F
 from paddle.base import core
 
 from convitlab.analysis.summary import count_flops
-from convitlab.engine.amp import amp_settings, check_amp_supported
+from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported
 from convitlab.errors import UserError
 from convitlab.models import cpu_layers, create_model
 from convitlab.models.attention import GPSA, relative_positions
@@ -186,15 +186,7 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
                                            weight_decay=0.05)
 
         def step():
-            loss = F.cross_entropy(forward().astype("float32"), labels)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.clear_grad()
+            backward_and_step(F.cross_entropy(forward().astype("float32"), labels), optimizer, scaler)
         flops *= 3  # backward costs about twice the forward
     step()  # first call outside the memory window: lazy allocations, to_static tracing
     baseline = reset_peak_memory()

@@ -92,14 +92,7 @@ def amp_training(kind, steps=5):
                 logits = model(x)
             loss = F.cross_entropy(logits.astype("float32"), labels)
             losses.append(float(loss))
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.clear_grad()
+            amp.backward_and_step(loss, optimizer, scaler)
     finally:
         attention.fused_attention_wanted = real
     return seen, losses, before, model, optimizer, scaler

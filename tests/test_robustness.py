@@ -17,6 +17,7 @@ import pytest
 from helpers import EVAL, ROOT, TRAIN, read_csv, run, without_timings
 
 from convitlab.engine import run_lock
+from convitlab.run_folder import RunFolder
 
 CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]
 FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: a full disk where asked
@@ -111,7 +112,7 @@ def test_a_second_process_on_a_run_directory_refuses_naming_the_holder_and_touch
     assert first.returncode == 0, err[-2000:]
     assert epochs(run_dir) == [1, 2, 3, 4, 5, 6]  # each epoch once
     assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
-    assert not (run_dir / run_lock.LOCK_NAME).exists()  # given back at the end
+    assert not RunFolder(run_dir).lock.exists()  # given back at the end
 
 
 def test_a_killed_runs_lock_is_taken_over_with_a_log_line(tmp_path):
@@ -120,7 +121,7 @@ def test_a_killed_runs_lock_is_taken_over_with_a_log_line(tmp_path):
     wait_for(run_dir / "checkpoints" / "epoch_0001", killed)
     killed.kill()
     killed.communicate()
-    holder = json.loads((run_dir / run_lock.LOCK_NAME).read_text())
+    holder = json.loads(RunFolder(run_dir).lock.read_text())
     assert holder["pid"] == killed.pid and holder["host"] == socket.gethostname()
     again = run(TRAIN + LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -141,19 +142,19 @@ def test_ranks_of_one_launch_share_the_lock_and_another_launch_waits(tmp_path, m
     monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
     rank0 = run_lock.acquire(tmp_path)
     try:
-        written = (tmp_path / run_lock.LOCK_NAME).read_text()
+        written = RunFolder(tmp_path).lock.read_text()
         monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
         rank1 = run_lock.RunLock(tmp_path)
         rank1._join_launch(wait_s=1)
         assert rank1.shared and rank1.fd is None
-        assert (tmp_path / run_lock.LOCK_NAME).read_text() == written
+        assert RunFolder(tmp_path).lock.read_text() == written
         monkeypatch.setenv("PADDLE_TRAINER_ENDPOINTS", "127.0.0.1:7171,127.0.0.1:7172")  # another launch
         with pytest.raises(run_lock.RunDirInUse, match=f"rank 1: rank 0 of this launch did not take the lock .*"
                                                        f"process {os.getpid()}"):
             run_lock.RunLock(tmp_path)._join_launch(wait_s=0.5)
     finally:
         rank0.release()
-    assert not (tmp_path / run_lock.LOCK_NAME).exists()
+    assert not RunFolder(tmp_path).lock.exists()
 
 
 def test_a_relaunched_sweep_reports_the_job_in_use_and_runs_the_others(tmp_path):
@@ -202,7 +203,7 @@ def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_e
     assert done >= 1 and (run_dir / "checkpoints" / f"epoch_{done:04d}").is_dir()
     assert not (run_dir / "checkpoints" / f"epoch_{done + 1:04d}").exists()
     assert epochs(run_dir) == list(range(1, done + 1))
-    assert not (run_dir / run_lock.LOCK_NAME).exists()
+    assert not RunFolder(run_dir).lock.exists()
 
     command = shlex.split(line.split("resume with: ", 1)[1])
     assert command[:2] == ["python", TRAIN[1]]

@@ -33,6 +33,7 @@ from convitlab import results
 from convitlab.atomic import atomic_path, write_text
 from convitlab.errors import UserError
 from convitlab.results import SOURCE
+from convitlab.run_folder import LOCALITY
 
 # The knobs a table may group by, in the order it shows them; never the seed.
 KNOBS = ["ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
@@ -604,7 +605,7 @@ def locality_panels(comparison):
     files: the first whose runs have GPSA layers (the plots are about them), else the first of all.
     The rows are indexed by run (see results.run_curves)."""
     c = comparison
-    curves = results.run_curves(c.runs[c.runs[ROW].notna()], "locality.csv", columns=[ROW, COLUMN])
+    curves = results.run_curves(c.runs[c.runs[ROW].notna()], LOCALITY, columns=[ROW, COLUMN])
     if curves.empty or any(key not in curves for key in ("epoch", "layer", "head", "nonlocality", "gate")):
         return None, {}
     curves = curves.dropna(subset=["epoch", "layer", "head"])

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -30,11 +29,11 @@ from convitlab import distributed
 from convitlab.atomic import write_text
 from convitlab.errors import UserError, check
 from convitlab.models.convit import resize_pos_embed, square_grid
+from convitlab.run_folder import RunFolder
 from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 CHANNEL_ADAPT = ("sum", "mean")
-RECORD = "pretrained.json"  # in the run directory: which file the run started from, and its hash
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes
 # their channel means, so the summed filters see what the 3-channel ones saw on a grey image.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,15 +159,15 @@ def prepare(cfg, model, run_dir):
     path = cfg.model.get("pretrained")
     columns = {}
     if path:
-        run_dir = Path(run_dir)
-        resuming = cfg.trainer.resume is not False and Checkpointer(run_dir / "checkpoints").latest() is not None
+        folder = RunFolder(run_dir)
+        resuming = cfg.trainer.resume is not False and Checkpointer(folder.checkpoints).latest() is not None
         if resuming:  # the checkpoint holds the fine-tuned weights: the file is not read again
             columns = read_record(run_dir) or {"pretrained": path, "pretrained_sha256": None}
             log.info("model.pretrained=%s not applied: the run resumes from its own checkpoint", path)
         else:
             columns = apply_pretrained(model, path, f.channel_adapt)
             if distributed.is_main():
-                write_text(run_dir / RECORD, json.dumps(columns, indent=1))
+                write_text(folder.pretrained, json.dumps(columns, indent=1))
         warn_normalisation(cfg)
     freeze(model, f.freeze_patch_embed, f.freeze_blocks)
     return backbone_lr_scale(f.backbone_lr_scale), columns
@@ -176,7 +175,7 @@ def prepare(cfg, model, run_dir):
 
 def read_record(run_dir):
     try:
-        return json.loads((Path(run_dir) / RECORD).read_text())
+        return json.loads(RunFolder(run_dir).pretrained.read_text())
     except (OSError, ValueError):
         return None
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
+from convitlab.run_folder import LOCALITY, METRICS, RESULT, RunFolder
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_s",
                   "img_per_s", "data_wait_frac", "skipped_steps"]
@@ -45,7 +46,7 @@ STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
 RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
 # The columns of each per-epoch table (others may follow: readers keep whatever a file has).
-CURVE_COLUMNS = {"metrics.csv": METRIC_COLUMNS, "locality.csv": LOCALITY_COLUMNS}
+CURVE_COLUMNS = {METRICS: METRIC_COLUMNS, LOCALITY: LOCALITY_COLUMNS}
 # What reading a CSV may raise when the file is missing, damaged or not a CSV.
 READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError)
 
@@ -95,7 +96,7 @@ def write_rows(path, rows, columns) -> None:
 
 def write_result(run_dir, row: dict) -> None:
     """Write run_dir/result.csv: one row, in RESULT_COLUMNS order (extra keys after)."""
-    write_table(Path(run_dir) / "result.csv", [row], RESULT_COLUMNS)
+    write_table(RunFolder(run_dir).result, [row], RESULT_COLUMNS)
 
 
 # ---------- reading ----------
@@ -157,7 +158,7 @@ def read_last_row(path) -> dict:
 def read_result(run_dir):
     """The row of run_dir/result.csv, or None when it is missing or unreadable."""
     try:
-        rows = read_rows(Path(run_dir) / "result.csv")
+        rows = read_rows(RunFolder(run_dir).result)
     except READ_ERRORS:
         return None
     return rows[0] if rows else None
@@ -198,8 +199,8 @@ def result_tables(paths) -> list:
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: no such file or directory")
-        if path.is_dir() and (path / "result.csv").is_file():
-            tables.append(path / "result.csv")
+        if path.is_dir() and RunFolder(path).result.is_file():
+            tables.append(RunFolder(path).result)
         elif path.is_dir() and not job_dirs(path) and (path / SUMMARY).is_file():
             tables.append(path / SUMMARY)
         elif path.is_dir():
@@ -245,7 +246,7 @@ def run_directory(row, filename):
         candidates.append(Path(run_dir))
         if source is not None:
             candidates.append(source.parent / Path(run_dir).name)
-    if source is not None and source.name == "result.csv":
+    if source is not None and source.name == RESULT:
         candidates.append(source.parent)
     return next((folder for folder in candidates if (folder / filename).is_file()), None)
 
@@ -280,10 +281,10 @@ def run_curves(runs: pd.DataFrame, filename, columns=None) -> pd.DataFrame:
 def load_metrics(*paths) -> pd.DataFrame:
     """The metrics.csv rows (one per epoch) of every run load_results(*paths) finds, each with its
     run's identity columns (RUN_KEYS; `lr_run` is the configured learning rate, `lr` the epoch's)."""
-    return run_curves(load_results(*paths), "metrics.csv")
+    return run_curves(load_results(*paths), METRICS)
 
 
 def load_locality(*paths) -> pd.DataFrame:
     """The locality.csv rows (epoch, layer, head: nonlocality, gate, ...) of every run
     load_results(*paths) finds, each with its run's identity columns (RUN_KEYS)."""
-    return run_curves(load_results(*paths), "locality.csv")
+    return run_curves(load_results(*paths), LOCALITY)

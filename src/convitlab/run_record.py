@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 import convitlab
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
+from convitlab.run_folder import RunFolder
 
 # Keys that do not change what a run computes: they stay out of the hash, so a run started
 # again with another value resumes, and out of a sweep job's folder name (conf/hydra/default.yaml).
@@ -66,7 +67,7 @@ def convitlab_version() -> str:
 class RunRecord:
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "run.json"
+        self.path = RunFolder(run_dir).record
 
     def stored_hash(self):
         if not self.path.exists():

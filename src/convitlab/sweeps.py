@@ -9,6 +9,7 @@ from hydra.experimental.callback import Callback
 
 from convitlab import results
 from convitlab.errors import UserError
+from convitlab.run_folder import HYDRA, RESULT, RunFolder
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.csv"
@@ -18,7 +19,7 @@ def job_dirs(sweep_dir) -> list:
     """The job directories under sweep_dir: those holding result.csv or .hydra/, sorted."""
     jobs = []
     for folder, subdirs, files in os.walk(sweep_dir):
-        if "result.csv" in files or ".hydra" in subdirs:
+        if RESULT in files or HYDRA in subdirs:
             jobs.append(Path(folder))
             subdirs.clear()  # a job's own folders (checkpoints, vdl) hold no other jobs
         else:
@@ -29,7 +30,7 @@ def job_dirs(sweep_dir) -> list:
 def hydra_overrides(job_dir) -> list:
     """The overrides Hydra recorded for a job ([] when there is no readable record)."""
     try:
-        overrides = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text())
+        overrides = yaml.safe_load(RunFolder(job_dir).hydra_overrides.read_text())
     except (OSError, yaml.YAMLError):
         return []
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
@@ -41,12 +42,12 @@ def job_table(job_dir: Path) -> pd.DataFrame:
     Cells are kept as text: the summary holds exactly what each job wrote.
     """
     try:
-        table = results.read_text(job_dir / "result.csv").head(1)
+        table = results.read_text(RunFolder(job_dir).result).head(1)
     except results.READ_ERRORS:
         table = None
     if table is None or table.empty:
         row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(hydra_overrides(job_dir))}
-        if (job_dir / "result.csv").exists():
+        if RunFolder(job_dir).result.exists():
             row["error"] = "result.csv is unreadable"
         table = pd.DataFrame([row], dtype=object)
     # Where the job is now: the sweep may have been moved since it ran.

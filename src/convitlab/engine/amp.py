@@ -132,6 +132,20 @@ class LossScaler(paddle.amp.GradScaler):
         return self.is_enable() and self.loss_scale < MIN_LOSS_SCALE
 
 
+def backward_and_step(objective, optimizer, scaler) -> bool:
+    """One optimiser step on `objective` (through the loss scaler when there is one), gradients
+    cleared after; True when the scaler skipped it (a gradient overflow: no update, scale halved)."""
+    if scaler is not None:
+        scaler.scale(objective).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        objective.backward()
+        optimizer.step()
+    optimizer.clear_grad()
+    return scaler is not None and scaler.last_step_skipped
+
+
 def amp_settings(amp: str, device: str):
     """(auto_cast dtype or None, LossScaler or None) for trainer.amp on `device`."""
     check_amp_supported(amp, device)

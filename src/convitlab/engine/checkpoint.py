@@ -22,6 +22,8 @@ from convitlab.errors import UserError
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/
+STATE = "state.json"
+BEST = "best.pdparams"
 
 
 def _sha256(path: Path) -> str:
@@ -85,6 +87,15 @@ class Checkpointer:
         generations = self.generations()
         return generations[-1] if generations else None
 
+    def latest_state(self) -> dict:
+        """The newest checkpoint's state.json as it reads ({} when none or unreadable): unverified,
+        for reporting how far a run got, never for resuming."""
+        latest = self.latest()
+        try:
+            return json.loads((latest / STATE).read_text()) if latest is not None else {}
+        except (OSError, ValueError):
+            return {}
+
     def save(self, epoch, model, optimizer, state: dict, rng_states: list, ema=None, scaler=None):
         """A checkpoint of epoch `epoch`; rng_states holds every rank's RNG state, in rank order."""
         final = self.directory / f"epoch_{epoch:04d}"
@@ -104,7 +115,7 @@ class Checkpointer:
             extras = {"rng": rng_states, "scaler": scaler.state_dict() if scaler is not None else None}
             with open(tmp / writing.name, "wb") as f:
                 pickle.dump(extras, f)
-            writing = final / "state.json"
+            writing = final / STATE
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
             content = {**state, "epoch": epoch, "files": files}
             (tmp / writing.name).write_text(json.dumps({**content, "sha256": _state_digest(content)}, indent=1))
@@ -139,7 +150,7 @@ class Checkpointer:
         return removed + remove_temporaries(self.directory)
 
     def save_best(self, model):
-        with atomic_path(self.directory / "best.pdparams") as tmp:
+        with atomic_path(self.directory / BEST) as tmp:
             paddle.save(model.state_dict(), str(tmp))
 
     def verify(self, folder: Path) -> dict:
@@ -148,7 +159,7 @@ class Checkpointer:
         way_out = ("set trainer.resume=false to start afresh"
                    + (f", or delete it to resume from {previous[-1].name}" if previous else ""))
         try:
-            state = json.loads((folder / "state.json").read_text())
+            state = json.loads((folder / STATE).read_text())
             recorded = state.pop("sha256", None)
             if recorded != _state_digest(state):
                 raise ValueError("state.json does not match its checksum" if recorded else

@@ -1,7 +1,5 @@
 """One run of the entry point: validate, skip or resume, train, and always leave a result row."""
-import json
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -11,13 +9,12 @@ from convitlab.atomic import find_disk_full, remove_temporaries, write_text
 from convitlab.config import image_size_pair, validate
 from convitlab.engine import run_lock
 from convitlab.errors import UserError
+from convitlab.run_folder import RunFolder
 from convitlab.run_record import RunRecord, config_hash, convitlab_version, setup_hash
 from convitlab.runtime import Interrupted, cpu_threads, signal_name
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
-# What a fresh start (trainer.resume=false) removes from a run directory.
-RUN_OUTPUTS = ("checkpoints", "vdl", "metrics.csv", "locality.csv", "subset.csv", "result.csv", "run.json")
 
 
 def identity_row(cfg, run_dir, cfg_hash, overrides=()):
@@ -43,15 +40,6 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
             "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
 
 
-def clear_run_outputs(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def run_training(cfg, run_dir, overrides=()) -> dict:
     """Train the run described by `cfg` in `run_dir` and return its result row.
 
@@ -73,6 +61,7 @@ def run_training(cfg, run_dir, overrides=()) -> dict:
 def _run_training(cfg, run_dir: Path, overrides) -> dict:
     distributed.init()
     main = distributed.is_main()
+    folder = RunFolder(run_dir)
     record = RunRecord(run_dir)
     row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
@@ -82,7 +71,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
         from convitlab.engine.trainer import fit
 
         if main:  # the run's own, under its lock: what a killed write left
-            removed = Checkpointer(run_dir / "checkpoints").remove_leftovers() + remove_temporaries(run_dir)
+            removed = Checkpointer(folder.checkpoints).remove_leftovers() + remove_temporaries(run_dir)
             if removed:
                 log.info("removed the temporary files of an interrupted write: %s",
                          ", ".join(str(p.relative_to(run_dir)) for p in removed))
@@ -98,9 +87,9 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
                 return previous
         if main:
             if fresh:
-                clear_run_outputs(run_dir)
+                folder.clear_outputs()
             record.claim(cfg_hash, overwrite=fresh)
-            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            write_text(folder.config, OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         row.update(fit(cfg, run_dir, cfg_hash))
     except BaseException as exc:
@@ -127,12 +116,7 @@ def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:
     checkpoint got (what a resume starts from) and what stopped it. Sets exc.epochs_done."""
     from convitlab.engine.checkpoint import Checkpointer
 
-    state, latest = {}, Checkpointer(run_dir / "checkpoints").latest()
-    if latest is not None:
-        try:
-            state = json.loads((latest / "state.json").read_text())
-        except (OSError, ValueError):
-            state = {}
+    state = Checkpointer(RunFolder(run_dir).checkpoints).latest_state()
     done = int(state.get("epoch", 0))
     exc.epochs_done = done
     cause = signal_name(exc.signum) if isinstance(exc, Interrupted) else f"a requeue ({one_line(exc)})"

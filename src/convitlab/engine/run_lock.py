@@ -33,9 +33,9 @@ from pathlib import Path
 from convitlab import distributed
 from convitlab.atomic import reporting_disk_full
 from convitlab.errors import UserError
+from convitlab.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
-LOCK_NAME = ".lock"
 HEARTBEAT_S = 30
 STALE_AFTER_S = 180
 RANK_WAIT_S = 600  # how long ranks r > 0 wait for rank 0 of their launch to take the lock
@@ -80,7 +80,7 @@ def describe(holder: dict) -> str:
 class RunLock:
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = RunFolder(run_dir).lock
         self.fd = None
         self.shared = False        # a rank r > 0 sharing rank 0's lock
         self.taken_over = None     # the holder whose stale lock was taken over, for the log

@@ -1,0 +1,79 @@
+"""What a run records epoch by epoch: metrics.csv, locality.csv, VisualDL and the log line.
+
+Only rank 0 writes; on the other ranks a Recorder logs and writes nothing. metrics.csv's rows
+are written with the checkpoint that covers them (flush), so the table never runs ahead of
+what a resume restores; locality rows and VisualDL scalars are written as they come, and rows
+past the resumed epoch are dropped at the start (their work is being redone).
+"""
+import logging
+import math
+
+import numpy as np
+from visualdl import LogWriter
+
+from convitlab import distributed, results
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Use as a context manager: leaving it writes the hyper-parameters and closes VisualDL."""
+
+    def __init__(self, folder, cfg, epochs: int, resumed_epoch: int):
+        self.folder, self.cfg, self.epochs = folder, cfg, epochs
+        self.pending = []  # metrics rows of the epochs since the last checkpoint
+        self.writer = None
+        if distributed.is_main():
+            results.truncate_after_epoch(folder.metrics, resumed_epoch)
+            results.truncate_after_epoch(folder.locality, resumed_epoch)
+            self.writer = LogWriter(logdir=str(folder.vdl))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.add_hparams(_hparams(self.cfg), ["val/val_top1", "val/val_loss"])
+            self.writer.close()
+
+    def record(self, metrics: dict, locality: list) -> None:
+        """An epoch's metrics row (with val_* on an evaluation epoch) and its locality rows."""
+        if "val_top1" in metrics:
+            log.info("epoch %d/%d  train loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  %.0f img/s", metrics["epoch"],
+                     self.epochs, metrics["train_loss"], metrics["val_top1"], metrics["val_top5"],
+                     metrics["img_per_s"])
+        if self.writer is None:
+            return
+        self.pending.append(metrics)
+        _scalars(self.writer, metrics, locality)
+        if locality:
+            results.append_rows(self.folder.locality, locality, results.LOCALITY_COLUMNS)
+
+    def flush(self) -> None:
+        """Write the pending metrics rows: before a checkpoint, and when the run stops diverged."""
+        if self.writer is not None and self.pending:
+            results.append_rows(self.folder.metrics, self.pending, results.METRIC_COLUMNS)
+        self.pending = []
+
+
+def _scalars(writer, metrics, locality):
+    epoch = metrics["epoch"]
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "img_per_s"):
+        if key not in metrics:  # not an evaluation epoch
+            continue
+        group = "train" if key.startswith("train") or key in ("lr", "img_per_s") else "val"
+        writer.add_scalar(f"{group}/{key}", metrics[key], epoch)
+    layers = sorted({r["layer"] for r in locality})
+    for layer in layers:
+        heads = [r for r in locality if r["layer"] == layer]
+        writer.add_scalar(f"nonlocality/layer_{layer:02d}", float(np.mean([r["nonlocality"] for r in heads])), epoch)
+        for r in heads:
+            if math.isfinite(r["gate"]):
+                writer.add_scalar(f"gate/layer_{layer:02d}_head_{r['head']:02d}", r["gate"], epoch)
+
+
+def _hparams(cfg) -> dict:
+    return {"model": cfg.model.name, "dataset": cfg.data.name, "fraction": float(cfg.data.fraction),
+            "locality_strength": float(cfg.model.locality_strength),
+            "local_up_to_layer": int(cfg.model.local_up_to_layer), "lr": float(cfg.optimizer.lr),
+            "seed": int(cfg.seed)}
