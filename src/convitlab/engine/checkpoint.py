@@ -22,7 +22,8 @@ from convitlab.errors import UserError
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/
-STATE = "state.json"
+# A checkpoint folder's files; best.pdparams sits beside the folders.
+MODEL, OPTIMIZER, EMA, RNG, STATE = "model.pdparams", "optimizer.pdopt", "ema.pdparams", "rng.pkl", "state.json"
 BEST = "best.pdparams"
 
 
@@ -104,14 +105,14 @@ class Checkpointer:
         writing = final
         try:
             tmp.mkdir(parents=True)
-            writing = final / "model.pdparams"
+            writing = final / MODEL
             paddle.save(model.state_dict(), str(tmp / writing.name))
-            writing = final / "optimizer.pdopt"
+            writing = final / OPTIMIZER
             paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / writing.name))
             if ema is not None:
-                writing = final / "ema.pdparams"
+                writing = final / EMA
                 paddle.save(ema.state_dict(), str(tmp / writing.name))
-            writing = final / "rng.pkl"
+            writing = final / RNG
             extras = {"rng": rng_states, "scaler": scaler.state_dict() if scaler is not None else None}
             with open(tmp / writing.name, "wb") as f:
                 pickle.dump(extras, f)
@@ -174,13 +175,13 @@ class Checkpointer:
     def load(self, folder, model, optimizer, ema=None, scaler=None) -> dict:
         folder = Path(folder)
         state = self.verify(folder)
-        model.set_state_dict(paddle.load(str(folder / "model.pdparams")))
+        model.set_state_dict(paddle.load(str(folder / MODEL)))
         ids = {name: p.name for name, p in model.named_parameters()}
-        saved = paddle.load(str(folder / "optimizer.pdopt"))
+        saved = paddle.load(str(folder / OPTIMIZER))
         optimizer.set_state_dict({_rename(k, ids): v for k, v in saved.items()})
-        if ema is not None and (folder / "ema.pdparams").exists():
-            ema.set_state_dict(paddle.load(str(folder / "ema.pdparams")))
-        with open(folder / "rng.pkl", "rb") as f:
+        if ema is not None and (folder / EMA).exists():
+            ema.set_state_dict(paddle.load(str(folder / EMA)))
+        with open(folder / RNG, "rb") as f:
             extras = pickle.load(f)
         rank = distributed.rank()  # each rank resumes its own random stream (drop path, dropout)
         states = extras["rng"]
