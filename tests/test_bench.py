@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import bench  # noqa: E402
 
+from convitlab import runtime  # noqa: E402
 from convitlab.models import create_model  # noqa: E402
 
 
@@ -25,14 +26,21 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
     with open(output, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == bench.COLUMNS
-    timed = [r for r in rows if r["mode"] != "matmul"]
+    timed = rows
     assert {(r["variant"], r["mode"]) for r in timed} == {
         (v, m) for v in ("ours", "local0", "baseline", "seed", "seed_defaults") for m in ("infer", "train")}
     assert {r["threads"] for r in timed if r["variant"] == "seed_defaults"} == {"1"}  # Paddle's default
     for r in timed:
         assert float(r["img_per_s"]) > 0 and float(r["gflops_per_img"]) > 0
         assert float(r["peak_mem_mb"]) >= 0
-    assert float(next(r for r in rows if r["mode"] == "matmul")["achieved_gflops"]) > 0
+    # every row names the machine and the product peak measured in the same run
+    machine = runtime.machine_record()
+    assert len({r["peak_gflops"] for r in rows}) == 1 and float(rows[0]["peak_gflops"]) > 0
+    for r in rows:
+        assert r["cpu_kind"] == runtime.cpu_kind() and r["cores"] == str(runtime.available_cores())
+        assert r["paddle_version"] == paddle.__version__ == r["framework_version"].split()[1]
+        assert r["cpu_isa"] == machine["cpu_isa"] and r["paddle_mkl"] == machine["paddle_mkl"]
+        assert bool(r["paddle_mkl_path"]) == bool(machine["paddle_mkl"])  # the child (seed_defaults) reads its own
     assert output.with_suffix(".cmd").read_text().strip()
 
 
