@@ -321,6 +321,18 @@ def parse_args(argv=None):
     return args
 
 
+def check_same_cpu_kind(output, kind):
+    """Refuse to write beside the results of another kind of processor (one folder per CPU kind)."""
+    for other in sorted(Path(output).parent.glob("*.csv")):
+        if other == Path(output):
+            continue
+        with open(other, newline="") as f:
+            kinds = {r.get("cpu_kind") for r in csv.DictReader(f)} - {None, ""}
+        if kinds - {kind}:
+            raise UserError(f"--output {output}: {other} holds figures from {', '.join(sorted(kinds))}, this "
+                            f"processor is {kind}: write to a folder of its own (one per CPU kind)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.seed_runtime:  # the seed had no hand-written CPU layers
@@ -330,8 +342,13 @@ def main(argv=None):
     configs = [(name, img, patch, batch, mode) for name in args.models
                for (img, patch), batch in zip(args.resolutions, args.batch_sizes) for mode in args.modes]
     static_modes = {"off": [False], "on": [True], "both": [False, True]}[args.to_static]
-    peak = None if args.no_peak else round(matmul_peak(), 1)
     machine = machine_record()
+    if not args.seed_runtime:
+        try:
+            check_same_cpu_kind(args.output, machine["cpu_kind"])
+        except UserError as exc:
+            sys.exit(str(exc))
+    peak = None if args.no_peak else round(matmul_peak(), 1)
     rows = []
     for variant in args.variants:
         if variant.startswith("timm"):

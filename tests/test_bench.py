@@ -68,3 +68,16 @@ def test_bench_mixed_precision_needs_a_gpu_and_says_so(tmp_path):
     else:
         assert result.returncode == 2 and "--amp fp16: trainer.amp='fp16' needs a GPU" in result.stderr
         assert not (tmp_path / "bench.csv").exists()
+
+
+def test_bench_keeps_each_cpu_kind_in_its_own_folder(tmp_path):
+    """Figures from another kind of processor are never mixed into the same folder."""
+    (tmp_path / "other.csv").write_text("model,cpu_kind,img_per_s\nconvit_tiny,Elsewhere family 0 model 0,1.0\n")
+    command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
+               "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--variants", "ours", "--no-peak",
+               "--output", str(tmp_path / "results.csv")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and not (tmp_path / "results.csv").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"--output {tmp_path / 'results.csv'}: {tmp_path / 'other.csv'} holds figures from Elsewhere family 0 "
+        f"model 0, this processor is {runtime.cpu_kind()}: write to a folder of its own (one per CPU kind)"]
