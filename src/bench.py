@@ -11,7 +11,10 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
 
     python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
         --variants ours local0 baseline timm --torch-python /tmp/torchenv/bin/python \
-        --output experiments/perf/results.csv
+        --output experiments/perf/<cpu kind>/results.csv
+
+Every row also records the machine (runtime.machine_record: CPU kind, ISA flags, cores, Paddle and
+its MKL) and the 2048x2048 product peak of the same run; experiments/perf/ keeps one folder per CPU kind.
 """
 import argparse
 import csv
