@@ -5,7 +5,7 @@ unset), so `import convitlab` imports Paddle and gives it every core this proces
 A count the user set (OMP_NUM_THREADS) is left alone. Before the import it also points
 Paddle's bundled MKL at the code path an AMD processor supports and makes glibc keep freed
 memory; together 2.5x inference and 1.5x training for convit_tiny on a 2-core Zen 5
-(experiments/perf/README.md).
+(experiments/perf/amd-zen5/README.md).
 """
 import logging
 import os
