@@ -21,8 +21,10 @@ make setup
 /usr/bin/time -f "make demo: %e s wall" -o $D/demo_time.txt make demo
 # 4. where the time goes, one training step each (the profiler adds ~10%)
 for cfg in "224 16 32" "32 4 64"; do set -- $cfg
-  $PY experiments/perf/profile_ops.py --variant ours --img $1 --patch $2 --batch $3 --mode train --rows 40 \
+  $PY experiments/perf/profile_ops.py --variant ours --img $1 --patch $2 --batch $3 --mode train \
       > $D/profile_ours_train_$1.txt
   (cd experiments/perf && /tmp/torchenv/bin/python profile_timm_ops.py --img $1 --patch $2 --batch $3 --rows 40) \
       > $D/profile_timm_train_$1.txt
 done
+OMP_NUM_THREADS=1 $PY experiments/perf/profile_ops.py --model convit_micro --img 8 --patch 2 --batch 32 \
+    --num-classes 10 --mode train > $D/profile_ours_train_micro.txt
