@@ -51,7 +51,7 @@ _AVX512_SKX = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 # What decides which kernels MKL, oneDNN and torch can use; recorded with every benchmark row.
 ISA_FLAGS = ["avx2", "fma", *sorted(_AVX512_SKX), "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8"]
-_AMD_CORES = {23: "Zen 1/2", 25: "Zen 3/4", 26: "Zen 5"}  # cpu family -> microarchitecture
+_AMD_CORES = {23: "Zen 1/2", 25: "Zen 3", 26: "Zen 5"}  # cpu family -> microarchitecture
 
 
 def cpu_kind(info=None) -> str:
@@ -61,8 +61,8 @@ def cpu_kind(info=None) -> str:
     vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(info["vendor"], info["vendor"] or "unknown")
     if vendor == "AMD" and info["family"].isdigit() and int(info["family"]) in _AMD_CORES:
         core = _AMD_CORES[int(info["family"])]
-        if int(info["family"]) == 25:  # Zen 4 added AVX-512 to family 25
-            core = "Zen 4" if "avx512f" in info["flags"] else "Zen 3"
+        if core == "Zen 3" and "avx512f" in info["flags"]:  # family 25 also holds Zen 4, which added AVX-512
+            core = "Zen 4"
         return f"AMD family {info['family']} ({core})"
     return f"{vendor} family {info['family'] or '?'} model {info['model'] or '?'}"
 
