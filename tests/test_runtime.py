@@ -18,14 +18,38 @@ SKX = "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl"
     ("", "", None),                                      # no /proc/cpuinfo
 ])
 def test_mkl_cpu_type(monkeypatch, vendor, flags, expected):
-    monkeypatch.setattr(runtime, "_cpu_info", lambda: (vendor, set(flags.split())))
+    monkeypatch.setattr(runtime, "_cpu_info", lambda: dict(vendor=vendor, flags=set(flags.split())))
     assert runtime.mkl_cpu_type() == expected
 
 
 def test_cpu_info_reads_this_machine():
-    vendor, flags = runtime._cpu_info()
+    info = runtime._cpu_info()
     if sys.platform.startswith("linux"):
-        assert vendor and "fpu" in flags
+        assert info["vendor"] and info["family"].isdigit() and info["model"].isdigit() and "fpu" in info["flags"]
+
+
+def cpuinfo_text(vendor, family, model, flags, name="Some Processor"):
+    """Two processors, as /proc/cpuinfo lists them: the first one's fields are the ones read."""
+    first = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+             f"model name\t: {name}\nstepping\t: 1\nflags\t\t: {flags}\nbugs\t\t: spectre_v1\n\n")
+    return first + first.replace("processor\t: 0", "processor\t: 1").replace(flags, "fpu")
+
+
+@pytest.mark.parametrize("vendor, family, model, flags, kind", [
+    ("AuthenticAMD", 26, 2, SKX, "AMD family 26 (Zen 5)"),
+    ("AuthenticAMD", 25, 97, SKX, "AMD family 25 (Zen 4)"),
+    ("AuthenticAMD", 25, 33, "avx avx2 fma", "AMD family 25 (Zen 3)"),
+    ("AuthenticAMD", 23, 49, "avx avx2 fma", "AMD family 23 (Zen 1/2)"),
+    ("GenuineIntel", 6, 143, SKX + " amx_tile amx_bf16", "Intel family 6 model 143"),
+])
+def test_cpu_kind_from_cpuinfo(tmp_path, monkeypatch, vendor, family, model, flags, kind):
+    (tmp_path / "cpuinfo").write_text(cpuinfo_text(vendor, family, model, flags))
+    monkeypatch.setattr(runtime, "CPUINFO", str(tmp_path / "cpuinfo"))
+    info = runtime._cpu_info()
+    assert (info["vendor"], info["family"], info["model"], info["model_name"]) == (
+        vendor, str(family), str(model), "Some Processor")
+    assert info["flags"] == set(flags.split())  # the first processor's, not the second's
+    assert runtime.cpu_kind(info) == kind
 
 
 @pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
