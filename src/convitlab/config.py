@@ -10,10 +10,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from convitlab.errors import check, bad_value
+from convitlab.models.sizes import list_models, size_knobs
 
 
 @dataclass
 class ModelConfig:
+    """A named size's knobs: the `model` group is generated from models/sizes.py (register_configs)."""
     name: str = MISSING                # a name from convitlab.models.list_models()
     img_size: Any = "${data.img_size}"  # int or [H, W]
     patch_size: int = "${data.patch_size}"  # type: ignore[assignment]
@@ -22,16 +24,16 @@ class ModelConfig:
     embed_dim: int = MISSING           # per head, as in the reference
     num_heads: int = MISSING
     depth: int = MISSING
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = MISSING
     local_up_to_layer: int = MISSING   # number of leading GPSA blocks; 0 = DeiT-style ViT
-    locality_strength: float = 1.0
-    use_local_init: bool = True
-    train_gating: bool = True
-    train_gpsa: bool = True
-    use_pos_embed: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
+    locality_strength: float = MISSING
+    use_local_init: bool = MISSING
+    train_gating: bool = MISSING
+    train_gpsa: bool = MISSING
+    use_pos_embed: bool = MISSING
+    drop_rate: float = MISSING
+    attn_drop_rate: float = MISSING
+    drop_path_rate: float = MISSING
     pretrained: Optional[str] = None   # train.py: start from these weights (convitlab/finetune.py)
 
 
@@ -197,6 +199,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    for name in list_models():  # `model=<name>`: one option per named size
+        cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -242,8 +246,6 @@ def validate_data(d) -> None:
 
 def validate(cfg) -> None:
     """Check the values of a composed train or eval config; raise UserError on the first bad one."""
-    from convitlab.models import list_models
-
     m, d = cfg.model, cfg.data
     check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
     validate_data(d)
