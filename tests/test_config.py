@@ -150,6 +150,7 @@ BAD_VALUES = [
     ("model.img_size=16", "data.img_size=8"),
     ("model.img_size=[8,6]", "data.img_size=8"),
     ("model.in_chans=3", "data.in_chans=1"),
+    ("model.num_classes=12", "data.num_classes=10"),
     ("data.in_chans=2", "1 or 3"),
     ("trainer.ema_decay=1", "[0, 1)"),
     ("trainer.ema_decay=-0.1", "[0, 1)"),

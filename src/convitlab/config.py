@@ -320,6 +320,8 @@ def validate(cfg) -> None:
           f"the data's size (data.img_size={d.img_size}): set data.img_size instead")
     check(m.in_chans == d.in_chans, "model.in_chans", m.in_chans,
           f"the data's channels (data.in_chans={d.in_chans}): set data.in_chans instead")
+    check(m.num_classes == d.num_classes, "model.num_classes", m.num_classes,
+          f"the data's classes (data.num_classes={d.num_classes}): set data.num_classes instead")
     if "optimizer" in cfg:
         betas = cfg.optimizer.betas
         check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optimizer.betas", list(betas),
