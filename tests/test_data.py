@@ -100,12 +100,6 @@ def test_subset_csv(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["subset.csv"]  # no temporary left behind
 
 
-def test_unknown_data_name_and_channels():
-    message = one_line_error(build_datasets, data_config("digits", "name=mnist"), 0)
-    assert "data.name='mnist'" in message and "digits, cifar10, cifar100, imagefolder" in message
-    assert "data.in_chans=2" in one_line_error(build_datasets, data_config("digits", "in_chans=2"), 0)
-
-
 # --- CIFAR archives -----------------------------------------------------------------------------
 
 CIFAR = {  # archive, folder inside, train batches, test batch, label key, meta member, names key, classes
