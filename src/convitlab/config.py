@@ -242,8 +242,10 @@ def validate_data(d) -> None:
 
 def validate(cfg) -> None:
     """Check the values of a composed train or eval config; raise UserError on the first bad one."""
+    from convitlab.config_errors import check_known_keys
     from convitlab.models import list_models
 
+    check_known_keys(cfg)
     m, d = cfg.model, cfg.data
     check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
     validate_data(d)
