@@ -10,9 +10,11 @@ from hydra.core.hydra_config import HydraConfig
 
 import convitlab  # noqa: F401  (gives Paddle every CPU core)
 from convitlab.config import register_configs
+from convitlab.config_errors import report_composition_errors_in_one_line
 
 log = logging.getLogger("convitlab.eval")
 register_configs()
+report_composition_errors_in_one_line()
 
 
 def evaluate_checkpoint(cfg, run_dir, overrides=()):

@@ -12,10 +12,12 @@ from hydra.types import RunMode
 
 import convitlab  # noqa: F401  (gives Paddle every CPU core)
 from convitlab.config import register_configs
+from convitlab.config_errors import report_composition_errors_in_one_line
 from convitlab.runtime import signal_name
 
 log = logging.getLogger("convitlab.train")
 register_configs()
+report_composition_errors_in_one_line()
 
 
 def resume_command(run_dir) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from convitlab.config_errors import check_known_keys
 from convitlab.errors import bad_value, check
 from convitlab.models.sizes import list_models, size_knobs
 
@@ -23,6 +24,7 @@ class Choice(str, Enum):
         return self.value
 
     __format__ = str.__format__
+    __repr__ = str.__repr__  # errors quote it as the string the user typed: trainer.amp='fp16'
 
 
 def _choice(name, *values):
@@ -298,6 +300,7 @@ def validate(cfg) -> None:
 
     The data's checks come first: the model's image knobs follow the data's by default.
     """
+    check_known_keys(cfg)  # a `+key=` Hydra let through
     for group in ("data", *(g for g in GROUPS if g != "data")):
         if group in cfg:
             check_ranges(cfg[group], GROUPS[group], group)
