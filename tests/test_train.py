@@ -3,17 +3,7 @@ import time
 
 import pytest
 from builders import make_image_folder, write_fake_cifar
-from helpers import EVAL, QUICK, ROOT, TRAIN, kill_after_checkpoint, read_csv, run, without_timings
-from hydra import compose, initialize_config_dir
-
-from convitlab.config import register_configs
-
-register_configs()
-
-
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+from helpers import EVAL, QUICK, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
 
 
 def test_entry_point_writes_every_output(tiny_run):
