@@ -1,11 +1,11 @@
 """src/bench.py end to end on the micro model: it runs and writes sane rows (no timing claims)."""
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -21,7 +21,7 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
                "--resolutions", "8/2", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
                "--num-classes", "10", "--variants", "ours", "local0", "baseline", "seed", "seed_defaults",
                "--output", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(output, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -60,7 +60,7 @@ def test_bench_mixed_precision_needs_a_gpu_and_says_so(tmp_path):
     command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
                "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--num-classes", "10", "--variants", "ours",
                "--no-peak", "--amp", "fp16", "--output", str(tmp_path / "bench.csv")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run(command)
     if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         assert result.returncode == 0, result.stderr[-3000:]
         with open(tmp_path / "bench.csv", newline="") as f:

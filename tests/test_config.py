@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from builders import plain, write_fake_cifar
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -202,21 +203,10 @@ def test_eval_config_composes():
         validate(compose_train("ckpt=/tmp/x.pdparams", "model.img_size=16", name="eval"))
 
 
-def make_val_only_folder(root: Path, classes=("cat", "dog"), per_class=2) -> Path:
-    """root/val/<class>/*.png of random 20x24 RGB images, and no train/ at all."""
-    rng = np.random.default_rng(0)
-    for name in classes:
-        folder = root / "val" / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def test_eval_dataset_reads_only_the_validation_split(tmp_path):
+def test_eval_dataset_reads_only_the_validation_split(tmp_path, val_only_folder):
     from convitlab.data import build_eval_dataset, build_eval_loader
 
-    root = make_val_only_folder(tmp_path / "images")
+    root = val_only_folder
     cfg = compose_train("ckpt=x", "data=imagefolder", f"data.root={root}", "data.num_classes=2", "data.img_size=16",
                         "data.patch_size=4", "data.batch_size=64", "data.num_workers=0", name="eval")
     val, num_classes, class_names = build_eval_dataset(cfg.data)
@@ -234,8 +224,6 @@ def test_eval_dataset_reads_only_the_validation_split(tmp_path):
 
 @pytest.mark.parametrize("name", ["digits", "cifar10"])
 def test_eval_dataset_is_the_training_runs_validation_split(tmp_path, name):
-    from test_data import plain, write_fake_cifar
-
     from convitlab.data import build_datasets, build_eval_dataset
 
     if name == "cifar10":
@@ -251,13 +239,13 @@ def test_eval_dataset_is_the_training_runs_validation_split(tmp_path, name):
         np.testing.assert_array_equal(val[i][0], data.val[i][0])
 
 
-def test_eval_entry_point_on_a_folder_with_only_val(tmp_path):
+def test_eval_entry_point_on_a_folder_with_only_val(tmp_path, val_only_folder):
     from helpers import EVAL, read_csv, run
 
     from convitlab.models import create_model
     from convitlab.weights import save_pdparams
 
-    root = make_val_only_folder(tmp_path / "images")
+    root = val_only_folder
     ckpt = save_pdparams(create_model("convit_micro", img_size=16, patch_size=4, in_chans=3, num_classes=2),
                          tmp_path / "micro.pdparams")
     common = [f"ckpt={ckpt}", "model=convit_micro", "data=imagefolder", f"data.root={root}", "data.img_size=16",

@@ -10,13 +10,13 @@ convitlab's float32 logits must match to 1e-5 relative error.
 convitlab is only touched through its public API: `create_model`, `load_reference_state_dict`,
 `load_pretrained`, `model.state_dict()` (for names and Paddle shapes) and `src/convert.py`.
 """
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
+from helpers import run
 from safetensors.numpy import save_file
 from scipy.special import erf
 
@@ -339,8 +339,7 @@ def test_convert_script_round_trip(tmp_path):
     source, target = tmp_path / "ref.safetensors", tmp_path / "out.pdparams"
     save_file(state, str(source))
     overrides = [f"{k}={v}" for k, v in CONVERT_MODEL.items()]
-    proc = subprocess.run([*CONVERT, str(source), str(target), "model=convit_tiny", *overrides],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run([*CONVERT, str(source), str(target), "model=convit_tiny", *overrides], cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert target.is_file() and "wrote" in proc.stdout
 
@@ -359,8 +358,7 @@ def test_convert_script_without_model_is_a_one_line_error(tmp_path):
                               num_classes=7, grid=(4, 4), patch=4)
     source, target = tmp_path / "ref.safetensors", tmp_path / "out.pdparams"
     save_file(random_reference_state(layout, seed=12), str(source))
-    proc = subprocess.run([*CONVERT, str(source), str(target), "num_classes=7"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run([*CONVERT, str(source), str(target), "num_classes=7"], cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "model=" in lines[0], proc.stderr

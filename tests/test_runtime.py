@@ -1,8 +1,8 @@
 """runtime: the MKL code path chosen per processor, and the malloc setting's opt-outs."""
-import subprocess
 import sys
 
 import pytest
+from helpers import run
 
 from convitlab import runtime
 
@@ -62,7 +62,7 @@ def test_malloc_left_alone_when_the_user_chose(monkeypatch, variable):
 def test_user_mkl_choice_is_kept():
     probe = "import os, convitlab; print(os.environ['MKL_DEBUG_CPU_TYPE'])"
     env = {"MKL_DEBUG_CPU_TYPE": "4", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    out = run([sys.executable, "-c", probe], env=env, timeout=120)
     assert out.stdout.strip() == "4", out.stderr[-2000:]
 
 
@@ -71,16 +71,14 @@ def test_paddle_defaults_opt_out():
              "print(cpu_threads(), os.environ.get('MKL_DEBUG_CPU_TYPE'), "
              "paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'])")
     env = {"CONVITLAB_PADDLE_DEFAULTS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    out = run([sys.executable, "-c", probe], env=env, timeout=120)
     assert out.stdout.split() == ["1", "None", "True"], out.stderr[-2000:]
 
 
 def test_child_environment_drops_what_paddle_and_we_set():
     probe = ("import os, convitlab; from convitlab.runtime import user_environment; env = user_environment(); "
              "print(os.environ.get('OMP_NUM_THREADS'), env.get('OMP_NUM_THREADS'), env.get('MKL_DEBUG_CPU_TYPE'))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"}, timeout=120)
+    out = run([sys.executable, "-c", probe], env={"PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.stdout.split() == ["1", "None", "None"], out.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}, timeout=120)
+    out = run([sys.executable, "-c", probe], env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}, timeout=120)
     assert out.stdout.split()[1] == "2"  # the user's own choice goes through
