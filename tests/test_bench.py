@@ -76,7 +76,7 @@ def test_bench_keeps_each_cpu_kind_in_its_own_folder(tmp_path):
     command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
                "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--variants", "ours", "--no-peak",
                "--output", str(tmp_path / "results.csv")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run(command, timeout=300)
     assert result.returncode == 1 and not (tmp_path / "results.csv").exists()
     assert result.stderr.strip().splitlines() == [
         f"--output {tmp_path / 'results.csv'}: {tmp_path / 'other.csv'} holds figures from Elsewhere family 0 "

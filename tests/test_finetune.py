@@ -8,7 +8,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from helpers import ROOT, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
+from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
 
 from convitlab.errors import UserError
 from convitlab.finetune import adapt_state, backbone_lr_scale, file_sha256

@@ -7,13 +7,13 @@ Each check runs in a fresh Python, since the switches act when Paddle is first i
 import functools
 import json
 import os
-import subprocess
-import sys
 import re
+import sys
 from pathlib import Path
 
 import paddle
 import pytest
+from helpers import run
 from packaging.requirements import Requirement
 
 from convitlab import runtime
@@ -28,8 +28,7 @@ REAL_FLAGS = runtime._cpu_info()["flags"]
 def python(code, env=None, args=(), **kwargs):
     """Run `code` in a fresh Python with this worktree's sources; its last stdout line, parsed as JSON."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180,
-                         env={**base, **(env or {})}, **kwargs)
+    out = run([sys.executable, "-c", code, *args], timeout=180, env={**base, **(env or {})}, **kwargs)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

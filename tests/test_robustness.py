@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EVAL, ROOT, TRAIN, read_csv, run, started, without_timings
+from helpers import EVAL, QUICK, ROOT, TRAIN, read_csv, run, started, without_timings
 
 from convitlab.engine import run_lock
 
@@ -23,8 +23,7 @@ FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: a full disk where asked
 # Long enough to be caught mid-run: 6 epochs of 8 steps (a few seconds per epoch on 2 cores).
 LONG = ["schedule.epochs=6", "trainer.max_steps_per_epoch=8", "data.batch_size=32", "trainer.locality_batch_size=16",
         "trainer.progress_bar=false", "model.drop_path_rate=0.1"]
-SHORT = ["schedule.epochs=3", "trainer.max_steps_per_epoch=3", "data.batch_size=32", "trainer.locality_batch_size=16",
-         "trainer.progress_bar=false"]
+SHORT = ["schedule.epochs=3", *(o for o in QUICK if not o.startswith("schedule.epochs="))]
 
 
 def start(args, cwd):

@@ -2,19 +2,18 @@
 input ends with exactly one line on stderr naming it and what is allowed, exit code 2, and no
 traceback (the value rows are in test_train.py's BAD_INPUT, the data files in test_data.py)."""
 import os
-import subprocess
 import sys
 
 import pytest
-from helpers import EVAL, ROOT, TRAIN, read_csv
+from helpers import EVAL, ROOT, TRAIN, read_csv, run
 
 QUICK = ["schedule.epochs=1", "trainer.max_steps_per_epoch=1", "data.batch_size=16", "trainer.locality_batch_size=8",
          "trainer.progress_bar=false"]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # also on a GPU machine: Paddle sees none
 
 
-def run(command, cwd, timeout=300):
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=NO_GPU)
+def run_without_gpu(command, cwd, timeout=300):
+    return run(command, cwd, timeout, env=NO_GPU)
 
 
 def assert_one_line(proc, *expected):
@@ -53,7 +52,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("overrides,expected,recorded", BAD_INPUT)
 def test_bad_input_through_train_py_is_one_line_exit_2(tmp_path, overrides, expected, recorded):
     run_dir = tmp_path / "run"
-    proc = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"] + overrides, cwd=tmp_path)
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"] + overrides, cwd=tmp_path)
     assert_one_line(proc, *expected)
     assert not (run_dir / "checkpoints").exists()
     if recorded:
@@ -63,14 +62,14 @@ def test_bad_input_through_train_py_is_one_line_exit_2(tmp_path, overrides, expe
 
 
 def test_eval_py_reports_composition_errors_in_one_line_too(tmp_path):
-    proc = run(EVAL + ["ckpt=none.pdparams", "data.batch_size=many", f"hydra.run.dir={tmp_path / 'eval'}"],
+    proc = run_without_gpu(EVAL + ["ckpt=none.pdparams", "data.batch_size=many", f"hydra.run.dir={tmp_path / 'eval'}"],
                cwd=tmp_path)
     assert_one_line(proc, "data.batch_size='many' is not allowed: an int")
 
 
 def test_a_sweep_with_a_bad_value_is_refused_in_one_line_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run(TRAIN + ["-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = run_without_gpu(TRAIN + ["-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert_one_line(proc, "optimizer.lr='abc' is not allowed: a number")
     assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]  # Hydra's record of the sweep, no job
 
@@ -81,12 +80,12 @@ def test_a_resume_with_another_number_of_ranks_is_one_line(tmp_path):
     resumed by one process: refused before training, in one line."""
     run_dir = tmp_path / "run"
     # The real environment: Paddle's launcher fails on an empty CUDA_VISIBLE_DEVICES.
-    launch = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-                             "--log_dir", str(tmp_path / "logs"), str(ROOT / "src" / "train.py"), *QUICK,
-                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    launch = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                  "--log_dir", str(tmp_path / "logs"), str(ROOT / "src" / "train.py"), *QUICK,
+                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
     (run_dir / "result.csv").unlink()  # as if killed after its last checkpoint
-    proc = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert_one_line(proc, "checkpoints/epoch_0001 was written by 2 rank(s), this run has 1",
                     "resume with the same number of ranks", "trainer.resume=false")
     assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
