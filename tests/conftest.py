@@ -4,16 +4,13 @@ import shutil
 
 import pytest
 from builders import make_image_folder, make_val_only_folder, write_fake_cifar
-from helpers import QUICK, TRAIN, run
+from helpers import QUICK, trained
 
 
 @pytest.fixture(scope="session")
 def _tiny_run_once(tmp_path_factory):
     """`python src/train.py` with helpers.QUICK (the default model and data): its run directory."""
-    work = tmp_path_factory.mktemp("tiny_run")
-    proc = run(TRAIN + QUICK + [f"hydra.run.dir={work / 'run'}"], cwd=work)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return work / "run"
+    return trained(tmp_path_factory.mktemp("tiny_run"), QUICK)
 
 
 @pytest.fixture

@@ -74,6 +74,13 @@ def run(command, cwd=None, timeout=300, **popen_kwargs):
         return subprocess.CompletedProcess(command, process.returncode, *(read_back(f) for f in (stdout, stderr)))
 
 
+def trained(work, overrides):
+    """`python src/train.py <overrides>` run to its end in work/run; that run directory."""
+    proc = run(TRAIN + list(overrides) + [f"hydra.run.dir={work / 'run'}"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return work / "run"
+
+
 def read_back(file):
     file.seek(0)
     return file.read().decode(errors="replace")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EVAL, QUICK, ROOT, TRAIN, read_csv, run, started, without_timings
+from helpers import EVAL, QUICK, ROOT, TRAIN, read_csv, run, started, trained, without_timings
 
 from convitlab.engine import run_lock
 
@@ -78,10 +78,7 @@ def wait_for_job_checkpoint(sweep: Path, override: str, process, timeout=240):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The LONG run, uninterrupted: what a stopped and resumed run must end with."""
-    work = tmp_path_factory.mktemp("straight")
-    proc = run(TRAIN + LONG + [f"hydra.run.dir={work / 'run'}"], cwd=work)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return work / "run"
+    return trained(tmp_path_factory.mktemp("straight"), LONG)
 
 
 # --- 1. one process per run directory ----------------------------------------------------------
