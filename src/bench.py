@@ -13,9 +13,10 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
         --variants ours local0 baseline timm --torch-python /tmp/torchenv/bin/python \
         --output experiments/perf/results.csv
 """
+# argparse, not Hydra: a benchmark takes lists of sizes and variants in one process and
+# configures no run (nothing to compose, record or sweep).
 import argparse
 import csv
-import os
 import shlex
 import statistics
 import subprocess
@@ -24,18 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import convitlab  # noqa: F401  (gives Paddle every core before anything else imports it)
-import numpy as np
-import paddle
-import paddle.nn.functional as F
-from paddle.base import core
+from convitlab import runtime
 
-from convitlab.analysis.summary import count_flops
-from convitlab.engine.amp import amp_settings, check_amp_supported
-from convitlab.errors import UserError
-from convitlab.models import cpu_layers, create_model
-from convitlab.models.attention import GPSA, relative_positions
-from convitlab.runtime import cpu_threads, user_environment
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+from paddle.base import core  # noqa: E402
+
+from convitlab.analysis.summary import count_flops  # noqa: E402
+from convitlab.engine.amp import amp_settings, check_amp_supported  # noqa: E402
+from convitlab.errors import UserError  # noqa: E402
+from convitlab.models import cpu_layers, create_model  # noqa: E402
+from convitlab.models.attention import GPSA, relative_positions  # noqa: E402
+from convitlab.runtime import cpu_threads, user_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"

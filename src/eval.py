@@ -5,17 +5,21 @@ Writes result.csv (top-1, top-5 on the validation split) in the run directory.
 import logging
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
+from convitlab import runtime
 
-import convitlab  # noqa: F401  (gives Paddle every CPU core)
-from convitlab.config import register_configs
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+
+from convitlab.config import register_configs  # noqa: E402
 
 log = logging.getLogger("convitlab.eval")
 register_configs()
 
 
 def evaluate_checkpoint(cfg, run_dir, overrides=()):
+    # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab import results
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.config import validate

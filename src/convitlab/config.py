@@ -3,14 +3,17 @@
 Hydra checks types and unknown keys while composing; `validate` then checks values, so a
 bad value fails before any work with one line naming the key, the value and what is allowed.
 """
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from convitlab.errors import check, bad_value
-from convitlab.models.sizes import list_models, size_knobs
+from convitlab.run_record import sweep_exclude_keys
+from convitlab.models.sizes import list_models, model_defaults, size_knobs
 
 
 @dataclass
@@ -153,6 +156,23 @@ class EvalConfig:
     seed: int = 0
 
 
+@dataclass
+class ImageConfig:
+    """convert.py's `data`: the image the model sees (conf/convert.yaml: the size's published one)."""
+    img_size: Any = MISSING
+    patch_size: int = MISSING
+    in_chans: int = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class ConvertConfig:
+    model: ModelConfig = MISSING
+    data: ImageConfig = field(default_factory=ImageConfig)
+    source: str = MISSING              # timm's .safetensors, the authors' .pth or a .pdparams
+    target: str = MISSING              # the .pdparams to write
+
+
 def run_stamp() -> str:
     """A timestamp for the run directory that every rank of one distributed launch shares.
 
@@ -160,9 +180,6 @@ def run_stamp() -> str:
     launcher process, so its start time names the run; CONVITLAB_RUN_STAMP overrides it
     (set it, or hydra.run.dir, for runs across several nodes).
     """
-    import os
-    import time
-
     if os.environ.get("CONVITLAB_RUN_STAMP"):
         return os.environ["CONVITLAB_RUN_STAMP"]
     started = time.time()
@@ -180,25 +197,23 @@ def run_stamp() -> str:
 
 def rank_suffix() -> str:
     """'' for rank 0 of a distributed launch, '.rank<r>' for the others: one log file per rank."""
-    import os
-
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     return f".rank{rank}" if rank else ""
 
 
 def register_configs() -> None:
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("sweep_exclude_keys"):
-        from convitlab.run_record import sweep_exclude_keys
         OmegaConf.register_new_resolver("sweep_exclude_keys", sweep_exclude_keys)
     if not OmegaConf.has_resolver("rank_suffix"):
         OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
+    if not OmegaConf.has_resolver("published"):  # ${published:<model name>,<knob>}: the size's own value
+        OmegaConf.register_new_resolver("published", lambda name, knob: model_defaults(name)[knob])
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="convert_schema", node=ConvertConfig)
     for name in list_models():  # `model=<name>`: one option per named size
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
@@ -292,5 +307,5 @@ def validate(cfg) -> None:
         check(s.warmup_lr >= 0, "schedule.warmup_lr", s.warmup_lr, "a number >= 0")
         check(s.min_lr >= 0, "schedule.min_lr", s.min_lr, "a number >= 0")
     if "finetune" in cfg:
-        from convitlab.finetune import validate_finetune
+        from convitlab.finetune import validate_finetune  # here: finetune.py loads Paddle, the schema must not
         validate_finetune(cfg)
