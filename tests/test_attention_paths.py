@@ -132,12 +132,14 @@ def test_the_plotted_attention_maps_are_the_ones_forward_applies():
         block.attn.gating_param.set_value(paddle.randn([4]))
     model.eval()
     image = np.random.default_rng(0).normal(size=(1, 8, 8)).astype("float32")
-    seen = {}
-    hooks = []
+    seen, hooks = {}, []
+
+    def keep(key):  # a pre-hook that keeps the layer's input
+        return lambda layer, args: seen.__setitem__(key, args[0])
+
     for i, block in enumerate(model.blocks):
-        hooks.append(block.attn.register_forward_pre_hook(lambda layer, args, i=i: seen.__setitem__(("in", i), args[0])))
-        hooks.append(block.attn.proj.register_forward_pre_hook(
-            lambda layer, args, i=i: seen.__setitem__(("proj", i), args[0])))
+        hooks += [block.attn.register_forward_pre_hook(keep(("in", i))),
+                  block.attn.proj.register_forward_pre_hook(keep(("proj", i)))]
     with paddle.no_grad():
         model(paddle.to_tensor(image[None]))
     for hook in hooks:

@@ -359,7 +359,8 @@ def test_convert_script_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["source=ref.safetensors", "target=out.pdparams", "data.num_classes=7"], "error: model=<name> is required: one of "),
+    (["source=ref.safetensors", "target=out.pdparams", "data.num_classes=7"],
+     "error: model=<name> is required: one of "),
     (["model=convit_tiny", "source=ref.safetensors", "target=out.pt", *CONVERT_OVERRIDES],
      "error: target='out.pt' is not allowed: a path ending in .pdparams"),
     (["model=convit_tiny", "source=nowhere.safetensors", "target=out.pdparams", *CONVERT_OVERRIDES],

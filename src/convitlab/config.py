@@ -12,8 +12,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from convitlab.errors import check, bad_value
-from convitlab.run_record import sweep_exclude_keys
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
+from convitlab.run_record import sweep_exclude_keys
 
 
 @dataclass
