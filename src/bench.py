@@ -2,7 +2,7 @@
 
 Compares, inside one process and on the same model, convitlab's GPSA ("ours") with
   - "local0": the same size with locality off (local_up_to_layer=0, a DeiT), to price GPSA;
-  - "baseline": a straightforward GPSA as the reference code formulates it (kept below);
+  - "baseline": GPSA as the reference code formulates it (convitlab.models.attention.ReferenceGPSA);
   - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
   - "seed_defaults": "seed" as the seed notebook ran it, in a subprocess with Paddle as it comes
     (CONVITLAB_PADDLE_DEFAULTS=1: one thread, MKL's own dispatch, stride kernels, glibc's
@@ -16,10 +16,10 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
 Every row also records the machine (runtime.machine_record: CPU kind, ISA flags, cores, Paddle and
 its MKL) and the 2048x2048 product peak of the same run; experiments/perf/ keeps one folder per CPU kind.
 """
+# argparse, not Hydra: a benchmark takes lists of sizes and variants in one process and
+# configures no run (nothing to compose, record or sweep).
 import argparse
 import csv
-import inspect
-import os
 import shlex
 import statistics
 import subprocess
@@ -28,19 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import convitlab  # noqa: F401  (gives Paddle every core before anything else imports it)
-import numpy as np
-import paddle
-import paddle.nn.functional as F
-from paddle.base import core
+from convitlab import runtime
 
-from convitlab.analysis.summary import count_flops
-from convitlab.engine.amp import amp_settings, check_amp_supported
-from convitlab.errors import UserError
-from convitlab.models import cpu_layers, create_model, model_defaults
-from convitlab.models.attention import GPSA, relative_positions
-from convitlab.models.convit import ConViT
-from convitlab.runtime import cpu_threads, machine_record, user_environment
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+from paddle.base import core  # noqa: E402
+
+from convitlab.analysis.summary import count_flops  # noqa: E402
+from convitlab.engine.amp import amp_settings, check_amp_supported  # noqa: E402
+from convitlab.errors import UserError  # noqa: E402
+from convitlab.models import cpu_layers, create_model, model_defaults  # noqa: E402
+from convitlab.models.attention import ReferenceGPSA, relative_positions  # noqa: E402
+from convitlab.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
@@ -51,31 +53,7 @@ MACHINE = ["cpu_kind", "cpu_vendor", "cpu_family", "cpu_model", "cpu_model_name"
 COLUMNS = ["framework", "model", "variant", "to_static", "amp", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
            "achieved_gflops", "framework_version", "peak_gflops", *MACHINE]
-CONVIT_DEFAULTS = {k: v.default for k, v in inspect.signature(ConViT).parameters.items()}  # what a name leaves out
 VARIANTS = ["ours", "local0", "baseline", "seed", "seed_defaults", "timm", "timm_local0"]
-
-
-class ReferenceGPSA(GPSA):
-    """GPSA formulated as the reference code does it: the relative positions expanded over the
-    batch and projected per image, both maps softmaxed, mixed, renormalised, then applied."""
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        positions = self.batch_positions(batch, tokens)  # [B, N, N, 3]
-        pos_scores = self.pos_proj(positions).transpose([0, 3, 1, 2])  # [B, H, N, N]
-        qk = self.qk(x).reshape([batch, tokens, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        q, k = qk[0], qk[1]
-        v = self.v(x).reshape([batch, tokens, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
-        content = F.softmax(paddle.matmul(q, k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
-        positional = F.softmax(pos_scores, axis=-1)
-        gate = F.sigmoid(self.gating_param).reshape([1, -1, 1, 1])
-        attn = (1.0 - gate) * content + gate * positional
-        attn = self.attn_drop(attn / attn.sum(axis=-1).unsqueeze(-1))
-        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, tokens, dim])
-        return self.proj_drop(self.proj(out))
-
-    def batch_positions(self, batch, tokens):
-        return self.rel_positions.unsqueeze(0).expand([batch, tokens, tokens, 3])
 
 
 class SeedGPSA(ReferenceGPSA):
@@ -238,7 +216,7 @@ def bench_timm(configs, variant, args):
     for name, img, patch, batch, mode in configs:
         ours = build(name, "ours", img, patch, args.num_classes)  # same architecture: same FLOPs
         flops = 2 * count_flops(ours) * (3 if mode == "train" else 1)
-        sizes = {**CONVIT_DEFAULTS, **model_defaults(name)}  # timm's ConVit at the same sizes: any convitlab size
+        sizes = model_defaults(name)  # timm's ConVit at the same sizes: any convitlab size
         command = [python, str(TIMM_SCRIPT), "--model", name, "--variant", variant, "--img-size", str(img),
                    "--patch-size", str(patch), "--batch-size", str(batch), "--mode", mode,
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats),

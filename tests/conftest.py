@@ -1,10 +1,15 @@
 """Fixtures the test modules share: a finished tiny run (trained once per session, copied per test)
-and the data folders tests only need the files of (tests/builders.py makes them)."""
+and the data folders tests only need the files of (tests/builders.py makes them). The session runs
+Paddle as the entry points do: with the runtime set up before it loads."""
 import shutil
 
-import pytest
-from builders import make_image_folder, make_val_only_folder, write_fake_cifar
-from helpers import QUICK, trained
+from convitlab import runtime
+
+runtime.setup()
+
+import pytest  # noqa: E402
+from builders import make_image_folder, make_val_only_folder, write_fake_cifar  # noqa: E402
+from helpers import QUICK, trained  # noqa: E402
 
 
 @pytest.fixture(scope="session")

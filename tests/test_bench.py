@@ -9,10 +9,10 @@ from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-import bench  # noqa: E402
+import bench  # noqa: E402  (the script's own functions; the reference formulation is the package's)
 
 from convitlab import runtime  # noqa: E402
-from convitlab.models import create_model  # noqa: E402
+from convitlab.models import ReferenceGPSA, create_model  # noqa: E402
 
 
 def test_bench_writes_positive_rows_for_every_variant(tmp_path):
@@ -45,13 +45,14 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
 
 
 def test_baseline_formulations_compute_the_same_model():
-    """The benchmark's reference and seed GPSA are the same function as ours, only slower."""
+    """The benchmark's baseline (the package's reference formulation) and seed GPSA are the same
+    function as ours, only slower."""
     paddle.seed(0)
     model = create_model("convit_micro")
     model.eval()
     x = paddle.randn([2, 1, 8, 8])
     expected = model(x).numpy()
-    for cls in (bench.ReferenceGPSA, bench.SeedGPSA):
+    for cls in (ReferenceGPSA, bench.SeedGPSA):
         np.testing.assert_allclose(bench.swap_gpsa(model, cls)(x).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -91,7 +91,7 @@ def test_run_stamp_is_the_launchers_start_time_whatever_second_a_rank_starts(mon
 def test_launched_ranks_share_the_cores_but_a_users_thread_count_stands():
     """The launcher passes on the OMP_NUM_THREADS=1 that importing Paddle sets: each rank then
     gets cores // ranks-per-node threads; an OMP_NUM_THREADS the user set elsewhere is kept."""
-    probe = "import convitlab; from convitlab.runtime import cpu_threads; print(cpu_threads())"
+    probe = "from convitlab import runtime; runtime.setup(); print(runtime.cpu_threads())"
     cases = {"launched, 1 rank per node": ({"PADDLE_LOCAL_SIZE": "1", "OMP_NUM_THREADS": "1"}, available_cores()),
              "launched, 2 ranks per node": ({"PADDLE_LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1"},
                                             max(1, available_cores() // 2)),

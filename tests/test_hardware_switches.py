@@ -40,7 +40,7 @@ def needs_isa(cpu_type):
         pytest.skip(f"this processor lacks {sorted(needed - REAL_FLAGS)}: MKL_DEBUG_CPU_TYPE={cpu_type} cannot run here")
 
 
-MKL_PATH = "import json, convitlab; from convitlab import runtime; print(json.dumps(runtime.paddle_mkl()[1]))"
+MKL_PATH = "import json; from convitlab import runtime; runtime.setup(); print(json.dumps(runtime.paddle_mkl()[1]))"
 
 
 @functools.lru_cache
@@ -65,13 +65,13 @@ def test_mkl_debug_cpu_type_selects_the_code_path(cpu_type):
 
 CONFIGURE = """
 import importlib.util, json, os, sys
-# runtime.py alone: `import convitlab` would configure Paddle from the real /proc/cpuinfo first
+# runtime.py loaded as its own module, so its CPUINFO can point at a simulated processor before setup()
 spec = importlib.util.spec_from_file_location("rt", sys.argv[1])
 rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)
 rt.CPUINFO = sys.argv[2]
 assert "paddle" not in sys.modules
-rt.configure_paddle_threads()
+rt.setup()
 print(json.dumps([os.environ.get("MKL_DEBUG_CPU_TYPE"), rt.paddle_mkl()[1]]))
 """
 
@@ -96,7 +96,7 @@ def test_mkl_switch_is_set_before_paddle_loads_on_amd_only(tmp_path, vendor, fam
     assert path == mkl_path(expected)
 
 
-FLAGS = ("import json, convitlab, paddle; from convitlab.runtime import CPU_FLAGS; "
+FLAGS = ("import json; from convitlab import runtime; runtime.setup(); import paddle; from convitlab.runtime import CPU_FLAGS; "
          "view = paddle.randn([4, 6]).transpose([1, 0]); "
          "print(json.dumps([paddle.get_flags(list(CPU_FLAGS)), view.is_contiguous()]))")
 
@@ -113,7 +113,9 @@ def test_paddle_flags_exist_and_hold_after_import():
 
 
 MALLOC = """
-import ctypes, json, convitlab
+import ctypes, json
+from convitlab import runtime
+runtime.setup()
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -133,7 +135,7 @@ def test_malloc_keeps_large_blocks_in_the_heap():
     assert python(MALLOC, env={"CONVITLAB_MALLOC_DEFAULTS": "1"}) >= 64 << 20
 
 
-THREADS = ("import ctypes, json, os, convitlab, paddle; "
+THREADS = ("import ctypes, json, os; from convitlab import runtime; runtime.setup(); import paddle; "
            "mkl = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libmklml_intel.so')); "
            "print(json.dumps([mkl.MKL_Get_Max_Threads(), len(os.sched_getaffinity(0))]))")
 

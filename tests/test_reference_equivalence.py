@@ -329,19 +329,24 @@ def test_convit_tiny_parameters_match_the_reference_checkpoint_layout():
     assert "blocks.10.attn.qk.weight" not in got and "blocks.9.attn.qkv.weight" not in got
 
 
+CONVERT_OVERRIDES = ["data.img_size=16", "data.patch_size=4", "data.num_classes=7", "model.embed_dim=8",
+                     "model.depth=3", "model.local_up_to_layer=2"]
 CONVERT_MODEL = dict(img_size=16, patch_size=4, num_classes=7, embed_dim=8, depth=3, local_up_to_layer=2)
 
 
 def test_convert_script_round_trip(tmp_path):
+    """convert.py writes the target and nothing else (no outputs/, .hydra/ or log), and the
+    .pdparams gives the logits of the file it came from and of the reference."""
     layout = reference_layout(num_heads=4, embed_dim=8, depth=3, local_up_to_layer=2, in_chans=3,
                               num_classes=7, grid=(4, 4), patch=4)
     state = random_reference_state(layout, seed=11)
     source, target = tmp_path / "ref.safetensors", tmp_path / "out.pdparams"
     save_file(state, str(source))
-    overrides = [f"{k}={v}" for k, v in CONVERT_MODEL.items()]
-    proc = run([*CONVERT, str(source), str(target), "model=convit_tiny", *overrides], cwd=ROOT, timeout=120)
+    proc = run([*CONVERT, "model=convit_tiny", f"source={source.name}", f"target={target.name}",
+                           *CONVERT_OVERRIDES], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert target.is_file() and "wrote" in proc.stdout
+    assert proc.stdout.strip() == "wrote out.pdparams"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pdparams", "ref.safetensors"]
 
     images = np.random.default_rng(3).normal(size=(2, 3, 16, 16)).astype(np.float32)
     from_pdparams = load_pretrained(create_model("convit_tiny", **CONVERT_MODEL), str(target))
@@ -353,14 +358,20 @@ def test_convert_script_round_trip(tmp_path):
                                                     local_up_to_layer=2, patch=4))
 
 
-def test_convert_script_without_model_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("args, expected", [
+    (["source=ref.safetensors", "target=out.pdparams", "data.num_classes=7"],
+     "error: model=<name> is required: one of "),
+    (["model=convit_tiny", "source=ref.safetensors", "target=out.pt", *CONVERT_OVERRIDES],
+     "error: target='out.pt' is not allowed: a path ending in .pdparams"),
+    (["model=convit_tiny", "source=nowhere.safetensors", "target=out.pdparams", *CONVERT_OVERRIDES],
+     "error: checkpoint 'nowhere.safetensors' does not exist"),
+])
+def test_convert_script_bad_input_is_a_one_line_error(tmp_path, args, expected):
     layout = reference_layout(num_heads=4, embed_dim=8, depth=3, local_up_to_layer=2, in_chans=3,
                               num_classes=7, grid=(4, 4), patch=4)
-    source, target = tmp_path / "ref.safetensors", tmp_path / "out.pdparams"
-    save_file(random_reference_state(layout, seed=12), str(source))
-    proc = run([*CONVERT, str(source), str(target), "num_classes=7"], cwd=ROOT, timeout=120)
+    save_file(random_reference_state(layout, seed=12), str(tmp_path / "ref.safetensors"))
+    proc = run([*CONVERT, *args], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "model=" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not target.exists()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.safetensors"]

@@ -354,7 +354,8 @@ def test_a_crafted_pdparams_is_refused_in_one_line_and_runs_nothing(tmp_path, en
         proc = run(TRAIN + SHORT + [f"model.pretrained={crafted}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
         assert read_csv(run_dir / "result.csv")[0]["status"] == "failed" and not (run_dir / "checkpoints").exists()
     else:
-        proc = run(CONVERT + [str(crafted), str(tmp_path / "out.pdparams"), "model=convit_micro"], cwd=tmp_path)
+        proc = run(CONVERT + [f"source={crafted}", f"target={tmp_path / 'out.pdparams'}", "model=convit_micro"],
+                   cwd=tmp_path)
         assert not (tmp_path / "out.pdparams").exists()
     assert not marker.exists()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -5,6 +5,8 @@ rule sits beside its field (`ranged`); `validate` applies them all, then the che
 fields or groups, so a bad value fails before any work with one line naming the key, the
 value and what is allowed.
 """
+import os
+import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional
@@ -14,7 +16,8 @@ from omegaconf import MISSING, OmegaConf
 
 from convitlab.config_errors import check_known_keys
 from convitlab.errors import bad_value, check
-from convitlab.models.sizes import list_models, size_knobs
+from convitlab.models.sizes import list_models, model_defaults, size_knobs
+from convitlab.run_record import sweep_exclude_keys
 
 
 class Choice(str, Enum):
@@ -217,6 +220,23 @@ class EvalConfig:
     seed: int = 0
 
 
+@dataclass
+class ImageConfig:
+    """convert.py's `data`: the image the model sees (conf/convert.yaml: the size's published one)."""
+    img_size: Any = MISSING
+    patch_size: int = MISSING
+    in_chans: int = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class ConvertConfig:
+    model: ModelConfig = MISSING
+    data: ImageConfig = field(default_factory=ImageConfig)
+    source: str = MISSING              # timm's .safetensors, the authors' .pth or a .pdparams
+    target: str = MISSING              # the .pdparams to write
+
+
 def run_stamp() -> str:
     """A timestamp for the run directory that every rank of one distributed launch shares.
 
@@ -224,9 +244,6 @@ def run_stamp() -> str:
     launcher process, so its start time names the run; CONVITLAB_RUN_STAMP overrides it
     (set it, or hydra.run.dir, for runs across several nodes).
     """
-    import os
-    import time
-
     if os.environ.get("CONVITLAB_RUN_STAMP"):
         return os.environ["CONVITLAB_RUN_STAMP"]
     started = time.time()
@@ -244,8 +261,6 @@ def run_stamp() -> str:
 
 def rank_suffix() -> str:
     """'' for rank 0 of a distributed launch, '.rank<r>' for the others: one log file per rank."""
-    import os
-
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     return f".rank{rank}" if rank else ""
 
@@ -254,13 +269,15 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("sweep_exclude_keys"):
-        from convitlab.run_record import sweep_exclude_keys
         OmegaConf.register_new_resolver("sweep_exclude_keys", sweep_exclude_keys)
     if not OmegaConf.has_resolver("rank_suffix"):
         OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
+    if not OmegaConf.has_resolver("published"):  # ${published:<model name>,<knob>}: the size's own value
+        OmegaConf.register_new_resolver("published", lambda name, knob: model_defaults(name)[knob])
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="convert_schema", node=ConvertConfig)
     for name in list_models():  # `model=<name>`: one option per named size
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 

@@ -27,6 +27,7 @@ import numpy as np
 import paddle
 
 from convitlab import distributed
+from convitlab.engine.checkpoint import Checkpointer
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
 from convitlab.models.convit import resize_pos_embed, square_grid
@@ -141,8 +142,6 @@ def prepare(cfg, model, run_dir):
 
     Returns (lr_scale for build_optimizer, result.csv columns naming the pretrained file).
     """
-    from convitlab.engine.checkpoint import Checkpointer
-
     f = cfg.finetune
     path = cfg.model.get("pretrained")
     columns = {}

@@ -1,18 +1,24 @@
 """CPU threads, device choice, and signals that must wait for a step boundary.
 
 Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when
-unset), so `import convitlab` imports Paddle and gives it every core this process may use.
-A count the user set (OMP_NUM_THREADS) is left alone. Before the import it also points
-Paddle's bundled MKL at the code path an AMD processor supports and makes glibc keep freed
-memory; together 2.5x inference and 1.5x training for convit_tiny on a 2-core Zen 5
-(experiments/perf/amd-zen5/README.md).
+unset), so `setup()` imports Paddle and gives it every core this process may use. A count the
+user set (OMP_NUM_THREADS) is left alone. Before the import it also points Paddle's bundled MKL
+at the code path an AMD processor supports and makes glibc keep freed memory; together 2.5x
+inference and 1.5x training for convit_tiny on a 2-core Zen 5 (experiments/perf/amd-zen5/README.md).
+Importing convitlab does none of this: the entry points that run Paddle (src/train.py, eval.py,
+bench.py, convert.py) call setup() before anything imports Paddle, and so must a notebook.
+Paddle is imported inside the functions here: setup() must run before it loads.
 """
+import ctypes
 import logging
 import os
 import signal
 import sys
 import time
 import warnings
+
+from convitlab import distributed
+from convitlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +148,16 @@ def keep_freed_memory() -> bool:
                                             "CONVITLAB_MALLOC_DEFAULTS")):
         return False
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
     except (OSError, AttributeError):  # not glibc
         return False
 
 
-def configure_paddle_threads() -> None:
+def setup() -> None:
     """Import Paddle with every available core, unless the user chose a thread count, with
     MKL's fast code path and glibc keeping freed memory (see mkl_cpu_type, keep_freed_memory).
+    Call it before anything imports Paddle; once Paddle is loaded it does nothing.
 
     CONVITLAB_PADDLE_DEFAULTS=1 imports Paddle as it comes instead (one thread, MKL's own
     dispatch, stride kernels, glibc's defaults): what the seed notebook ran with.
@@ -230,7 +236,6 @@ def select_device(requested: str) -> str:
     import paddle
     has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if requested == "gpu" and not has_gpu:
-        from convitlab.errors import UserError
         raise UserError("trainer.device='gpu' is not available: this Paddle has no usable GPU "
                         "(install paddlepaddle-gpu, or use trainer.device=auto|cpu)")
     device = "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
@@ -331,8 +336,6 @@ def run_deferred_signals(step=None) -> None:
     wait forever in the next collective: it is agreed on only at training steps (`step`, the
     optimiser step about to be taken, the same on every rank), every STOP_AGREEMENT_STEPS.
     """
-    from convitlab import distributed
-
     several = distributed.world_size() > 1
     while _deferred:
         handler, signum, frame = _deferred[0]

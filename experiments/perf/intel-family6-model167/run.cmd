@@ -6,7 +6,7 @@
 set -e
 D=experiments/perf/intel-family6-model167
 PY=/work/main/.venv/bin/python
-# 1. convit_tiny as a user gets it (`import convitlab`, nothing set by hand) against timm 1.0 on torch 2.13,
+# 1. convit_tiny as a user gets it (src/bench.py calls runtime.setup(), nothing set by hand) against timm 1.0 on torch 2.13,
 #    and both at the same size without GPSA, 224/16 batch 32 and 32/4 batch 64, every core, one process:
 $PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
     --variants ours local0 timm timm_local0 --torch-python /tmp/torchenv/bin/python \

@@ -4,6 +4,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import paddle
 from omegaconf import OmegaConf
 
 from convitlab import distributed, results
@@ -22,8 +23,6 @@ RUN_OUTPUTS = ("checkpoints", "vdl", "metrics.csv", "locality.csv", "subset.csv"
 
 def identity_row(cfg, run_dir, cfg_hash, overrides=()):
     """The columns of result.csv that say which run this is: every knob a sweep may vary."""
-    import paddle
-
     m, d = cfg.model, cfg.data
     h, w = image_size_pair(m.img_size, "model.img_size")
     return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
@@ -125,7 +124,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
 def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:
     """result.csv's outcome columns for a stopped run: status "interrupted", how far its last
     checkpoint got (what a resume starts from) and what stopped it. Sets exc.epochs_done."""
-    from convitlab.engine.checkpoint import Checkpointer
+    from convitlab.engine.checkpoint import Checkpointer  # here, as in run_training
 
     state, latest = {}, Checkpointer(run_dir / "checkpoints").latest()
     if latest is not None:

@@ -15,6 +15,7 @@ import paddle
 import paddle.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
+from visualdl import LogWriter
 
 from convitlab import distributed, finetune, results
 from convitlab.analysis.locality import locality_rows
@@ -300,7 +301,6 @@ def _locality_probe(dataset, size):
 
 
 def _visualdl_writer(run_dir):
-    from visualdl import LogWriter
     return LogWriter(logdir=str(run_dir / "vdl"))
 
 

@@ -5,8 +5,8 @@ not import Paddle: the config schema and compare.py need them without it.
 """
 import importlib
 
-_WHERE = {"GPSA": "attention", "MHSA": "attention", "Block": "convit", "ConViT": "convit",
-          "create_model": "registry", "list_models": "sizes", "model_defaults": "sizes"}
+_WHERE = {"GPSA": "attention", "ReferenceGPSA": "attention", "MHSA": "attention", "Block": "convit",
+          "ConViT": "convit", "create_model": "registry", "list_models": "sizes", "model_defaults": "sizes"}
 __all__ = sorted(_WHERE)
 
 
