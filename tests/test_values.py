@@ -5,9 +5,9 @@ import numpy as np
 import paddle
 import pytest
 from helpers import compose_train
+from numpy_reference import (SMALL, assert_logits_close, paddle_logits, random_reference_state, reference_layout,
+                             reference_logits)
 from PIL import Image
-from test_reference_equivalence import (SMALL, assert_logits_close, paddle_logits, random_reference_state,
-                                        reference_layout, reference_logits)
 
 from convitlab.data.transforms import build_transforms
 from convitlab.models import create_model
