@@ -36,8 +36,9 @@ $(STAMP): pyproject.toml
 
 FORCE:
 
+# The 15 slowest tests are listed at the end (CI runs this target).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

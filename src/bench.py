@@ -2,7 +2,7 @@
 
 Compares, inside one process and on the same model, convitlab's GPSA ("ours") with
   - "local0": the same size with locality off (local_up_to_layer=0, a DeiT), to price GPSA;
-  - "baseline": a straightforward GPSA as the reference code formulates it (kept below);
+  - "baseline": GPSA as the reference code formulates it (convitlab.models.attention.ReferenceGPSA);
   - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
   - "seed_defaults": "seed" as the seed notebook ran it, in a subprocess with Paddle as it comes
     (CONVITLAB_PADDLE_DEFAULTS=1: one thread, MKL's own dispatch, stride kernels, glibc's
@@ -11,11 +11,15 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
 
     python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
         --variants ours local0 baseline timm --torch-python /tmp/torchenv/bin/python \
-        --output experiments/perf/results.csv
+        --output experiments/perf/<cpu kind>/results.csv
+
+Every row also records the machine (runtime.machine_record: CPU kind, ISA flags, cores, Paddle and
+its MKL) and the 2048x2048 product peak of the same run; experiments/perf/ keeps one folder per CPU kind.
 """
+# argparse, not Hydra: a benchmark takes lists of sizes and variants in one process and
+# configures no run (nothing to compose, record or sweep).
 import argparse
 import csv
-import os
 import shlex
 import statistics
 import subprocess
@@ -24,48 +28,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import convitlab  # noqa: F401  (gives Paddle every core before anything else imports it)
-import numpy as np
-import paddle
-import paddle.nn.functional as F
-from paddle.base import core
+from convitlab import runtime
 
-from convitlab.analysis.summary import count_flops
-from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported
-from convitlab.errors import UserError
-from convitlab.models import cpu_layers, create_model
-from convitlab.models.attention import GPSA, relative_positions
-from convitlab.runtime import cpu_threads, user_environment
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+from paddle.base import core  # noqa: E402
+
+from convitlab.analysis.summary import count_flops  # noqa: E402
+from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported  # noqa: E402
+from convitlab.errors import UserError  # noqa: E402
+from convitlab.models import cpu_layers, create_model, model_defaults  # noqa: E402
+from convitlab.models.attention import ReferenceGPSA, relative_positions  # noqa: E402
+from convitlab.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"
+# The machine each row was measured on (runtime.machine_record), so that figures from different
+# processors are never compared blindly; peak_gflops is the float32 2048x2048 product in the same run.
+MACHINE = ["cpu_kind", "cpu_vendor", "cpu_family", "cpu_model", "cpu_model_name", "cpu_isa", "cores",
+           "paddle_version", "paddle_mkl", "paddle_mkl_path"]
 COLUMNS = ["framework", "model", "variant", "to_static", "amp", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
-           "achieved_gflops"]
+           "achieved_gflops", "framework_version", "peak_gflops", *MACHINE]
 VARIANTS = ["ours", "local0", "baseline", "seed", "seed_defaults", "timm", "timm_local0"]
-
-
-class ReferenceGPSA(GPSA):
-    """GPSA formulated as the reference code does it: the relative positions expanded over the
-    batch and projected per image, both maps softmaxed, mixed, renormalised, then applied."""
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        positions = self.batch_positions(batch, tokens)  # [B, N, N, 3]
-        pos_scores = self.pos_proj(positions).transpose([0, 3, 1, 2])  # [B, H, N, N]
-        qk = self.qk(x).reshape([batch, tokens, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        q, k = qk[0], qk[1]
-        v = self.v(x).reshape([batch, tokens, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
-        content = F.softmax(paddle.matmul(q, k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
-        positional = F.softmax(pos_scores, axis=-1)
-        gate = F.sigmoid(self.gating_param).reshape([1, -1, 1, 1])
-        attn = (1.0 - gate) * content + gate * positional
-        attn = self.attn_drop(attn / attn.sum(axis=-1).unsqueeze(-1))
-        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, tokens, dim])
-        return self.proj_drop(self.proj(out))
-
-    def batch_positions(self, batch, tokens):
-        return self.rel_positions.unsqueeze(0).expand([batch, tokens, tokens, 3])
 
 
 class SeedGPSA(ReferenceGPSA):
@@ -90,7 +78,8 @@ def swap_gpsa(model, cls):
 
 
 def build(name, variant, img, patch, num_classes):
-    overrides = dict(img_size=img, patch_size=patch, num_classes=num_classes)
+    # no drop path: timm's sizes default to none, and the benchmark times the architecture
+    overrides = dict(img_size=img, patch_size=patch, num_classes=num_classes, drop_path_rate=0.0)
     if variant == "local0":
         overrides["local_up_to_layer"] = 0
     model = create_model(name, **overrides)
@@ -198,7 +187,7 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
 def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, memory, flops):
     device = paddle.device.get_device() if framework == "paddle" else "cpu"
     return dict(framework=framework, model=name, variant=variant, to_static=to_static, device=device,
-                threads=cpu_threads(), img_size=img, patch_size=patch,
+                framework_version=f"paddle {paddle.__version__}", threads=cpu_threads(), img_size=img, patch_size=patch,
                 batch_size=batch, mode=mode, img_per_s=round(batch / seconds, 2),
                 ms_per_batch=round(1000 * seconds, 1), peak_mem_mb=round(memory[0], 1),
                 rss_growth_mb=round(memory[1], 1),
@@ -219,12 +208,16 @@ def bench_timm(configs, variant, args):
     for name, img, patch, batch, mode in configs:
         ours = build(name, "ours", img, patch, args.num_classes)  # same architecture: same FLOPs
         flops = 2 * count_flops(ours) * (3 if mode == "train" else 1)
-        command = [python, str(TIMM_SCRIPT), "--model", name, "--img-size", str(img),
+        sizes = model_defaults(name)  # timm's ConVit at the same sizes: any convitlab size
+        command = [python, str(TIMM_SCRIPT), "--model", name, "--variant", variant, "--img-size", str(img),
                    "--patch-size", str(patch), "--batch-size", str(batch), "--mode", mode,
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                   "--num-classes", str(args.num_classes), "--gflops-per-img", f"{flops / 1e9:.3f}"]
+                   "--num-classes", str(args.num_classes), "--gflops-per-img", f"{flops / 1e9:.3f}",
+                   "--in-chans", str(ours.patch_embed.proj.weight.shape[1])]
         if variant == "timm_local0":
-            command += ["--local-up-to-layer", "0"]
+            sizes["local_up_to_layer"] = 0
+        for knob in ("embed_dim", "num_heads", "depth", "mlp_ratio", "local_up_to_layer", "locality_strength"):
+            command += [f"--{knob.replace('_', '-')}", str(sizes[knob])]
         result = subprocess.run(command, capture_output=True, text=True, env=user_environment())
         if result.returncode != 0:
             print(f"note: timm {name} {img}/{patch} {mode} failed:\n{result.stderr[-2000:]}")
@@ -302,6 +295,18 @@ def parse_args(argv=None):
     return args
 
 
+def check_same_cpu_kind(output, kind):
+    """Refuse to write beside the results of another kind of processor (one folder per CPU kind)."""
+    for other in sorted(Path(output).parent.glob("*.csv")):
+        if other == Path(output):
+            continue
+        with open(other, newline="") as f:
+            kinds = {r.get("cpu_kind") for r in csv.DictReader(f)} - {None, ""}
+        if kinds - {kind}:
+            raise UserError(f"--output {output}: {other} holds figures from {', '.join(sorted(kinds))}, this "
+                            f"processor is {kind}: write to a folder of its own (one per CPU kind)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.seed_runtime:  # the seed had no hand-written CPU layers
@@ -311,6 +316,13 @@ def main(argv=None):
     configs = [(name, img, patch, batch, mode) for name in args.models
                for (img, patch), batch in zip(args.resolutions, args.batch_sizes) for mode in args.modes]
     static_modes = {"off": [False], "on": [True], "both": [False, True]}[args.to_static]
+    machine = machine_record()
+    if not args.seed_runtime:
+        try:
+            check_same_cpu_kind(args.output, machine["cpu_kind"])
+        except UserError as exc:
+            sys.exit(str(exc))
+    peak = None if args.no_peak else round(matmul_peak(), 1)
     rows = []
     for variant in args.variants:
         if variant.startswith("timm"):
@@ -325,10 +337,10 @@ def main(argv=None):
                 print(" ".join(f"{k}={rows[-1][k]}" for k in
                                ("model", "variant", "to_static", "amp", "img_size", "batch_size", "mode",
                                 "img_per_s", "peak_mem_mb", "achieved_gflops")), flush=True)
-    if not args.no_peak:
-        peak = matmul_peak()
-        rows.append(dict(framework="paddle", model="matmul_2048", variant="peak", device=paddle.device.get_device(),
-                         threads=cpu_threads(), mode="matmul", achieved_gflops=round(peak, 1)))
+    for r in rows:  # a child's rows (seed_defaults) keep its own MKL code path; timm's have no Paddle
+        r.update({k: v for k, v in machine.items() if not r.get(k) and (r["framework"] == "paddle"
+                                                                        or not k.startswith("paddle"))})
+        r["peak_gflops"] = peak
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as f:
@@ -336,8 +348,10 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     output.with_suffix(".cmd").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
-    print_table([r for r in rows if r["mode"] != "matmul"])
-    if not args.no_peak:
+    print_table(rows)
+    print(f"{machine['cpu_kind']} ({machine['cpu_model_name']}; {machine['cpu_isa']}), {machine['cores']} cores; "
+          f"Paddle {machine['paddle_version']}, MKL {machine['paddle_mkl']} ({machine['paddle_mkl_path']})")
+    if peak:
         print(f"float32 matrix-product peak (2048x2048): {peak:.1f} GFLOP/s")
     print(f"wrote {output}")
 

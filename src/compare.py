@@ -7,7 +7,6 @@ comparison.csv, comparison.md and plots into --out (default: the first input's f
 import argparse
 import sys
 
-import convitlab  # noqa: F401  (sets up Paddle's threads; the comparison itself never uses Paddle)
 from convitlab.compare import compare_results
 from convitlab.errors import UserError
 

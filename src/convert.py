@@ -1,48 +1,49 @@
 """Convert a reference checkpoint to .pdparams once:
-`python src/convert.py <in.safetensors|in.pth> <out.pdparams> model=<name> [num_classes=N] [img_size=S]`.
+`python src/convert.py model=<name> source=<in.safetensors|in.pth> target=<out.pdparams> [data.num_classes=N]`.
+
+The model is the named size at its published image (conf/convert.yaml); data.* and model.* change it.
 """
-import argparse
 import sys
 
-import convitlab  # noqa: F401  (gives Paddle every CPU core)
+from convitlab import runtime
+
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import hydra  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from convitlab.config import register_configs  # noqa: E402
+from convitlab.engine.trainer import model_kwargs  # noqa: E402
+from convitlab.errors import UserError  # noqa: E402
+from convitlab.models import create_model, list_models  # noqa: E402
+from convitlab.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
+
+register_configs()
+REQUIRED = {"model": f"model=<name> is required: one of {', '.join(list_models())}",
+            "source": f"source=<file> is required: the checkpoint to convert ({', '.join(FORMATS)})",
+            "target": "target=<file> is required: the .pdparams to write"}
 
 
-def parse_overrides(pairs):
-    """`key=value` words into keyword arguments (ints where they parse)."""
-    kwargs = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: {pair!r} is not key=value (e.g. model=convit_tiny)")
-        kwargs[key] = int(value) if value.lstrip("-").isdigit() else value
-    return kwargs
+def convert(cfg) -> None:
+    for key, message in REQUIRED.items():
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(message)
+    if not cfg.target.endswith(".pdparams"):
+        raise UserError(f"target={cfg.target!r} is not allowed: a path ending in .pdparams")
+    model = create_model(cfg.model.name, **model_kwargs(cfg.model))
+    load_pretrained(model, cfg.source)
+    save_pdparams(model, cfg.target)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="timm .safetensors, authors' .pth or .pdparams")
-    parser.add_argument("target", help="output .pdparams")
-    parser.add_argument("overrides", nargs="+", help="model=<name> and any model keyword, e.g. num_classes=1000")
-    args = parser.parse_args(argv)
-    from convitlab.errors import UserError
-    from convitlab.models import create_model
-    from convitlab.weights import load_pretrained, save_pdparams
-
-    kwargs = parse_overrides(args.overrides)
+@hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
+def main(cfg):
     try:
-        if "model" not in kwargs:
-            raise UserError("model=<name> is required (see convitlab.models.list_models())")
-        if not args.target.endswith(".pdparams"):
-            raise UserError(f"target={args.target!r} is not allowed: a path ending in .pdparams")
-        model = create_model(kwargs.pop("model"), **kwargs)
-        load_pretrained(model, args.source)
-        save_pdparams(model, args.target)
+        convert(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.target}")
-    return 0
+        sys.exit(2)
+    print(f"wrote {cfg.target}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

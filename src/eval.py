@@ -5,26 +5,31 @@ Writes result.csv (top-1, top-5 on the validation split) in the run directory.
 import logging
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
+from convitlab import runtime
 
-import convitlab  # noqa: F401  (gives Paddle every CPU core)
-from convitlab.config import register_configs
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+
+from convitlab import results  # noqa: E402
+from convitlab.config import register_configs, validate  # noqa: E402
+from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
+from convitlab.errors import UserError  # noqa: E402
+from convitlab.run_record import config_hash  # noqa: E402
+from convitlab.runtime import Interrupted, select_device, signal_name, stop_at_step_boundaries  # noqa: E402
 
 log = logging.getLogger("convitlab.eval")
 register_configs()
+report_composition_errors_in_one_line()
 
 
 def evaluate_checkpoint(cfg, run_dir, overrides=()):
-    from convitlab import results
+    # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab.analysis.summary import count_flops, count_parameters
-    from convitlab.config import validate
     from convitlab.data import build_eval_dataset, build_eval_loader
     from convitlab.engine.run import identity_row
     from convitlab.engine.trainer import build_model, evaluate
-    from convitlab.errors import UserError
-    from convitlab.run_record import config_hash
-    from convitlab.runtime import select_device
     from convitlab.weights import load_pretrained
 
     validate(cfg)
@@ -47,8 +52,7 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg):
-    from convitlab.engine.run import describe_error
-    from convitlab.runtime import Interrupted, signal_name, stop_at_step_boundaries
+    from convitlab.engine.run import describe_error  # here, as above
 
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()

@@ -6,16 +6,23 @@ import logging
 import shlex
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from convitlab import runtime
 
-import convitlab  # noqa: F401  (gives Paddle every CPU core)
-from convitlab.config import register_configs
-from convitlab.runtime import signal_name
+runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+
+from convitlab.config import register_configs  # noqa: E402
+from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
+from convitlab.engine.run_lock import RunDirInUse  # noqa: E402
+from convitlab.runtime import (Interrupted, defer_signal_handlers, share_machine_between_jobs,  # noqa: E402
+                               signal_name, stop_at_step_boundaries, stop_signal)
 
 log = logging.getLogger("convitlab.train")
 register_configs()
+report_composition_errors_in_one_line()
 
 
 def resume_command(run_dir) -> str:
@@ -33,10 +40,9 @@ def interrupted(exc) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg):
+    # Imported here: a launcher's job process unpickles main, and what main's globals name it
+    # imports then, before RunGuard.on_job_start sets the runtime up there; this loads Paddle.
     from convitlab.engine.run import describe_error, run_training
-    from convitlab.engine.run_lock import RunDirInUse
-    from convitlab.runtime import (Interrupted, defer_signal_handlers, share_machine_between_jobs,
-                                   stop_at_step_boundaries, stop_signal)
 
     logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop at the next step boundary, result.csv says interrupted

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import paddle.amp.grad_scaler as grad_scaler
 import pytest
-from helpers import compose_train, read_csv
+from helpers import QUICK, compose_train, read_csv
 from omegaconf import OmegaConf
 
 from convitlab.config import OptimizerConfig
@@ -16,9 +16,6 @@ from convitlab.engine import amp, trainer
 from convitlab.engine.amp import LossScaler, amp_unsupported_reason, check_amp_supported
 from convitlab.engine.optim import build_optimizer
 from convitlab.errors import UserError
-
-QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
-         "trainer.locality_batch_size=16", "trainer.progress_bar=false"]
 
 
 def forced_scaler(**kwargs):

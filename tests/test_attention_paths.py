@@ -1,11 +1,14 @@
-"""The GPU path of the attention (content attention by F.scaled_dot_product_attention, token-
-major layout) computes what the explicit CPU path computes. Forced on the CPU, where Paddle runs
-the same function as plain math, so it is checked without a GPU."""
+"""The formulations of the attention compute one function: the GPU path (content attention by
+F.scaled_dot_product_attention, token-major layout) what the explicit CPU path computes (forced on
+the CPU, where Paddle runs the same function as plain math, so it is checked without a GPU); the
+fast GPSA what the documented reference formulation computes; and the attention maps analysis
+plots are the ones forward applies."""
 import numpy as np
 import paddle
 import pytest
 
-from convitlab.models import attention, create_model
+from convitlab.analysis.attention_maps import query_attention
+from convitlab.models import GPSA, ReferenceGPSA, attention, create_model
 
 
 def _run(model, x, train):
@@ -99,3 +102,65 @@ def test_the_fused_call_fits_paddle_3_0_and_drops_nothing_in_eval(monkeypatch, l
     calls.clear()
     model(x)
     assert [c["dropout_p"] for c in calls] == [0.5] * (6 - local_up_to_layer)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_fast_gpsa_is_the_reference_formulation(train):
+    """Random (not local-init) weights, distinct gates, a non-square grid; outputs and gradients."""
+    paddle.seed(1)
+    fast, reference = GPSA(16, 4, (3, 4)), ReferenceGPSA(16, 4, (3, 4))
+    fast.gating_param.set_value(paddle.to_tensor([-2.0, -0.5, 0.5, 2.0]))
+    reference.set_state_dict(fast.state_dict())
+    x = paddle.randn([2, 12, 16])
+    results = []
+    for layer in (fast, reference):
+        layer.train(train)
+        out = layer(x)
+        out.square().sum().backward()
+        results.append((out.numpy(), {n: p.grad.numpy() for n, p in layer.named_parameters()}))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[1][1].items():
+        np.testing.assert_allclose(results[0][1][name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_the_plotted_attention_maps_are_the_ones_forward_applies():
+    """For every block (5 GPSA, 1 MHSA): the combined map times v is the block's attention output
+    before the projection, as forward computed it; the maps query_attention plots are rows of it."""
+    paddle.seed(2)
+    model = create_model("convit_micro")
+    for block in model.gpsa_blocks():  # distinct gates: the mix matters
+        block.attn.gating_param.set_value(paddle.randn([4]))
+    model.eval()
+    image = np.random.default_rng(0).normal(size=(1, 8, 8)).astype("float32")
+    seen, hooks = {}, []
+
+    def keep(key):  # a pre-hook that keeps the layer's input
+        return lambda layer, args: seen.__setitem__(key, args[0])
+
+    for i, block in enumerate(model.blocks):
+        hooks += [block.attn.register_forward_pre_hook(keep(("in", i))),
+                  block.attn.proj.register_forward_pre_hook(keep(("proj", i)))]
+    with paddle.no_grad():
+        model(paddle.to_tensor(image[None]))
+    for hook in hooks:
+        hook.remove()
+    gh, gw = model.grid_size
+    query = (gh // 2) * gw + gw // 2  # query_attention's default: the centre patch
+    for i, block in enumerate(model.blocks):
+        attn, x = block.attn, seen[("in", i)]
+        maps = attn.attention_maps(x)
+        heads, dim = attn.num_heads, x.shape[-1]
+        v_weight = attn.v.weight if block.is_gpsa else attn.qkv.weight[:, 2 * dim:]
+        v = paddle.matmul(x, v_weight).reshape([0, 0, heads, -1]).transpose([0, 2, 1, 3])  # [B, H, N, d]
+        applied = paddle.matmul(maps["combined"], v).transpose([0, 2, 1, 3]).flatten(2)
+        np.testing.assert_allclose(applied.numpy(), seen[("proj", i)].numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=f"block {i}")
+        plotted = query_attention(model, image, i)
+        combined = maps["combined"].numpy()[0]
+        row = combined[:, query] if block.is_gpsa else combined[:, 1 + query, 1:]  # MHSA: class token first
+        np.testing.assert_allclose(plotted["combined"].reshape(heads, -1), row, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"block {i}")
+        if block.is_gpsa:
+            gate = 1 / (1 + np.exp(-attn.gating_param.numpy()))[:, None, None]
+            np.testing.assert_allclose((1 - gate) * plotted["content"] + gate * plotted["positional"],
+                                       plotted["combined"], rtol=1e-5, atol=1e-7)

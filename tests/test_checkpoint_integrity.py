@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import paddle
 import pytest
-from helpers import EVAL, TRAIN, compose_train, read_csv, run, without_timings
+from helpers import EVAL, QUICK, TRAIN, compose_train, read_csv, run, without_timings
 
 # 3 steps an epoch on digits, every checkpoint kept: a few seconds a run.
-SHORT = ["trainer.max_steps_per_epoch=3", "data.batch_size=32",
-         "trainer.locality_batch_size=16", "trainer.progress_bar=false", "trainer.keep_checkpoints=3"]
+SHORT = [*(o for o in QUICK if not o.startswith("schedule.epochs=")), "trainer.keep_checkpoints=3"]
 
 
 def one_line_error(proc) -> str:

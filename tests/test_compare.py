@@ -1,10 +1,10 @@
 """compare: tables (mean, std, n, gain with its interval and test) from known numbers, the t
 distribution against its tables, plots, odd inputs, and the CLI."""
 import math
-import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pandas as pd
 import pytest
 
@@ -169,7 +169,7 @@ def test_missing_metric_or_no_completed_run_is_one_line_error(tmp_path):
 
 
 def run(args, cwd):
-    return subprocess.run(COMPARE + args, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return helpers.run(COMPARE + args, cwd, timeout=120)
 
 
 def test_cli_writes_tables_and_plots(tmp_path):

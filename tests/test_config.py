@@ -2,7 +2,9 @@
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
+from builders import plain, write_fake_cifar
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -10,8 +12,7 @@ from PIL import Image
 
 from convitlab.config import register_configs, validate
 from convitlab.errors import UserError
-from convitlab.models import list_models, model_defaults
-from convitlab.models.convit import ConViT
+from convitlab.models import create_model, list_models, model_defaults
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -26,16 +27,34 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_every_registered_model_has_a_config_that_builds_it():
-    assert options("model") == list_models()
-    for name in list_models():
-        cfg = compose_train(f"model={name}")
-        validate(cfg)
-        arch = {k: v for k, v in cfg.model.items() if k not in ("name", "drop_path_rate", "drop_rate", "attn_drop_rate")}
-        defaults = {**{k: p.default for k, p in __import__("inspect").signature(ConViT.__init__).parameters.items()
-                       if k != "self"}, **model_defaults(name)}
-        for key in ("embed_dim", "num_heads", "depth", "local_up_to_layer", "locality_strength", "mlp_ratio"):
-            assert arch[key] == defaults[key], (name, key)
+@pytest.mark.parametrize("name", list_models())
+def test_model_option_and_create_model_build_the_same_network(name):
+    """`model=<name>` and create_model(<name>) read one table (models/sizes.py): same knobs, same weights."""
+    from convitlab.engine.trainer import build_model
+
+    cfg = compose_train(f"model={name}", "model.depth=2", f"model.local_up_to_layer={min(model_defaults(name)['local_up_to_layer'], 1)}")
+    validate(cfg)
+    image = {k: cfg.model[k] for k in ("img_size", "patch_size", "in_chans", "num_classes")}
+    knobs = {k: v for k, v in cfg.model.items() if k not in ("name", "pretrained", *image)}
+    assert knobs == {**{k: v for k, v in model_defaults(name).items() if k not in image},
+                     "depth": 2, "local_up_to_layer": cfg.model.local_up_to_layer}
+    paddle.seed(3)
+    from_config = build_model(cfg)
+    paddle.seed(3)
+    direct = create_model(name, **image, depth=2, local_up_to_layer=cfg.model.local_up_to_layer)
+    a, b = from_config.state_dict(), direct.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    rates = [[blk.drop_path.p for blk in m.blocks] for m in (from_config, direct)]
+    assert rates[0] == rates[1] and rates[0][-1] == pytest.approx(model_defaults(name)["drop_path_rate"])
+
+
+def test_model_group_lists_exactly_the_named_sizes():
+    from hydra.core.config_store import ConfigStore
+
+    assert not (CONF / "model").exists()  # the options come from the table, not from YAML copies of it
+    assert sorted(n.removesuffix(".yaml") for n in ConfigStore.instance().list("model")) == list_models()
 
 
 @pytest.mark.parametrize("group", ["data", "optimizer", "schedule", "trainer", "debug", "ablation"])
@@ -72,6 +91,52 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         compose_train("model=convit_huge")
 
 
+# Closed choices are enums in the schema: Hydra refuses another value while composing, listing the allowed ones.
+BAD_CHOICES = [("data.subset=last", "[random, first]"), ("data.name=mnist", "[digits, cifar10, cifar100, imagefolder]"),
+               ("optimizer.name=lamb", "[adamw, adam, sgd]"), ("schedule.name=step", "[cosine, constant]"),
+               ("trainer.device=tpu", "[auto, cpu, gpu]"), ("trainer.amp=fp8", "[off, fp16, bf16]"),
+               ("finetune.channel_adapt=max", "[sum, mean]")]
+
+
+@pytest.mark.parametrize("override,allowed", BAD_CHOICES)
+def test_closed_choices_are_refused_while_composing(override, allowed):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(override)
+    assert allowed in str(info.value.__cause__) and override.split("=")[1] in str(info.value.__cause__)
+
+
+def test_every_range_rule_refuses_a_value_outside_it():
+    """Each rule beside a field is applied by validate: a value it refuses fails naming the key."""
+    from dataclasses import fields, is_dataclass
+
+    from convitlab.config import GROUPS
+
+    def ruled(schema, prefix):
+        for f in fields(schema):
+            if is_dataclass(f.type):
+                yield from ruled(f.type, f"{prefix}.{f.name}")
+            elif "rule" in f.metadata:
+                yield f"{prefix}.{f.name}", f.metadata["rule"]
+
+    checked = 0
+    for group, schema in GROUPS.items():
+        for key, rule in ruled(schema, group):
+            bad = next(v for v in (-1, 2, 0, 1.5, 0.5, "auto", None, " ") if not _accepts(rule, v))
+            cfg = compose_train()
+            OmegaConf.update(cfg, key, bad, force_add=False)
+            with pytest.raises(UserError, match=f"^{key}="):
+                validate(cfg)
+            checked += 1
+    assert checked >= 30
+
+
+def _accepts(rule, value):
+    try:
+        return rule.test(value)
+    except (TypeError, AttributeError):  # a value of another type: Hydra's type check refuses it before the rule runs
+        return True
+
+
 # key=value, and the text the one-line error must contain
 BAD_VALUES = [
     ("data.fraction=0", "data.fraction=0.0"),
@@ -80,18 +145,13 @@ BAD_VALUES = [
     ("schedule.epochs=0", "schedule.epochs=0"),
     ("model.local_up_to_layer=7", "model.local_up_to_layer=7"),
     ("data.img_size=9", "divisible by model.patch_size=2"),
-    ("data.subset=last", "random or first"),
-    ("data.name=mnist", "digits, cifar10, cifar100, imagefolder"),
-    ("optimizer.name=lamb", "adamw, adam, sgd"),
-    ("schedule.name=step", "cosine, constant"),
-    ("trainer.device=tpu", "auto, cpu or gpu"),
-    ("trainer.amp=fp8", "off, fp16 or bf16"),
     ("model.name=convit_huge", "one of convit_base"),
     ("model.locality_strength=-1", "a number >= 0"),
     # the model must take the data's images (both follow the data unless overridden)
     ("model.img_size=16", "data.img_size=8"),
     ("model.img_size=[8,6]", "data.img_size=8"),
     ("model.in_chans=3", "data.in_chans=1"),
+    ("model.num_classes=12", "data.num_classes=10"),
     ("data.in_chans=2", "1 or 3"),
     ("trainer.ema_decay=1", "[0, 1)"),
     ("trainer.ema_decay=-0.1", "[0, 1)"),
@@ -143,21 +203,10 @@ def test_eval_config_composes():
         validate(compose_train("ckpt=/tmp/x.pdparams", "model.img_size=16", name="eval"))
 
 
-def make_val_only_folder(root: Path, classes=("cat", "dog"), per_class=2) -> Path:
-    """root/val/<class>/*.png of random 20x24 RGB images, and no train/ at all."""
-    rng = np.random.default_rng(0)
-    for name in classes:
-        folder = root / "val" / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def test_eval_dataset_reads_only_the_validation_split(tmp_path):
+def test_eval_dataset_reads_only_the_validation_split(tmp_path, val_only_folder):
     from convitlab.data import build_eval_dataset, build_eval_loader
 
-    root = make_val_only_folder(tmp_path / "images")
+    root = val_only_folder
     cfg = compose_train("ckpt=x", "data=imagefolder", f"data.root={root}", "data.num_classes=2", "data.img_size=16",
                         "data.patch_size=4", "data.batch_size=64", "data.num_workers=0", name="eval")
     val, num_classes, class_names = build_eval_dataset(cfg.data)
@@ -175,8 +224,6 @@ def test_eval_dataset_reads_only_the_validation_split(tmp_path):
 
 @pytest.mark.parametrize("name", ["digits", "cifar10"])
 def test_eval_dataset_is_the_training_runs_validation_split(tmp_path, name):
-    from test_data import plain, write_fake_cifar
-
     from convitlab.data import build_datasets, build_eval_dataset
 
     if name == "cifar10":
@@ -192,13 +239,13 @@ def test_eval_dataset_is_the_training_runs_validation_split(tmp_path, name):
         np.testing.assert_array_equal(val[i][0], data.val[i][0])
 
 
-def test_eval_entry_point_on_a_folder_with_only_val(tmp_path):
+def test_eval_entry_point_on_a_folder_with_only_val(tmp_path, val_only_folder):
     from helpers import EVAL, read_csv, run
 
     from convitlab.models import create_model
     from convitlab.weights import save_pdparams
 
-    root = make_val_only_folder(tmp_path / "images")
+    root = val_only_folder
     ckpt = save_pdparams(create_model("convit_micro", img_size=16, patch_size=4, in_chans=3, num_classes=2),
                          tmp_path / "micro.pdparams")
     common = [f"ckpt={ckpt}", "model=convit_micro", "data=imagefolder", f"data.root={root}", "data.img_size=16",

@@ -32,7 +32,8 @@ def test_linear_matches_stock(shape):
         np.testing.assert_allclose(layer(x).numpy(), ref_out, rtol=1e-5, atol=1e-6)
 
 
-def test_layer_norm_matches_stock():
+def test_layer_norm_matches_stock(monkeypatch):
+    monkeypatch.setattr(cpu_layers, "LAYER_NORM_MIN_ELEMENTS", 0)  # the hand-written backward at this size
     paddle.seed(0)
     layer = cpu_layers.LayerNorm(32, epsilon=1e-6)
     layer.weight.set_value(paddle.randn([32]))
@@ -59,6 +60,7 @@ def test_frozen_parameters_get_no_gradient():
 
 
 def test_model_gradients_match_the_stock_layers(monkeypatch):
+    monkeypatch.setattr(cpu_layers, "LAYER_NORM_MIN_ELEMENTS", 0)
     paddle.seed(0)
     model = create_model("convit_micro")
     x = paddle.randn([3, 1, 8, 8])
@@ -74,3 +76,16 @@ def test_model_gradients_match_the_stock_layers(monkeypatch):
     assert custom.keys() == stock.keys()
     for name in stock:
         np.testing.assert_allclose(custom[name], stock[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("shape, hand_written", [
+    ([32, 17, 64], False),   # the demo's micro models: batch 32, 16 patches + class token, width 64
+    ([64, 65, 192], True),   # convit_tiny at 32/4, batch 64
+    ([32, 197, 192], True),  # convit_tiny at 224/16, batch 32
+])
+def test_layer_norm_backward_by_size(shape, hand_written):
+    """Small inputs take the stock backward (one kernel beats ~20 small ops there), large ones ours."""
+    x = paddle.randn(shape)
+    x.stop_gradient = False
+    node = cpu_layers.LayerNorm(shape[-1])(x).grad_fn.name()
+    assert ("LayerNormFunction" in node) == hand_written, node

@@ -1,18 +1,16 @@
 """Data: digits, CIFAR archives and image folders in their real formats, subsets, transforms, loaders, mixing."""
 import hashlib
-import io
-import pickle
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
+from builders import CIFAR, data_config, make_image_folder, plain, write_fake_cifar
 from omegaconf import OmegaConf
 from PIL import Image
 
-from convitlab.config import AugmentConfig, DataConfig
+from convitlab.config import AugmentConfig
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
 from convitlab.data.loaders import EvalBatchSampler, TrainBatchSampler
 from convitlab.data.randaugment import OPS, RandAugment
@@ -20,15 +18,8 @@ from convitlab.data.subset import per_class_count
 from convitlab.data.transforms import pad_and_random_crop, random_erasing, random_hflip, random_resized_crop
 from convitlab.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAVY_AUGMENT = ["augment.random_crop=true", "augment.hflip=true", "augment.randaugment=true",
                  "augment.random_erasing=0.5"]
-
-
-def data_config(name="digits", *overrides):
-    """The conf/data/<name>.yaml config, on the schema, with dotted overrides."""
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml"),
-                           OmegaConf.from_dotlist(list(overrides)))
 
 
 def one_line_error(call, *args) -> str:
@@ -100,58 +91,7 @@ def test_subset_csv(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["subset.csv"]  # no temporary left behind
 
 
-def test_unknown_data_name_and_channels():
-    message = one_line_error(build_datasets, data_config("digits", "name=mnist"), 0)
-    assert "data.name='mnist'" in message and "digits, cifar10, cifar100, imagefolder" in message
-    assert "data.in_chans=2" in one_line_error(build_datasets, data_config("digits", "in_chans=2"), 0)
-
-
 # --- CIFAR archives -----------------------------------------------------------------------------
-
-CIFAR = {  # archive, folder inside, train batches, test batch, label key, meta member, names key, classes
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                "test_batch", b"labels", "batches.meta", b"label_names", 10),
-    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], "test", b"fine_labels", "meta",
-                 b"fine_label_names", 100),
-}
-
-
-def write_fake_cifar(root: Path, name: str, per_batch: int = 6, test: int = 5, meta=None):
-    """A small archive in the official layout (`meta` replaces the label names' member);
-    returns (train data, train labels, test data, test labels)."""
-    archive, folder, train_members, test_member, label_key, meta_member, names_key, classes = CIFAR[name]
-    rng = np.random.default_rng(0)
-    arrays = {}
-
-    def batch(member, count, first_label):
-        labels = [(first_label + 7 * i) % classes for i in range(count)]
-        data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
-        arrays[member] = (data, labels)
-        content = {b"batch_label": b"fake", label_key: labels, b"data": data, b"filenames": [b"x.png"] * count}
-        if name == "cifar100":
-            content[b"coarse_labels"] = [y // 5 for y in labels]
-        return content
-
-    members = {m: batch(m, per_batch, k) for k, m in enumerate(train_members)}
-    members[test_member] = batch(test_member, test, 3)
-    members[meta_member] = meta or {names_key: [f"class{c}".encode() for c in range(classes)]}
-    root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(root / archive, "w:gz") as tar:
-        for member, content in members.items():
-            payload = pickle.dumps(content, protocol=2)  # as the official files: Python 2 pickles
-            info = tarfile.TarInfo(f"{folder}/{member}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    train_data = np.concatenate([arrays[m][0] for m in train_members])
-    train_labels = sum((arrays[m][1] for m in train_members), [])
-    return train_data, train_labels, arrays[test_member][0], arrays[test_member][1]
-
-
-def plain(name, root, *overrides):
-    """A config that leaves pixels as they are (no augmentation, mean 0, std 1)."""
-    return data_config(name, f"root={root}", "checksum=false", "mean=[0,0,0]", "std=[1,1,1]",
-                       "augment.random_crop=false", "augment.hflip=false", *overrides)
-
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_archive_read_back(tmp_path, name):
@@ -224,18 +164,6 @@ def test_cifar_download_uses_paddles_downloader(tmp_path, monkeypatch):
 
 
 # --- image folders ------------------------------------------------------------------------------
-
-def make_image_folder(root: Path, train=(("dog", 3), ("cat", 2)), val=(("cat", 1), ("dog", 2))):
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", train), ("val", val)):
-        for name, count in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, size=(20 + 3 * i, 30, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
-    return root
-
 
 def test_image_folder_classes_and_shapes(tmp_path):
     root = make_image_folder(tmp_path / "images")

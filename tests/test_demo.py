@@ -8,6 +8,7 @@ from helpers import ROOT, TRAIN, read_csv, run
 COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
 
 
+@pytest.mark.timeout(1200)  # the sweep may take 600 s, compare 300 s
 @pytest.mark.slow
 def test_demo_preset_then_compare_gives_a_gain_with_interval_and_p_per_fraction(tmp_path):
     sweep = tmp_path / "demo"

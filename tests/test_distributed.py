@@ -1,5 +1,6 @@
 """Data-parallel training: two CPU ranks through paddle.distributed.launch train the model one
 process trains on the same global batch, and the run is written once, by rank 0."""
+import contextlib
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, TIMING_COLUMNS, TRAIN, read_csv
+from helpers import ROOT, TIMING_COLUMNS, TRAIN, read_csv, run, started
 
 from convitlab import config
 from convitlab.data.loaders import TrainBatchSampler
@@ -90,33 +91,34 @@ def test_run_stamp_is_the_launchers_start_time_whatever_second_a_rank_starts(mon
 def test_launched_ranks_share_the_cores_but_a_users_thread_count_stands():
     """The launcher passes on the OMP_NUM_THREADS=1 that importing Paddle sets: each rank then
     gets cores // ranks-per-node threads; an OMP_NUM_THREADS the user set elsewhere is kept."""
-    probe = "import convitlab; from convitlab.runtime import cpu_threads; print(cpu_threads())"
+    probe = "from convitlab import runtime; runtime.setup(); print(runtime.cpu_threads())"
     cases = {"launched, 1 rank per node": ({"PADDLE_LOCAL_SIZE": "1", "OMP_NUM_THREADS": "1"}, available_cores()),
              "launched, 2 ranks per node": ({"PADDLE_LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1"},
                                             max(1, available_cores() // 2)),
              "user's choice": ({"OMP_NUM_THREADS": "1"}, 1)}
-    procs = {}
-    for name, (extra, _) in cases.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("PADDLE_LOCAL_SIZE", "OMP_NUM_THREADS")}
-        procs[name] = subprocess.Popen([sys.executable, "-c", probe], env={**env, **extra}, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    for name, (_, expected) in cases.items():
-        out, _ = procs[name].communicate(timeout=120)
-        assert int(out.split()[-1]) == expected, name
+    with contextlib.ExitStack() as stack:
+        procs = {}
+        for name, (extra, _) in cases.items():
+            env = {k: v for k, v in os.environ.items() if k not in ("PADDLE_LOCAL_SIZE", "OMP_NUM_THREADS")}
+            procs[name] = stack.enter_context(started([sys.executable, "-c", probe], env={**env, **extra}, text=True,
+                                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        for name, (_, expected) in cases.items():
+            out, _ = procs[name].communicate(timeout=120)
+            assert int(out.split()[-1]) == expected, name
 
 
 # --- end to end -------------------------------------------------------------------------------
 
+@pytest.mark.timeout(600)  # two launches, 300 s each at most
 @pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_on_the_global_batch_and_write_once(tmp_path):
     single_dir = tmp_path / "single"
-    single = subprocess.Popen(TRAIN + ARGS + ["data.batch_size=32", f"hydra.run.dir={single_dir}"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # No hydra.run.dir: both ranks must still pick the same timestamped directory.
-    launch = subprocess.run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs"), str(ROOT / "src" / "train.py")]
-                            + ARGS + ["data.batch_size=16"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
-    single_out = single.communicate(timeout=300)[0]
+    with started(TRAIN + ARGS + ["data.batch_size=32", f"hydra.run.dir={single_dir}"], tmp_path,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as single:
+        # No hydra.run.dir: both ranks must still pick the same timestamped directory.
+        launch = run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs"), str(ROOT / "src" / "train.py")]
+                     + ARGS + ["data.batch_size=16"], cwd=tmp_path)
+        single_out = single.communicate(timeout=300)[0]
     assert single.returncode == 0, single_out[-2000:]
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
 
@@ -156,9 +158,8 @@ def test_two_ranks_train_what_one_process_trains_on_the_global_batch_and_write_o
     shutil.copytree(dist_dir, resumed)
     (resumed / "result.csv").unlink()
     shutil.rmtree(resumed / "checkpoints" / "epoch_0002")
-    again = subprocess.run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs_2"), str(ROOT / "src" / "train.py")]
-                           + ARGS + ["data.batch_size=16", f"hydra.run.dir={resumed}"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    again = run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs_2"), str(ROOT / "src" / "train.py")]
+                + ARGS + ["data.batch_size=16", f"hydra.run.dir={resumed}"], cwd=tmp_path)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert "resuming from" in (resumed / "train.log").read_text()
     assert "resuming from" in (resumed / "train.rank1.log").read_text()
@@ -167,6 +168,7 @@ def test_two_ranks_train_what_one_process_trains_on_the_global_batch_and_write_o
     assert read_csv(resumed / "result.csv")[0]["status"] == "completed"
 
 
+@pytest.mark.timeout(600)  # two launches, 300 s each at most
 @pytest.mark.slow
 def test_two_rank_resume_continues_each_ranks_random_stream(tmp_path):
     """With drop path on, each rank draws its own random numbers: a resumed two-rank run must
@@ -175,9 +177,8 @@ def test_two_rank_resume_continues_each_ranks_random_stream(tmp_path):
     args += ["model.drop_path_rate=0.3", "data.batch_size=16"]
 
     def launch(run_dir, logs):
-        proc = subprocess.run(LAUNCH + ["--log_dir", str(tmp_path / logs), str(ROOT / "src" / "train.py")]
-                              + args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300)
+        proc = run(LAUNCH + ["--log_dir", str(tmp_path / logs), str(ROOT / "src" / "train.py")]
+                   + args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     straight = tmp_path / "straight"
@@ -194,6 +195,7 @@ def test_two_rank_resume_continues_each_ranks_random_stream(tmp_path):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+@pytest.mark.timeout(1200)  # its launch may take 900 s
 @pytest.mark.slow
 def test_to_static_with_two_ranks_still_averages_the_gradients(tmp_path):
     """trainer.to_static under DataParallel: the model's forward is converted inside the wrapper,
@@ -202,12 +204,11 @@ def test_to_static_with_two_ranks_still_averages_the_gradients(tmp_path):
     args = [arg for arg in ARGS if not arg.startswith("schedule.epochs")] + [
         "schedule.epochs=1", "trainer.to_static=true"]
     single_dir, dist_dir = tmp_path / "single", tmp_path / "dist"
-    single = subprocess.Popen(TRAIN + args + ["data.batch_size=32", f"hydra.run.dir={single_dir}"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launch = subprocess.run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs"), str(ROOT / "src" / "train.py")]
-                            + args + ["data.batch_size=16", f"hydra.run.dir={dist_dir}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=900)
-    single_out = single.communicate(timeout=900)[0]
+    with started(TRAIN + args + ["data.batch_size=32", f"hydra.run.dir={single_dir}"], tmp_path,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as single:
+        launch = run(LAUNCH + ["--log_dir", str(tmp_path / "launch_logs"), str(ROOT / "src" / "train.py")]
+                     + args + ["data.batch_size=16", f"hydra.run.dir={dist_dir}"], cwd=tmp_path, timeout=900)
+        single_out = single.communicate(timeout=900)[0]
     assert single.returncode == 0, single_out[-2000:]
     assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
     assert read_csv(dist_dir / "result.csv")[0]["status"] == "completed"

@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
-from helpers import TRAIN, read_csv, run
+from helpers import QUICK, TRAIN, read_csv, run
 from omegaconf import OmegaConf
 
 from convitlab.engine import amp, rng
@@ -28,8 +28,7 @@ GPUS = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 
 WHY = ("this Paddle is the CPU build (make setup EXTRAS=gpu,cluster,dev installs the GPU build)"
        if not paddle.is_compiled_with_cuda() else "Paddle sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason=f"needs a GPU: {WHY}")]
-QUICK = ["schedule.epochs=2", "schedule.scale_epochs=false", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
-         "trainer.locality_batch_size=16", "trainer.progress_bar=false", "trainer.device=gpu"]
+GPU_QUICK = [*QUICK, "schedule.scale_epochs=false", "trainer.device=gpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +131,7 @@ def test_bf16_training_step_or_its_refusal():
 
 def test_fp16_run_end_to_end_and_its_resume(tmp_path):
     run_dir = tmp_path / "run"
-    args = TRAIN + QUICK + ["trainer.amp=fp16", "model.drop_path_rate=0.1", f"hydra.run.dir={run_dir}"]
+    args = TRAIN + GPU_QUICK + ["trainer.amp=fp16", "model.drop_path_rate=0.1", f"hydra.run.dir={run_dir}"]
     first = run(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     row = read_csv(run_dir / "result.csv")[0]

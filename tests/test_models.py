@@ -55,7 +55,6 @@ def test_every_model_forward_backward_save_load(name, tmp_path):
 def test_deit_and_convit_micro_differ_only_in_locality():
     convit, deit = model_defaults("convit_micro"), model_defaults("deit_micro")
     assert convit.pop("local_up_to_layer") > 0 and deit.pop("local_up_to_layer") == 0
-    convit.pop("locality_strength")
     assert convit == deit
 
 

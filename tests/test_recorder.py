@@ -1,14 +1,12 @@
 """The result row comes from the loop's state (LoopState, kept in every checkpoint), not from
 re-reading metrics.csv: it agrees with the rows the Recorder wrote, also after a resume that has
 no epoch left to train and when a run diverges between evaluations."""
-from helpers import compose_train, read_csv
+from helpers import QUICK, compose_train, read_csv
 
 from convitlab.engine import trainer
 from convitlab.engine.run import run_training
 from convitlab.run_folder import RunFolder
 
-QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
-         "trainer.measure_locality=false", "trainer.progress_bar=false"]
 # result.csv column <- the metrics.csv column it reports
 FINAL = {"top1": "val_top1", "top5": "val_top5", "final_val_loss": "val_loss", "final_train_loss": "train_loss"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EVAL, ROOT, TRAIN, read_csv, run, without_timings
+from helpers import EVAL, QUICK, ROOT, TRAIN, read_csv, run, started, trained, without_timings
 
 from convitlab.engine import run_lock
 from convitlab.run_folder import RunFolder
@@ -24,12 +24,11 @@ FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: a full disk where asked
 # Long enough to be caught mid-run: 6 epochs of 8 steps (a few seconds per epoch on 2 cores).
 LONG = ["schedule.epochs=6", "trainer.max_steps_per_epoch=8", "data.batch_size=32", "trainer.locality_batch_size=16",
         "trainer.progress_bar=false", "model.drop_path_rate=0.1"]
-SHORT = ["schedule.epochs=3", "trainer.max_steps_per_epoch=3", "data.batch_size=32", "trainer.locality_batch_size=16",
-         "trainer.progress_bar=false"]
+SHORT = ["schedule.epochs=3", *(o for o in QUICK if not o.startswith("schedule.epochs="))]
 
 
-def start(args, cwd, env=None):
-    return subprocess.Popen(TRAIN + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def start(args, cwd):
+    return started(TRAIN + args, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, process=None, timeout=240):
@@ -80,18 +79,14 @@ def wait_for_job_checkpoint(sweep: Path, override: str, process, timeout=240):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The LONG run, uninterrupted: what a stopped and resumed run must end with."""
-    work = tmp_path_factory.mktemp("straight")
-    proc = run(TRAIN + LONG + [f"hydra.run.dir={work / 'run'}"], cwd=work)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return work / "run"
+    return trained(tmp_path_factory.mktemp("straight"), LONG)
 
 
 # --- 1. one process per run directory ----------------------------------------------------------
 
 def test_a_second_process_on_a_run_directory_refuses_naming_the_holder_and_touches_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    try:
+    with start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path) as first:
         wait_for(run_dir / "checkpoints" / "epoch_0001", first)
         os.kill(first.pid, signal.SIGSTOP)  # frozen: it holds the directory but writes nothing meanwhile
         before = snapshot(run_dir)
@@ -99,10 +94,6 @@ def test_a_second_process_on_a_run_directory_refuses_naming_the_holder_and_touch
         after = snapshot(run_dir)
         os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            os.kill(first.pid, signal.SIGCONT)
-            first.kill()
     assert second.returncode == 2 and "Traceback" not in second.stderr
     line = last_line(second.stderr)
     assert line.startswith(f"error: run directory {run_dir} is in use by process {first.pid} on "
@@ -117,10 +108,10 @@ def test_a_second_process_on_a_run_directory_refuses_naming_the_holder_and_touch
 
 def test_a_killed_runs_lock_is_taken_over_with_a_log_line(tmp_path):
     run_dir = tmp_path / "run"
-    killed = start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    wait_for(run_dir / "checkpoints" / "epoch_0001", killed)
-    killed.kill()
-    killed.communicate()
+    with start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path) as killed:
+        wait_for(run_dir / "checkpoints" / "epoch_0001", killed)
+        killed.kill()
+        killed.communicate()
     holder = json.loads(RunFolder(run_dir).lock.read_text())
     assert holder["pid"] == killed.pid and holder["host"] == socket.gethostname()
     again = run(TRAIN + LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -179,18 +170,15 @@ def test_a_relaunched_sweep_reports_the_job_in_use_and_runs_the_others(tmp_path)
 
 # --- 2. SIGTERM and SIGINT -----------------------------------------------------------------------
 
+@pytest.mark.timeout(600)  # the straight run, then stop and resume
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_exactly(tmp_path, signum, straight):
     run_dir = tmp_path / "run"
-    proc = start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    try:
+    with start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path) as proc:
         wait_for(run_dir / "checkpoints" / "epoch_0001", proc)
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     name = signal.Signals(signum).name
     assert proc.returncode == 128 + signum, err[-2000:]
     assert "Traceback" not in err + out  # neither Python's nor Paddle's C++ one
@@ -236,18 +224,15 @@ def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.timeout(600)  # a sweep of two stopped, then resumed
 @pytest.mark.slow
 def test_a_stopped_sweep_stops_its_job_starts_no_other_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     command = TRAIN + ["-m", "model=convit_micro,deit_micro", f"hydra.sweep.dir={sweep}"] + LONG
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(command, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         first = wait_for_job_checkpoint(sweep, "model=convit_micro", proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in out + err
     assert last_line(err).startswith("sweep stopped by SIGTERM") and "run the same command again" in last_line(err)
@@ -303,8 +288,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")])),
            "CONVITLAB_TEST_FULL_DISK": ".tmp-epoch_0002"}
-    proc = subprocess.run(TRAIN + SHORT + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run(TRAIN + SHORT + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env)
     assert_disk_full_reported(proc, run_dir, "model.pdparams")
     resume_after_freeing_space(run_dir, tmp_path)
 
@@ -312,8 +296,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     try:
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True, timeout=30).returncode == 0
+        return run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -328,10 +311,10 @@ def test_a_really_full_disk(tmp_path):
         run_dir = disk / "run"
         proc = run(TRAIN + SHORT + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
         assert_disk_full_reported(proc, run_dir, None)
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True, timeout=30)
+        assert run(["mount", "-o", "remount,size=64m", str(disk)], timeout=30).returncode == 0
         resume_after_freeing_space(run_dir, tmp_path)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+        run(["umount", "-l", str(disk)], timeout=30)
 
 
 # --- 4. weights from outside never run code ------------------------------------------------------
@@ -357,7 +340,7 @@ def test_the_crafted_file_does_run_code_when_unpickled_as_paddle_load_would(tmp_
     """The control: the file is hostile, so the refusals below are what keeps the marker away."""
     marker = tmp_path / "marker"
     crafted = crafted_pdparams(tmp_path / "crafted.pdparams", marker)
-    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(crafted)!r}, 'rb'))"], timeout=60)
+    run([sys.executable, "-c", f"import pickle; pickle.load(open({str(crafted)!r}, 'rb'))"], timeout=60)
     assert marker.exists()
 
 
@@ -372,7 +355,8 @@ def test_a_crafted_pdparams_is_refused_in_one_line_and_runs_nothing(tmp_path, en
         proc = run(TRAIN + SHORT + [f"model.pretrained={crafted}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
         assert read_csv(run_dir / "result.csv")[0]["status"] == "failed" and not (run_dir / "checkpoints").exists()
     else:
-        proc = run(CONVERT + [str(crafted), str(tmp_path / "out.pdparams"), "model=convit_micro"], cwd=tmp_path)
+        proc = run(CONVERT + [f"source={crafted}", f"target={tmp_path / 'out.pdparams'}", "model=convit_micro"],
+                   cwd=tmp_path)
         assert not (tmp_path / "out.pdparams").exists()
     assert not marker.exists()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

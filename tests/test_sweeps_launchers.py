@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TRAIN, read_csv, run
+from helpers import ROOT, TRAIN, read_csv, run, started
 from hydra import compose, initialize_config_dir
 
 from convitlab.config import register_configs
@@ -34,6 +34,7 @@ def summary(sweep_dir):
 
 # --- joblib -----------------------------------------------------------------------------------
 
+@pytest.mark.timeout(600)  # the sweep twice
 @pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_survives_a_failure_and_reruns_only_what_is_unfinished(tmp_path):
     sweep = tmp_path / "sweep"
@@ -113,18 +114,17 @@ def submitit_tasks(marker: str) -> list:
     return pids
 
 
+@pytest.mark.timeout(600)  # 8 epochs, requeued once
 @pytest.mark.slow
 def test_preempted_submitit_job_is_requeued_into_the_same_directory_and_resumes(tmp_path):
     """SLURM signals a job (USR2) before preempting it or at its time limit; submitit then calls
     the launcher's checkpoint(), which resubmits the same job: same overrides, same job dir.
     The local executor does the same with a restart, so the whole path runs here."""
     sweep = tmp_path / "sweep"
-    sweep_proc = subprocess.Popen(TRAIN + ["-m", "hydra/launcher=submitit_local", "model=convit_micro",
-                                           f"hydra.sweep.dir={sweep}", "schedule.epochs=8",
-                                           "trainer.max_steps_per_epoch=8", "data.batch_size=32",
-                                           "trainer.locality_batch_size=16", "trainer.progress_bar=false"],
-                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with started(TRAIN + ["-m", "hydra/launcher=submitit_local", "model=convit_micro", f"hydra.sweep.dir={sweep}",
+                          "schedule.epochs=8", "trainer.max_steps_per_epoch=8", "data.batch_size=32",
+                          "trainer.locality_batch_size=16", "trainer.progress_bar=false"],
+                 tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sweep_proc:
         deadline = time.time() + 180
         while not list(sweep.glob("*/checkpoints/epoch_0002")) and time.time() < deadline:
             time.sleep(0.05)
@@ -134,9 +134,6 @@ def test_preempted_submitit_job_is_requeued_into_the_same_directory_and_resumes(
         assert len(tasks) == 1
         os.kill(tasks[0], signal.SIGUSR2)  # what SLURM sends before preemption or the time limit
         out, _ = sweep_proc.communicate(timeout=240)
-    finally:
-        if sweep_proc.poll() is None:
-            sweep_proc.kill()
     assert sweep_proc.returncode == 0, out[-3000:]
     submitit_logs = "".join(p.read_text() for p in sorted((sweep / ".submitit").rglob("*_log.*")))
     assert "this job is preempted" in submitit_logs and "Requeued job" in submitit_logs, submitit_logs[-3000:]

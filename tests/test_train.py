@@ -2,26 +2,12 @@
 import time
 
 import pytest
-from helpers import EVAL, ROOT, TRAIN, kill_after_checkpoint, read_csv, run, without_timings
-from hydra import compose, initialize_config_dir
-
-from convitlab.config import register_configs
-
-# Small and quick, but every stage of a run: 2 epochs of a few steps on digits.
-QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=32",
-         "trainer.locality_batch_size=16", "trainer.progress_bar=false"]
-register_configs()
+from builders import make_image_folder, write_fake_cifar
+from helpers import EVAL, QUICK, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
 
 
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
-def test_entry_point_writes_every_output(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_entry_point_writes_every_output(tiny_run):
+    run_dir = tiny_run  # TRAIN + QUICK
     result = read_csv(run_dir / "result.csv")
     assert len(result) == 1 and result[0]["status"] == "completed"
     row = result[0]
@@ -51,10 +37,8 @@ def test_compose_api_run_and_fraction(tmp_path):
     assert len(subset) <= 0.1 * 1437 + 10
 
 
-def test_finished_run_is_reported_not_retrained_and_other_config_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    first = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_finished_run_is_reported_not_retrained_and_other_config_refused(tmp_path, tiny_run):
+    run_dir = tiny_run  # TRAIN + QUICK, finished
     before = (run_dir / "metrics.csv").read_text()
     start = time.time()
     again = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -67,6 +51,7 @@ def test_finished_run_is_reported_not_retrained_and_other_config_refused(tmp_pat
     assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"  # untouched
 
 
+@pytest.mark.timeout(600)  # three runs of 4 epochs
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", [False, True])
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, ema):
@@ -90,10 +75,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, ema):
     assert read_csv(killed / "locality.csv") == read_csv(straight / "locality.csv")
 
 
-def test_damaged_checkpoint_is_reported_in_one_line(tmp_path):
-    run_dir = tmp_path / "run"
+def test_damaged_checkpoint_is_reported_in_one_line(tmp_path, tiny_run):
+    run_dir = tiny_run  # finished by args
     args = TRAIN + QUICK + [f"hydra.run.dir={run_dir}"]
-    assert run(args, cwd=tmp_path).returncode == 0
     (run_dir / "result.csv").unlink()  # make it look unfinished
     model = run_dir / "checkpoints" / "epoch_0002" / "model.pdparams"
     model.write_bytes(model.read_bytes()[:100])
@@ -134,11 +118,14 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("ema", [False, True])
-def test_eval_of_a_saved_checkpoint(tmp_path, ema):
+def test_eval_of_a_saved_checkpoint(tmp_path, ema, request):
     """best.pdparams holds the weights that scored best_top1 (the EMA's when EMA is on)."""
-    run_dir = tmp_path / "run"
-    extra = ["trainer.ema=true", "trainer.ema_decay=0.5"] if ema else []
-    assert run(TRAIN + QUICK + extra + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    if ema:
+        run_dir = tmp_path / "run"
+        extra = ["trainer.ema=true", "trainer.ema_decay=0.5"]
+        assert run(TRAIN + QUICK + extra + [f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    else:
+        run_dir = request.getfixturevalue("tiny_run")  # TRAIN + QUICK
     trained = read_csv(run_dir / "result.csv")[0]
     out = tmp_path / "eval"
     proc = run(EVAL + [f"ckpt={run_dir}/checkpoints/best.pdparams", f"hydra.run.dir={out}"], cwd=tmp_path)
@@ -185,12 +172,9 @@ def test_unknown_group_option_fails_at_composition(tmp_path):
         assert proc.returncode != 0 and "Could not find" in proc.stderr, override
 
 
-def test_cifar_and_image_folder_runs_through_the_entry_point(tmp_path):
+def test_cifar_and_image_folder_runs_through_the_entry_point(tmp_path, cifar10_archive, image_folder):
     """The real archive and folder formats, made small here, trained end to end."""
-    from test_data import make_image_folder, write_fake_cifar
-
-    write_fake_cifar(tmp_path / "cifar", "cifar10")
-    cifar = run(TRAIN + QUICK + ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.checksum=false",
+    cifar = run(TRAIN + QUICK + ["data=cifar10", f"data.root={cifar10_archive}", "data.checksum=false",
                                  "data.img_size=16", "data.batch_size=8", "data.num_workers=0",
                                  f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
     assert cifar.returncode == 0, cifar.stderr[-2000:]
@@ -198,18 +182,15 @@ def test_cifar_and_image_folder_runs_through_the_entry_point(tmp_path):
     assert row["status"] == "completed" and row["dataset"] == "cifar10" and row["img_size"] == "16"
     assert len(read_csv(tmp_path / "c" / "subset.csv")) == 30  # every image of the fake archive's 5 batches
 
-    images = make_image_folder(tmp_path / "images")
-    folder = run(TRAIN + QUICK + ["data=imagefolder", f"data.root={images}", "data.num_classes=2", "data.img_size=16",
-                                  "data.batch_size=2", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'f'}"],
-                 cwd=tmp_path)
+    folder = run(TRAIN + QUICK + ["data=imagefolder", f"data.root={image_folder}", "data.num_classes=2",
+                                  "data.img_size=16", "data.batch_size=2", "data.num_workers=0",
+                                  f"hydra.run.dir={tmp_path / 'f'}"], cwd=tmp_path)
     assert folder.returncode == 0, folder.stderr[-2000:]
     assert read_csv(tmp_path / "f" / "result.csv")[0]["status"] == "completed"
 
 
 def test_bad_data_files_fail_in_one_line(tmp_path):
     """Corrupt or incomplete data through the entry point: one line naming the file, status failed."""
-    from test_data import make_image_folder, write_fake_cifar
-
     write_fake_cifar(tmp_path / "cifar", "cifar10")  # not the official bytes: its MD5 differs
     empty = make_image_folder(tmp_path / "empty")
     (empty / "train" / "bird").mkdir()

@@ -21,11 +21,11 @@ def main():
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mode", default="train", choices=["infer", "train"])
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args()
-    model = bench.build(args.model, args.variant, args.img, args.patch, 1000)
-    x = paddle.randn([args.batch, 3, args.img, args.img])
-    labels = paddle.randint(0, 1000, [args.batch])
+    model = bench.build(args.model, args.variant, args.img, args.patch, args.num_classes)
+    x = paddle.randn([args.batch, model.patch_embed.proj.weight.shape[1], args.img, args.img])  # the model's channels
+    labels = paddle.randint(0, args.num_classes, [args.batch])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
 
     def step():

@@ -14,7 +14,7 @@ import torch
 
 COLUMNS = ["framework", "model", "variant", "to_static", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
-           "achieved_gflops"]
+           "achieved_gflops", "framework_version"]
 
 
 def import_timm():
@@ -43,7 +43,15 @@ def main():
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mode", choices=["infer", "train"], default="infer")
+    parser.add_argument("--variant", default="timm", help="the row's label (bench.py: timm, timm_local0)")
+    # The sizes of timm's ConVit class (embed_dim per head, as in convitlab); unset: timm's for --model.
+    parser.add_argument("--in-chans", type=int, default=3)
+    parser.add_argument("--embed-dim", type=int)
+    parser.add_argument("--num-heads", type=int)
+    parser.add_argument("--depth", type=int)
+    parser.add_argument("--mlp-ratio", type=float)
     parser.add_argument("--local-up-to-layer", type=int, help="0: the same size with locality off")
+    parser.add_argument("--locality-strength", type=float)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -52,10 +60,13 @@ def main():
     timm = import_timm()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    extra = {} if args.local_up_to_layer is None else {"local_up_to_layer": args.local_up_to_layer}
-    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size, patch_size=args.patch_size,
-                              num_classes=args.num_classes, **extra).to(device)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    sizes = {k: getattr(args, k) for k in ("embed_dim", "num_heads", "depth", "mlp_ratio", "local_up_to_layer",
+                                           "locality_strength") if getattr(args, k) is not None}
+    # timm registers only the paper's sizes; any other (e.g. convit_micro) is its convit_tiny resized
+    name = args.model if args.model in timm.list_models("convit_*") else "convit_tiny"
+    model = timm.create_model(name, pretrained=False, img_size=args.img_size, patch_size=args.patch_size,
+                              in_chans=args.in_chans, num_classes=args.num_classes, **sizes).to(device)
+    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     if args.mode == "infer":
         model.eval()
@@ -99,12 +110,13 @@ def main():
     writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerow(dict(
-        framework="torch", model=args.model, variant="timm" if args.local_up_to_layer is None else "timm_local0",
+        framework="torch", model=args.model, variant=args.variant,
         to_static=False, device=device, threads=torch.get_num_threads(), img_size=args.img_size,
         patch_size=args.patch_size, batch_size=args.batch_size, mode=args.mode,
         img_per_s=round(args.batch_size / seconds, 2), ms_per_batch=round(1000 * seconds, 1),
         peak_mem_mb=round(peak, 1), rss_growth_mb=round(rss_growth, 1), gflops_per_img=args.gflops_per_img,
-        achieved_gflops=round(args.gflops_per_img * args.batch_size / seconds, 1)))
+        achieved_gflops=round(args.gflops_per_img * args.batch_size / seconds, 1),
+        framework_version=f"torch {torch.__version__} timm {timm.__version__}"))
 
 
 if __name__ == "__main__":

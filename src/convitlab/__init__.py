@@ -1,6 +1,5 @@
-"""convitlab: what a convolutional inductive bias buys a Vision Transformer."""
-from convitlab.runtime import configure_paddle_threads
+"""convitlab: what a convolutional inductive bias buys a Vision Transformer.
 
-configure_paddle_threads()
-
+Importing it has no side effects; code that runs Paddle calls convitlab.runtime.setup() first.
+"""
 __version__ = "0.1.0"

@@ -543,6 +543,7 @@ def markdown_table(comparison) -> str:
 
 def _figure(ncols=1, width=6.4, height=4.4, sharey=False):
     """A figure with one row of `ncols` axes, drawn by Agg (no display, no pyplot state)."""
+    # matplotlib only where a plot is drawn: --no-plots and the tables start without its import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,87 +1,154 @@
 """The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
 
-Hydra checks types and unknown keys while composing; `validate` then checks values, so a
-bad value fails before any work with one line naming the key, the value and what is allowed.
+Hydra checks types, unknown keys and the closed choices (enums) while composing. Each range
+rule sits beside its field (`ranged`); `validate` applies them all, then the checks that span
+fields or groups, so a bad value fails before any work with one line naming the key, the
+value and what is allowed.
 """
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+import os
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-from convitlab.errors import check, bad_value
+from convitlab.config_errors import check_known_keys
+from convitlab.errors import bad_value, check
+from convitlab.models.sizes import list_models, model_defaults, size_knobs
+from convitlab.run_record import sweep_exclude_keys
+
+
+class Choice(str, Enum):
+    """A closed choice: Hydra refuses any other value while composing; it prints and compares as its value."""
+
+    def __str__(self):
+        return self.value
+
+    __format__ = str.__format__
+    __repr__ = str.__repr__  # errors quote it as the string the user typed: trainer.amp='fp16'
+
+
+def _choice(name, *values):
+    return Choice(name, [(v, v) for v in values])
+
+
+DatasetName = _choice("DatasetName", "digits", "cifar10", "cifar100", "imagefolder")
+SubsetRule = _choice("SubsetRule", "random", "first")  # first: the reference's first files in sorted order
+OptimizerName = _choice("OptimizerName", "adamw", "adam", "sgd")
+ScheduleName = _choice("ScheduleName", "cosine", "constant")
+Device = _choice("Device", "auto", "cpu", "gpu")
+Precision = _choice("Precision", "off", "fp16", "bf16")  # mixed precision on a GPU
+ChannelAdapt = _choice("ChannelAdapt", "sum", "mean")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: `test` says whether it is, `allowed` says it in words."""
+    test: Callable[[Any], bool]
+    allowed: str
+
+    def or_null(self):
+        return Rule(lambda v: v is None or self.test(v), f"{self.allowed} or null")
+
+
+def at_least(low, kind="a number"):
+    return Rule(lambda v: v >= low, f"{kind} >= {low}")
+
+
+def above(low):
+    return Rule(lambda v: v > low, f"a number > {low}")
+
+
+def unit_interval(low_open=False, high_open=False):
+    """A number in [0, 1], either end open."""
+    return Rule(lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1),
+                f"a number in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+POSITIVE_INT = at_least(1, "an int")
+
+
+def ranged(default, rule: Rule, note: str = ""):
+    """A field with its range rule beside it (applied by `validate`); `note` is added to the rule's words."""
+    if note:
+        rule = Rule(rule.test, f"{rule.allowed} ({note})")
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass
 class ModelConfig:
+    """A named size's knobs: the `model` group is generated from models/sizes.py (register_configs)."""
     name: str = MISSING                # a name from convitlab.models.list_models()
     img_size: Any = "${data.img_size}"  # int or [H, W]
-    patch_size: int = "${data.patch_size}"  # type: ignore[assignment]
-    in_chans: int = "${data.in_chans}"  # type: ignore[assignment]
-    num_classes: int = "${data.num_classes}"  # type: ignore[assignment]
-    embed_dim: int = MISSING           # per head, as in the reference
-    num_heads: int = MISSING
-    depth: int = MISSING
-    mlp_ratio: float = 4.0
+    patch_size: int = ranged("${data.patch_size}", POSITIVE_INT)  # type: ignore[arg-type]
+    in_chans: int = ranged("${data.in_chans}", POSITIVE_INT)  # type: ignore[arg-type]
+    num_classes: int = ranged("${data.num_classes}", POSITIVE_INT)  # type: ignore[arg-type]
+    embed_dim: int = ranged(MISSING, POSITIVE_INT)  # per head, as in the reference
+    num_heads: int = ranged(MISSING, POSITIVE_INT)
+    depth: int = ranged(MISSING, POSITIVE_INT)
+    mlp_ratio: float = ranged(MISSING, above(0))
     local_up_to_layer: int = MISSING   # number of leading GPSA blocks; 0 = DeiT-style ViT
-    locality_strength: float = 1.0
-    use_local_init: bool = True
-    train_gating: bool = True
-    train_gpsa: bool = True
-    use_pos_embed: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
-    pretrained: Optional[str] = None   # train.py: start from these weights (convitlab/finetune.py)
+    locality_strength: float = ranged(MISSING, at_least(0))
+    use_local_init: bool = MISSING
+    train_gating: bool = MISSING
+    train_gpsa: bool = MISSING
+    use_pos_embed: bool = MISSING
+    drop_rate: float = ranged(MISSING, unit_interval(high_open=True))
+    attn_drop_rate: float = ranged(MISSING, unit_interval(high_open=True))
+    drop_path_rate: float = ranged(MISSING, unit_interval(high_open=True))
+    pretrained: Optional[str] = ranged(None, Rule(lambda v: v is None or v.strip() != "",
+                                                  "a .safetensors, .pth or .pdparams file, or null"))
 
 
 @dataclass
 class AugmentConfig:
     random_crop: bool = False          # pad then crop back to img_size
-    crop_padding: int = 1
+    crop_padding: int = ranged(1, at_least(0, "an int"))
     random_resized_crop: bool = False  # ImageNet-style scale/aspect jitter
     hflip: bool = False
     randaugment: bool = False
-    randaugment_ops: int = 2
+    randaugment_ops: int = ranged(2, at_least(0, "an int"))
     randaugment_magnitude: int = 9
     randaugment_magnitude_std: float = 0.5
-    random_erasing: float = 0.0        # probability per image
-    mixup: float = 0.0                 # Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0                # Beta(alpha, alpha); 0 = off
-    mix_prob: float = 1.0              # probability a batch is mixed at all
-    mix_switch_prob: float = 0.5       # with both on: probability of cutmix over mixup
+    random_erasing: float = ranged(0.0, unit_interval(), "probability per image")
+    mixup: float = ranged(0.0, at_least(0), "Beta(alpha, alpha); 0 = off")
+    cutmix: float = ranged(0.0, at_least(0), "Beta(alpha, alpha); 0 = off")
+    mix_prob: float = ranged(1.0, unit_interval())          # probability a batch is mixed at all
+    mix_switch_prob: float = ranged(0.5, unit_interval())   # with both on: probability of cutmix over mixup
 
 
 @dataclass
 class DataConfig:
-    name: str = MISSING                # digits | cifar10 | cifar100 | imagefolder
+    name: DatasetName = MISSING
     root: Optional[str] = None         # where the files are (cifar, imagefolder)
     download: bool = False             # cifar: let Paddle download when online
     checksum: bool = True              # cifar: check the archive's MD5 against the official one
     img_size: Any = MISSING            # int or [H, W] fed to the model
-    patch_size: int = MISSING          # the patch the model uses at this resolution
-    in_chans: int = 3
-    num_classes: int = MISSING
+    patch_size: int = ranged(MISSING, POSITIVE_INT)  # the patch the model uses at this resolution
+    in_chans: int = ranged(3, Rule(lambda v: v in (1, 3), "1 or 3"))
+    num_classes: int = ranged(MISSING, POSITIVE_INT)
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    fraction: float = 1.0              # per-class fraction of the training split kept
-    subset: str = "random"             # random | first (the reference: first files in sorted order)
+    fraction: float = ranged(1.0, unit_interval(low_open=True))  # per-class fraction of the training split kept
+    subset: SubsetRule = SubsetRule.random
     subset_seed: Optional[int] = None  # None: the run's seed
-    val_split: float = 0.2             # digits only: share held out for validation
+    val_split: float = ranged(0.2, unit_interval(low_open=True, high_open=True))  # digits: share held out
     split_seed: int = 0                # digits only: the fixed train/validation split
-    batch_size: int = 64
-    eval_batch_size: Optional[int] = None  # None: batch_size
+    batch_size: int = ranged(64, POSITIVE_INT)
+    eval_batch_size: Optional[int] = ranged(None, POSITIVE_INT.or_null())  # None: batch_size
     drop_last: bool = True
-    num_workers: int = 0
+    num_workers: int = ranged(0, at_least(0, "an int"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"                # adamw | adam | sgd
-    lr: float = 1e-3
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = ranged(1e-3, at_least(0), "0 trains nothing: a check of model.pretrained")
     scale_lr: bool = False             # lr × global batch / 512, as the reference
-    weight_decay: float = 0.05
+    weight_decay: float = ranged(0.05, at_least(0))
     no_decay_on_1d: bool = True        # the reference groups: no decay on biases, norms, pos_embed, cls_token, gating
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -91,40 +158,42 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"               # cosine | constant
-    epochs: int = 30
+    name: ScheduleName = ScheduleName.cosine
+    epochs: int = ranged(30, POSITIVE_INT)
     scale_epochs: bool = True          # lengths count full-data epochs: × 1/fraction passes (engine/protocol.py)
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    warmup_epochs: float = ranged(0.0, at_least(0))
+    warmup_lr: float = ranged(1e-6, at_least(0))
+    min_lr: float = ranged(1e-5, at_least(0))
 
 
 @dataclass
 class FinetuneConfig:
     """How a run started from model.pretrained trains (convitlab/finetune.py)."""
     freeze_patch_embed: bool = False   # the patch convolution keeps the file's filters
-    freeze_blocks: int = 0             # the first k blocks keep the file's weights
-    backbone_lr_scale: float = 1.0     # everything but the head trains at optimizer.lr x this
-    channel_adapt: str = "sum"         # 3-channel filters onto 1-channel data: sum | mean
+    freeze_blocks: int = 0             # the first k blocks keep the file's weights (checked against model.depth)
+    backbone_lr_scale: float = ranged(1.0, at_least(0), "1: the head's learning rate; 0: only the head trains")
+    channel_adapt: ChannelAdapt = ChannelAdapt.sum  # 3-channel filters onto 1-channel data
     checkpoints: Dict[str, str] = field(default_factory=dict)  # model name -> file (experiment=finetune)
 
 
 @dataclass
 class TrainerConfig:
-    device: str = "auto"               # auto | cpu | gpu
-    amp: str = "off"                   # off | fp16 | bf16 (GPU)
-    label_smoothing: float = 0.1
-    grad_clip: Optional[float] = None  # max global gradient norm
+    device: Device = Device.auto
+    amp: Precision = Precision.off
+    label_smoothing: float = ranged(0.1, unit_interval(high_open=True))
+    grad_clip: Optional[float] = ranged(None, above(0).or_null())  # max global gradient norm
     ema: bool = False
-    ema_decay: float = 0.999
-    resume: Any = "auto"               # auto: continue an unfinished run, report a finished one; false: start afresh
-    keep_checkpoints: int = 2          # checkpoint generations kept, so a torn one has a fallback
+    ema_decay: float = ranged(0.999, unit_interval(high_open=True))
+    # auto (or true): continue an unfinished run, report a finished one; false: start afresh
+    resume: Any = ranged("auto", Rule(lambda v: v in ("auto", False, True), "auto, true or false"))
+    keep_checkpoints: int = ranged(2, POSITIVE_INT)  # generations kept, so a torn one has a fallback
     save_best: bool = True
-    eval_every: Optional[int] = None   # epochs between evaluations and checkpoints (None: 1), scaled as schedule.epochs
+    # epochs between evaluations and checkpoints (None: 1), scaled as schedule.epochs
+    eval_every: Optional[int] = ranged(None, POSITIVE_INT.or_null())
     measure_locality: bool = True
-    locality_batch_size: int = 64      # images used to measure nonlocality each epoch
+    locality_batch_size: int = ranged(64, POSITIVE_INT)  # images used to measure nonlocality each epoch
     progress_bar: bool = True
-    max_steps_per_epoch: Optional[int] = None  # cut epochs short (debugging)
+    max_steps_per_epoch: Optional[int] = ranged(None, POSITIVE_INT.or_null(), "no limit")  # debugging
     to_static: bool = False            # paddle.jit.to_static the model
 
 
@@ -151,6 +220,23 @@ class EvalConfig:
     seed: int = 0
 
 
+@dataclass
+class ImageConfig:
+    """convert.py's `data`: the image the model sees (conf/convert.yaml: the size's published one)."""
+    img_size: Any = MISSING
+    patch_size: int = MISSING
+    in_chans: int = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class ConvertConfig:
+    model: ModelConfig = MISSING
+    data: ImageConfig = field(default_factory=ImageConfig)
+    source: str = MISSING              # timm's .safetensors, the authors' .pth or a .pdparams
+    target: str = MISSING              # the .pdparams to write
+
+
 def run_stamp() -> str:
     """A timestamp for the run directory that every rank of one distributed launch shares.
 
@@ -158,9 +244,6 @@ def run_stamp() -> str:
     launcher process, so its start time names the run; CONVITLAB_RUN_STAMP overrides it
     (set it, or hydra.run.dir, for runs across several nodes).
     """
-    import os
-    import time
-
     if os.environ.get("CONVITLAB_RUN_STAMP"):
         return os.environ["CONVITLAB_RUN_STAMP"]
     started = time.time()
@@ -178,30 +261,27 @@ def run_stamp() -> str:
 
 def rank_suffix() -> str:
     """'' for rank 0 of a distributed launch, '.rank<r>' for the others: one log file per rank."""
-    import os
-
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
     return f".rank{rank}" if rank else ""
 
 
 def register_configs() -> None:
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     if not OmegaConf.has_resolver("sweep_exclude_keys"):
-        from convitlab.run_record import sweep_exclude_keys
         OmegaConf.register_new_resolver("sweep_exclude_keys", sweep_exclude_keys)
     if not OmegaConf.has_resolver("rank_suffix"):
         OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
+    if not OmegaConf.has_resolver("published"):  # ${published:<model name>,<knob>}: the size's own value
+        OmegaConf.register_new_resolver("published", lambda name, knob: model_defaults(name)[knob])
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="convert_schema", node=ConvertConfig)
+    for name in list_models():  # `model=<name>`: one option per named size
+        cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "constant")
 
 
 def image_size_pair(value, key: str = "data.img_size"):
@@ -217,78 +297,55 @@ def image_size_pair(value, key: str = "data.img_size"):
     return pair
 
 
-def validate_data(d) -> None:
-    """Check the values of a data config alone (no model); validate and the data builders call it."""
-    check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
-    image_size_pair(d.img_size, "data.img_size")
-    check(d.in_chans in (1, 3), "data.in_chans", d.in_chans, "1 or 3")
-    check(len(d.mean) == d.in_chans and len(d.std) == d.in_chans, "data.mean", list(d.mean),
-          f"one value per channel (data.in_chans={d.in_chans})")
-    check(0 < d.fraction <= 1, "data.fraction", d.fraction, "a number in (0, 1]")
-    check(d.subset in ("random", "first"), "data.subset", d.subset, "random or first")
-    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an int >= 1")
-    check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size",
-          d.eval_batch_size, "an int >= 1 or null")
-    check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0")
-    check(d.name != "imagefolder" or d.root, "data.root", d.root, "the folder holding train/ and val/")
-    a = d.augment
-    check(a.crop_padding >= 0, "data.augment.crop_padding", a.crop_padding, "an int >= 0")
-    check(a.randaugment_ops >= 0, "data.augment.randaugment_ops", a.randaugment_ops, "an int >= 0")
-    for key in ("mixup", "cutmix"):
-        check(a[key] >= 0, f"data.augment.{key}", a[key], "a number >= 0 (0 = off)")
-    for key in ("mix_prob", "mix_switch_prob", "random_erasing"):
-        check(0 <= a[key] <= 1, f"data.augment.{key}", a[key], "a number in [0, 1]")
+def check_ranges(node, schema, prefix: str) -> None:
+    """Apply the range rule beside each field of `schema` (nested groups included) to `node`."""
+    for f in fields(schema):
+        value = node[f.name]
+        if is_dataclass(f.type):
+            check_ranges(value, f.type, f"{prefix}.{f.name}")
+        elif "rule" in f.metadata:
+            rule = f.metadata["rule"]
+            check(rule.test(value), f"{prefix}.{f.name}", value, rule.allowed)
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
+          "trainer": TrainerConfig, "finetune": FinetuneConfig}
 
 
 def validate(cfg) -> None:
-    """Check the values of a composed train or eval config; raise UserError on the first bad one."""
-    from convitlab.models import list_models
+    """Check the values of a composed train or eval config; raise UserError on the first bad one.
 
+    The data's checks come first: the model's image knobs follow the data's by default.
+    """
+    check_known_keys(cfg)  # a `+key=` Hydra let through
+    for group in ("data", *(g for g in GROUPS if g != "data")):
+        if group in cfg:
+            check_ranges(cfg[group], GROUPS[group], group)
     m, d = cfg.model, cfg.data
     check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
-    validate_data(d)
-    check(m.patch_size >= 1, "model.patch_size", m.patch_size, "an int >= 1")
-    for key in ("data.img_size", "model.img_size"):  # the data's first: the model's follows it
-        h, w = image_size_pair(cfg[key.split(".")[0]].img_size, key)
-        check(h % m.patch_size == 0 and w % m.patch_size == 0, key, cfg[key.split(".")[0]].img_size,
-              f"sides divisible by model.patch_size={m.patch_size}")
-    for key in ("embed_dim", "num_heads", "depth", "num_classes", "in_chans"):
-        check(m[key] >= 1, f"model.{key}", m[key], "an int >= 1")
-    # The model sees the data's images: another size or channel count fails deep in forward.
-    # (Both default to the data's values through ${data.*}; an explicit override may differ.)
-    check(image_size_pair(m.img_size, "model.img_size") == image_size_pair(d.img_size), "model.img_size",
-          m.img_size, f"the data's size (data.img_size={d.img_size}): set data.img_size instead")
-    check(m.in_chans == d.in_chans, "model.in_chans", m.in_chans,
-          f"the data's channels (data.in_chans={d.in_chans}): set data.in_chans instead")
+    # within a group
+    data_size = image_size_pair(d.img_size, "data.img_size")
+    check(len(d.mean) == d.in_chans and len(d.std) == d.in_chans, "data.mean", list(d.mean),
+          f"one value per channel (data.in_chans={d.in_chans})")
+    check(d.name != "imagefolder" or d.root, "data.root", d.root, "the folder holding train/ and val/")
     check(0 <= m.local_up_to_layer <= m.depth, "model.local_up_to_layer", m.local_up_to_layer,
           f"0..model.depth={m.depth}")
-    check(m.locality_strength >= 0, "model.locality_strength", m.locality_strength, "a number >= 0")
-    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        check(0 <= m[key] < 1, f"model.{key}", m[key], "a number in [0, 1)")
-    t = cfg.trainer
-    check(t.device in ("auto", "cpu", "gpu"), "trainer.device", t.device, "auto, cpu or gpu")
-    check(t.amp in ("off", "fp16", "bf16"), "trainer.amp", t.amp, "off, fp16 or bf16")
-    check(t.resume in ("auto", False, True), "trainer.resume", t.resume, "auto, true or false")
-    check(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing, "a number in [0, 1)")
-    check(t.eval_every is None or t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an int >= 1 or null")
-    check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an int >= 1")
-    check(0 <= t.ema_decay < 1, "trainer.ema_decay", t.ema_decay, "a number in [0, 1)")
-    check(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "a number > 0 or null")
-    check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch",
-          t.max_steps_per_epoch, "an int >= 1 or null (no limit)")
-    check(t.locality_batch_size >= 1, "trainer.locality_batch_size", t.locality_batch_size, "an int >= 1")
+    # across groups: the model sees the data's images (both follow the data through ${data.*}
+    # unless overridden; another size or channel count would fail deep in forward)
+    for key, size in (("data.img_size", d.img_size), ("model.img_size", m.img_size)):
+        h, w = image_size_pair(size, key)
+        check(h % m.patch_size == 0 and w % m.patch_size == 0, key, size,
+              f"sides divisible by model.patch_size={m.patch_size}")
+    check(image_size_pair(m.img_size, "model.img_size") == data_size, "model.img_size", m.img_size,
+          f"the data's size (data.img_size={d.img_size}): set data.img_size instead")
+    check(m.in_chans == d.in_chans, "model.in_chans", m.in_chans,
+          f"the data's channels (data.in_chans={d.in_chans}): set data.in_chans instead")
+    check(m.num_classes == d.num_classes, "model.num_classes", m.num_classes,
+          f"the data's classes (data.num_classes={d.num_classes}): set data.num_classes instead")
     if "optimizer" in cfg:
-        o, s = cfg.optimizer, cfg.schedule
-        check(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
-        check(o.lr >= 0, "optimizer.lr", o.lr, "a number >= 0 (0 trains nothing: a check of model.pretrained)")
-        check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
-        check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+        betas = cfg.optimizer.betas
+        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optimizer.betas", list(betas),
               "two numbers in [0, 1)")
-        check(s.name in SCHEDULES, "schedule.name", s.name, f"one of {', '.join(SCHEDULES)}")
-        check(s.epochs >= 1, "schedule.epochs", s.epochs, "an int >= 1")
-        check(0 <= s.warmup_epochs, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
-        check(s.warmup_lr >= 0, "schedule.warmup_lr", s.warmup_lr, "a number >= 0")
-        check(s.min_lr >= 0, "schedule.min_lr", s.min_lr, "a number >= 0")
     if "finetune" in cfg:
-        from convitlab.finetune import validate_finetune
-        validate_finetune(cfg)
+        f = cfg.finetune
+        check(0 <= f.freeze_blocks <= m.depth, "finetune.freeze_blocks", f.freeze_blocks, f"0..model.depth={m.depth}")

@@ -26,30 +26,18 @@ import numpy as np
 import paddle
 
 from convitlab import distributed
+from convitlab.engine.checkpoint import Checkpointer
 from convitlab.atomic import write_text
-from convitlab.errors import UserError, check
+from convitlab.errors import UserError
 from convitlab.models.convit import resize_pos_embed, square_grid
 from convitlab.run_folder import RunFolder
 from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
-CHANNEL_ADAPT = ("sum", "mean")
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes
 # their channel means, so the summed filters see what the 3-channel ones saw on a grey image.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.449, 0.226
-
-
-def validate_finetune(cfg) -> None:
-    f = cfg.finetune
-    check(0 <= f.freeze_blocks <= cfg.model.depth, "finetune.freeze_blocks", f.freeze_blocks,
-          f"0..model.depth={cfg.model.depth}")
-    check(f.backbone_lr_scale >= 0, "finetune.backbone_lr_scale", f.backbone_lr_scale,
-          "a number >= 0 (1: the head's learning rate; 0: only the head trains)")
-    check(f.channel_adapt in CHANNEL_ADAPT, "finetune.channel_adapt", f.channel_adapt, "sum or mean")
-    path = cfg.model.get("pretrained")
-    check(path is None or isinstance(path, str) and path.strip() != "", "model.pretrained", path,
-          "a .safetensors, .pth or .pdparams file, or null")
 
 
 def file_sha256(path) -> str:
@@ -153,8 +141,6 @@ def prepare(cfg, model, run_dir):
 
     Returns (lr_scale for build_optimizer, result.csv columns naming the pretrained file).
     """
-    from convitlab.engine.checkpoint import Checkpointer
-
     f = cfg.finetune
     path = cfg.model.get("pretrained")
     columns = {}

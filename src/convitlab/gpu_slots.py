@@ -90,7 +90,7 @@ def claim_gpu(directory, job_num: int, gpu_count: int, poll_s: float = POLL_S, t
 
 
 def visible_gpus() -> int:
-    import paddle
+    import paddle  # here: a job process imports this callback's module before runtime.setup() runs
     return paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
 
 

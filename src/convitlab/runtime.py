@@ -1,18 +1,24 @@
 """CPU threads, device choice, and signals that must wait for a step boundary.
 
 Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when
-unset), so `import convitlab` imports Paddle and gives it every core this process may use.
-A count the user set (OMP_NUM_THREADS) is left alone. Before the import it also points
-Paddle's bundled MKL at the code path an AMD processor supports and makes glibc keep freed
-memory; together 2.5x inference and 1.5x training for convit_tiny on a 2-core Zen 5
-(experiments/perf/README.md).
+unset), so `setup()` imports Paddle and gives it every core this process may use. A count the
+user set (OMP_NUM_THREADS) is left alone. Before the import it also points Paddle's bundled MKL
+at the code path an AMD processor supports and makes glibc keep freed memory; together 2.5x
+inference and 1.5x training for convit_tiny on a 2-core Zen 5 (experiments/perf/amd-zen5/README.md).
+Importing convitlab does none of this: the entry points that run Paddle (src/train.py, eval.py,
+bench.py, convert.py) call setup() before anything imports Paddle, and so must a notebook.
+Paddle is imported inside the functions here: setup() must run before it loads.
 """
+import ctypes
 import logging
 import os
 import signal
 import sys
 import time
 import warnings
+
+from convitlab import distributed
+from convitlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +30,86 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_info():
-    """(vendor, set of ISA flags) of the first processor in /proc/cpuinfo; empty off Linux."""
-    vendor, flags = "", set()
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpu_info() -> dict:
+    """vendor, family, model, model_name and the set of ISA flags of the first processor in
+    CPUINFO; empty values off Linux."""
+    info = {"vendor": "", "family": "", "model": "", "model_name": "", "flags": set()}
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "model_name"}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    vendor = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
+                key = key.strip()
+                if key in fields:
+                    info[fields[key]] = value.strip()
+                elif key == "flags":
+                    info["flags"] = set(value.split())
                     break
     except OSError:
         pass
-    return vendor, flags
+    return info
 
 
 _AVX512_SKX = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+# What decides which kernels MKL, oneDNN and torch can use; recorded with every benchmark row.
+ISA_FLAGS = ["avx2", "fma", *sorted(_AVX512_SKX), "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8"]
+_AMD_CORES = {23: "Zen 1/2", 25: "Zen 3", 26: "Zen 5"}  # cpu family -> microarchitecture
+
+
+def cpu_kind(info=None) -> str:
+    """A label for the kind of processor, to keep figures from different kinds apart:
+    "AMD family 26 (Zen 5)", "Intel family 6 model 143"."""
+    info = info or _cpu_info()
+    vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(info["vendor"], info["vendor"] or "unknown")
+    if vendor == "AMD" and info["family"].isdigit() and int(info["family"]) in _AMD_CORES:
+        core = _AMD_CORES[int(info["family"])]
+        if core == "Zen 3" and "avx512f" in info["flags"]:  # family 25 also holds Zen 4, which added AVX-512
+            core = "Zen 4"
+        return f"AMD family {info['family']} ({core})"
+    return f"{vendor} family {info['family'] or '?'} model {info['model'] or '?'}"
+
+
+# The MKL version the MKL_DEBUG_CPU_TYPE values below were measured with (Paddle 3.3.1 bundles it).
+MKL_MEASURED = "2019.0.5"
+
+
+def paddle_mkl():
+    """(version, code path) of the MKL that Paddle bundles, as MKL itself reports them, e.g.
+    ("2019.0.5", "Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) enabled processors"):
+    the code path is the one MKL dispatches to (MKL_DEBUG_CPU_TYPE changes it). None without
+    that library (a Paddle built without MKL, or not on Linux)."""
+    import ctypes
+    import paddle
+
+    class Version(ctypes.Structure):  # MKLVersion of mkl_types.h
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int),
+                    ("status", ctypes.c_char_p), ("build", ctypes.c_char_p), ("processor", ctypes.c_char_p),
+                    ("platform", ctypes.c_char_p)]
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so"))
+        version = Version()
+        lib.MKL_Get_Version(ctypes.byref(version))
+    except (OSError, AttributeError):
+        return None
+    return f"{version.major}.{version.minor}.{version.update}", version.processor.decode()
+
+
+def machine_record() -> dict:
+    """What a speed figure depends on besides the code: the processor (vendor, family, model,
+    the ISA flags in ISA_FLAGS, cpu_kind), the cores this process may use, Paddle's version and
+    its MKL's version and code path."""
+    import paddle
+    info = _cpu_info()
+    mkl = paddle_mkl()
+    return {"cpu_kind": cpu_kind(info), "cpu_vendor": info["vendor"], "cpu_family": info["family"],
+            "cpu_model": info["model"], "cpu_model_name": info["model_name"],
+            "cpu_isa": " ".join(flag for flag in ISA_FLAGS if flag in info["flags"]),
+            "cores": available_cores(), "paddle_version": paddle.__version__,
+            "paddle_mkl": mkl[0] if mkl else "", "paddle_mkl_path": mkl[1] if mkl else ""}
 
 
 def mkl_cpu_type():
@@ -54,12 +122,12 @@ def mkl_cpu_type():
     (Skylake-X: F/CD/BW/DQ/VL). On a Zen 5 core, 2048² float32 products: def 30, avx2 230,
     avx512 460 GFLOP/s (2 threads).
     """
-    vendor, flags = _cpu_info()
-    if vendor != "AuthenticAMD":
+    info = _cpu_info()
+    if info["vendor"] != "AuthenticAMD":
         return None
-    if _AVX512_SKX <= flags:
+    if _AVX512_SKX <= info["flags"]:
         return "7"
-    return "5" if "avx2" in flags else None
+    return "5" if "avx2" in info["flags"] else None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
@@ -80,16 +148,16 @@ def keep_freed_memory() -> bool:
                                             "CONVITLAB_MALLOC_DEFAULTS")):
         return False
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
     except (OSError, AttributeError):  # not glibc
         return False
 
 
-def configure_paddle_threads() -> None:
+def setup() -> None:
     """Import Paddle with every available core, unless the user chose a thread count, with
     MKL's fast code path and glibc keeping freed memory (see mkl_cpu_type, keep_freed_memory).
+    Call it before anything imports Paddle; once Paddle is loaded it does nothing.
 
     CONVITLAB_PADDLE_DEFAULTS=1 imports Paddle as it comes instead (one thread, MKL's own
     dispatch, stride kernels, glibc's defaults): what the seed notebook ran with.
@@ -116,15 +184,19 @@ def configure_paddle_threads() -> None:
         import paddle
     if not user_choice:  # set after import: setting the variable first makes Paddle print a warning
         set_cpu_threads(max(1, available_cores() // max(1, ranks_here)))
-    if not paddle.is_compiled_with_cuda() and "FLAGS_use_stride_kernel" not in os.environ:
-        # Views (transpose, slice, unbind) otherwise become strided tensors that the next op
-        # copies with a slow generic CPU kernel: 14 ms instead of 0.5 ms for one [32, 196, 192]
-        # head transpose; convit_tiny trains 1.7x faster without them.
-        paddle.set_flags({"FLAGS_use_stride_kernel": False})
-    if not paddle.is_compiled_with_cuda() and "FLAGS_new_executor_serial_run" not in os.environ:
-        # paddle.jit.to_static programs otherwise run on a pool of executor threads that fight
-        # the math threads for the cores: convit_tiny trained 9 img/s under to_static, 25 serial.
-        paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+    flags = {name: value for name, value in CPU_FLAGS.items() if name not in os.environ}
+    if flags and not paddle.is_compiled_with_cuda():
+        paddle.set_flags(flags)
+
+
+# Paddle flags set on a CPU build, unless the user set them (FLAGS_* variables):
+# - FLAGS_use_stride_kernel: views (transpose, slice, unbind) otherwise become strided tensors
+#   that the next op copies with a slow generic CPU kernel: 14 ms instead of 0.5 ms for one
+#   [32, 196, 192] head transpose; convit_tiny trains 1.7x faster without them.
+# - FLAGS_new_executor_serial_run: paddle.jit.to_static programs otherwise run on a pool of
+#   executor threads that fight the math threads for the cores: convit_tiny trained 9 img/s
+#   under to_static, 25 serial.
+CPU_FLAGS = {"FLAGS_use_stride_kernel": False, "FLAGS_new_executor_serial_run": True}
 
 
 _user_env = {}  # the user's values (None: unset) of the variables set here or by importing Paddle
@@ -164,7 +236,6 @@ def select_device(requested: str) -> str:
     import paddle
     has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
     if requested == "gpu" and not has_gpu:
-        from convitlab.errors import UserError
         raise UserError("trainer.device='gpu' is not available: this Paddle has no usable GPU "
                         "(install paddlepaddle-gpu, or use trainer.device=auto|cpu)")
     device = "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
@@ -265,8 +336,6 @@ def run_deferred_signals(step=None) -> None:
     wait forever in the next collective: it is agreed on only at training steps (`step`, the
     optimiser step about to be taken, the same on every rank), every STOP_AGREEMENT_STEPS.
     """
-    from convitlab import distributed
-
     several = distributed.world_size() > 1
     while _deferred:
         handler, signum, frame = _deferred[0]

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import paddle
 import paddle.nn as nn
+from safetensors.numpy import load_file, save_file
 
+from convitlab.atomic import atomic_path
 from convitlab.errors import UserError
 from convitlab.models.convit import resize_pos_embed, square_grid
 from convitlab.safe_pickle import load_arrays
@@ -30,7 +32,6 @@ def read_checkpoint(path):
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.numpy import load_file
             return load_file(str(path)), "reference"
         if suffix == ".pth":
             return _read_torch(path), "reference"
@@ -50,7 +51,7 @@ def read_checkpoint(path):
 
 def _read_torch(path):
     try:
-        import torch
+        import torch  # optional: only .pth files need it
     except ImportError:
         raise UserError(f"reading {str(path)!r} needs PyTorch: pip install -e '.[torch]' "
                         "(or convert it to .safetensors elsewhere)") from None
@@ -122,7 +123,6 @@ def load_pretrained(model, path):
 
 def save_pdparams(model, path):
     """Save the model's weights as .pdparams, atomically."""
-    from convitlab.atomic import atomic_path
     with atomic_path(path) as tmp:
         paddle.save(model.state_dict(), str(tmp))
     return os.fspath(path)
@@ -136,9 +136,6 @@ def reference_state(model):
 
 def save_safetensors(model, path):
     """Save the model's weights as timm does (.safetensors, reference layout), atomically."""
-    from safetensors.numpy import save_file
-
-    from convitlab.atomic import atomic_path
     with atomic_path(path) as tmp:
         save_file(reference_state(model), str(tmp))
     return os.fspath(path)

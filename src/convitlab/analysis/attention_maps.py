@@ -12,7 +12,8 @@ from convitlab.errors import check  # noqa: E402
 
 
 def query_attention(model, image, layer: int, query=None):
-    """{kind: [heads, gh, gw]} attention of patch `query` (row, col; default the centre) in `layer`."""
+    """{kind: [heads, gh, gw]} attention of patch `query` (row, col; default the centre) in `layer`:
+    rows of the maps the block's forward applies (GPSA/MHSA.attention_maps on its real input)."""
     check(0 <= layer < len(model.blocks), "layer", layer, f"0..{len(model.blocks) - 1}")
     gh, gw = model.grid_size
     row, col = query if query is not None else (gh // 2, gw // 2)

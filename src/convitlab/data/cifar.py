@@ -69,7 +69,7 @@ def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path
     if not download:
         raise UserError(f"{archive.file} not found in {folder}: put the official {archive.file} "
                         f"({URL}{archive.file}) in {folder}, or set data.download=true")
-    from paddle.utils.download import get_path_from_url
+    from paddle.utils.download import get_path_from_url  # here: only a download needs it (and requests)
     try:
         return Path(get_path_from_url(URL + archive.file, str(folder), archive.md5 if checksum else None,
                                       decompress=False))

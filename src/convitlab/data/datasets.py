@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from convitlab.config import DATASETS, validate_data
+from convitlab.config import DatasetName
 from convitlab.data.cifar import load_cifar, load_cifar_val
 from convitlab.data.digits import load_digits_split
 from convitlab.data.imagefolder import scan_image_folder, scan_val_folder
@@ -59,7 +59,7 @@ def load_splits(data_cfg):
         return load_cifar(name, data_cfg.root, data_cfg.download, data_cfg.checksum)
     if name == "imagefolder":
         return scan_image_folder(data_cfg.root, data_cfg.in_chans)
-    raise bad_value("data.name", name, f"one of {', '.join(DATASETS)}")
+    raise bad_value("data.name", name, f"one of {', '.join(DatasetName)}")
 
 
 def load_val_split(data_cfg):
@@ -73,12 +73,11 @@ def load_val_split(data_cfg):
         return load_cifar_val(name, data_cfg.root, data_cfg.download, data_cfg.checksum)
     if name == "imagefolder":
         return scan_val_folder(data_cfg.root, data_cfg.in_chans)
-    raise bad_value("data.name", name, f"one of {', '.join(DATASETS)}")
+    raise bad_value("data.name", name, f"one of {', '.join(DatasetName)}")
 
 
 def build_datasets(data_cfg, seed: int) -> Datasets:
     """The datasets of a run; the subset is drawn with data.subset_seed, or `seed` when that is null."""
-    validate_data(data_cfg)  # also called without config.validate (as a library, in tests)
     train_source, val_source, class_names = load_splits(data_cfg)
     subset_seed = seed if data_cfg.subset_seed is None else data_cfg.subset_seed
     kept = keep_per_class(train_source.labels, data_cfg.fraction, data_cfg.subset, subset_seed)
@@ -92,7 +91,6 @@ def build_datasets(data_cfg, seed: int) -> Datasets:
 def build_eval_dataset(data_cfg, seed: int = 0):
     """(val dataset, num_classes, class_names) for evaluating a checkpoint: the whole validation
     split with the evaluation transform; the training split is never listed or read."""
-    validate_data(data_cfg)
     val_source, class_names = load_val_split(data_cfg)
     _, eval_transform = build_transforms(data_cfg, centre_crop=data_cfg.name == "imagefolder")
     val = ImageDataset(val_source, np.arange(len(val_source)), eval_transform, seed)

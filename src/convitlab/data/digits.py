@@ -4,7 +4,6 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from convitlab.data.sources import ArrayImages
-from convitlab.errors import check
 
 
 def load_digits_split(val_split: float, split_seed: int):
@@ -12,7 +11,6 @@ def load_digits_split(val_split: float, split_seed: int):
 
     Pixels 0..16 become float32 in [0, 1]; 1797 images, 0.2 held out → 1437 / 360.
     """
-    check(0 < val_split < 1, "data.val_split", val_split, "a number in (0, 1)")
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)

@@ -2,6 +2,8 @@
 import paddle
 import paddle.nn.functional as F
 
+from convitlab import distributed
+
 
 def soft_target_cross_entropy(logits, targets):
     return -(targets * F.log_softmax(logits, axis=-1)).sum(axis=-1).mean()
@@ -32,7 +34,6 @@ class Totals:
 
     def reduced(self):
         """Host values, summed over ranks when training is distributed."""
-        from convitlab import distributed
         names = sorted(self.sums)
         values = [float(self.sums[n]) for n in names] + [float(self.count)]
         values = distributed.sum_across_ranks(values)

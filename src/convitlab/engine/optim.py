@@ -3,7 +3,6 @@ import math
 
 import paddle
 
-from convitlab.errors import UserError
 
 # Never weight-decayed in the reference (DeiT/ConViT): biases, norms (all 1-D) and these.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "gating_param")
@@ -40,8 +39,6 @@ def build_optimizer(model, cfg, grad_clip=None, lr_scale=None):
     """The optimiser of optimizer.name over the reference's parameter groups; with grad_clip, the
     norm of all gradients together is clipped before each step (Paddle's own grad_clip would clip
     each parameter group on its own); with lr_scale(name), per-parameter scales of the rate."""
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"optimizer.name={cfg.name!r} is not allowed: adamw, adam or sgd")
     groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_on_1d, lr_scale)
     common = dict(parameters=groups, learning_rate=cfg.lr)
     if cfg.name == "adamw":

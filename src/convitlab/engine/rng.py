@@ -13,6 +13,8 @@ older layout ({"cpu": paddle.get_rng_state(), "cuda": ...}) are read too.
 """
 import logging
 
+import paddle
+
 log = logging.getLogger(__name__)
 
 FORMAT = 2
@@ -22,16 +24,13 @@ class PaddleGenerators:
     """This process's generators, through Paddle's public API (3.0-3.3)."""
 
     def cpu_state(self):
-        import paddle
         return paddle.get_rng_state("cpu")[0]
 
     def set_cpu_state(self, state) -> None:
-        import paddle
         paddle.set_rng_state([state], "cpu")
 
     def gpu_index(self):
         """The number of the GPU this process computes on, or None on the CPU."""
-        import paddle
         device = paddle.device.get_device()
         if not (paddle.is_compiled_with_cuda() and device.startswith("gpu")):
             return None
@@ -39,11 +38,9 @@ class PaddleGenerators:
 
     def gpu_states(self) -> list:
         """One state per visible GPU."""
-        import paddle
         return list(paddle.get_cuda_rng_state())
 
     def set_gpu_states(self, states) -> None:
-        import paddle
         paddle.set_cuda_rng_state(list(states))
 
 

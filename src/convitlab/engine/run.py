@@ -2,6 +2,7 @@
 import logging
 from pathlib import Path
 
+import paddle
 from omegaconf import OmegaConf
 
 from convitlab import distributed, results
@@ -19,8 +20,6 @@ FINISHED = ("completed", "diverged")
 
 def identity_row(cfg, run_dir, cfg_hash, overrides=()):
     """The columns of result.csv that say which run this is: every knob a sweep may vary."""
-    import paddle
-
     m, d = cfg.model, cfg.data
     h, w = image_size_pair(m.img_size, "model.img_size")
     return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
@@ -114,7 +113,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
 def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:
     """result.csv's outcome columns for a stopped run: status "interrupted", how far its last
     checkpoint got (what a resume starts from) and what stopped it. Sets exc.epochs_done."""
-    from convitlab.engine.checkpoint import Checkpointer
+    from convitlab.engine.checkpoint import Checkpointer  # here, as in run_training
 
     state = Checkpointer(RunFolder(run_dir).checkpoints).latest_state()
     done = int(state.get("epoch", 0))

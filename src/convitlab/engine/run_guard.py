@@ -8,6 +8,8 @@
   with its workers (joblib) stops at a signal once its running jobs have stopped, and exits with
   128 + the signal after the sweep's summary is written. Jobs take their own directory's lock
   (engine/run.py), so a job held by another process is reported and skipped.
+- A launcher's job process (joblib's worker, submitit's job) never ran train.py's top: it sets
+  up the runtime (runtime.setup) when its job starts, before the job loads Paddle.
 """
 import sys
 
@@ -16,10 +18,13 @@ from omegaconf import OmegaConf
 
 from convitlab.engine import run_lock
 from convitlab.errors import UserError
-from convitlab.runtime import signal_name, stop_at_step_boundaries, stop_signal
+from convitlab.runtime import setup, signal_name, stop_at_step_boundaries, stop_signal
 
 
 class RunGuard(Callback):
+    def on_job_start(self, config, **kwargs) -> None:
+        setup()  # first of the callbacks (conf/hydra/default.yaml); does nothing where Paddle is loaded
+
     def on_run_start(self, config, **kwargs) -> None:
         stop_at_step_boundaries()
         try:

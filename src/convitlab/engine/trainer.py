@@ -68,10 +68,6 @@ def model_kwargs(model_cfg) -> dict:
 
 
 def build_model(cfg):
-    if cfg.model.num_classes != cfg.data.num_classes:
-        raise UserError(f"model.num_classes={cfg.model.num_classes} does not match the data "
-                        f"(data.num_classes={cfg.data.num_classes}): leave model.num_classes at its default "
-                        "${data.num_classes}")
     return create_model(cfg.model.name, **model_kwargs(cfg.model))
 
 

@@ -1,4 +1,10 @@
-"""The two attention kinds of ConViT: gated positional self-attention (GPSA) and plain MHSA."""
+"""The two attention kinds of ConViT: gated positional self-attention (GPSA) and plain MHSA.
+
+ReferenceGPSA is GPSA as the paper and the reference code write it: the documented formulation.
+GPSA, which the models use, is its fast path: the same function (tests/test_attention_paths.py),
+the mixed map never formed. attention_maps returns the maps that forward applies, from the same
+code (content_attention), checked against forward's output in the same test file.
+"""
 import math
 
 import paddle
@@ -29,10 +35,10 @@ def local_window_offsets(num_heads: int):
 
 
 class GPSA(nn.Layer):
-    """Gated positional self-attention on patch tokens (no class token).
+    """Gated positional self-attention on patch tokens (no class token), the fast path.
 
     Each head mixes content attention softmax(q kᵀ) with a learned, input-independent
-    positional attention softmax(pos_proj(r)), weighted by σ(λ_h).
+    positional attention softmax(pos_proj(r)), weighted by σ(λ_h) (ReferenceGPSA spells it out).
     """
 
     def __init__(self, dim, num_heads, grid_size, attn_drop=0.0, proj_drop=0.0,
@@ -77,21 +83,14 @@ class GPSA(nn.Layer):
         product."""
         return paddle.matmul(x, paddle.concat([self.qk.weight, self.v.weight], axis=1))
 
-    def _split_heads(self, x):
-        """q (already scaled: [B,H,N,d] is 4x smaller than the scores at 224), k, v: [B, H, N, d]."""
-        q, k, v = split_heads(self._qkv(x), self.num_heads)
-        return q * self.scale, k, v
-
     def attention_maps(self, x):
-        """Content, positional and combined attention for normed patch tokens x [B, N, D]."""
-        q, k, _ = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+        """Content, positional and combined attention for normed patch tokens x [B, N, D]: the
+        combined map is what forward applies to v (rows sum to 1: the reference's renormalisation
+        is left out, as in forward)."""
+        content, _ = content_attention(self._qkv(x), self.num_heads, self.scale)
         positional = self.positional_attention()
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
-        combined = (1.0 - gate) * content + gate * positional
-        # The reference renormalises rows; they already sum to 1, so this only mirrors it.
-        combined = combined / combined.sum(axis=-1, keepdim=True)
-        return {"content": content, "positional": positional, "combined": combined}
+        return {"content": content, "positional": positional, "combined": (1.0 - gate) * content + gate * positional}
 
     def forward(self, x):
         qkv = self._qkv(x)
@@ -105,9 +104,7 @@ class GPSA(nn.Layer):
             content = F.scaled_dot_product_attention(q, k, v, training=self.training)
             out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul(positional, v, layout="token_major")
             return self.proj_drop(self.proj(out.flatten(2)))
-        q, k, v = split_heads(qkv, self.num_heads)
-        q = q * self.scale
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+        content, v = content_attention(qkv, self.num_heads, self.scale)
         # Rows of a convex mix of two softmaxes sum to 1: the reference's renormalisation is
         # a no-op up to rounding and is skipped here.
         if self.training and self.attn_drop.p > 0:  # dropout must see the mixed map
@@ -117,6 +114,36 @@ class GPSA(nn.Layer):
             # the positional product is one matrix product per head for the whole batch.
             out = (1.0 - gate) * paddle.matmul(content, v) + batch_shared_matmul(positional, v)
         return self.proj_drop(self.proj(merge_heads(out)))
+
+
+class ReferenceGPSA(GPSA):
+    """GPSA as the paper (d'Ascoli et al. 2021, eq. 5) and the reference code formulate it; the
+    same parameters and function as GPSA, slower (src/bench.py's "baseline" times it):
+
+        A_h = normalise((1 - σ(λ_h)) softmax(q_h k_hᵀ / √d) + σ(λ_h) softmax(v_pos,h · r)),
+        out = proj(concat_h(A_h v_h)),
+
+    r the relative positions (dx, dy, dx² + dy²) of key to query, expanded over the batch and
+    projected per image as the reference does (batch_positions); rows are renormalised as it does.
+    """
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        positions = self.batch_positions(batch, tokens)  # [B, N, N, 3]
+        pos_scores = self.pos_proj(positions).transpose([0, 3, 1, 2])  # [B, H, N, N]
+        qk = self.qk(x).reshape([batch, tokens, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k = qk[0], qk[1]
+        v = self.v(x).reshape([batch, tokens, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+        content = F.softmax(paddle.matmul(q, k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
+        positional = F.softmax(pos_scores, axis=-1)
+        gate = F.sigmoid(self.gating_param).reshape([1, -1, 1, 1])
+        attn = (1.0 - gate) * content + gate * positional
+        attn = self.attn_drop(attn / attn.sum(axis=-1).unsqueeze(-1))
+        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, tokens, dim])
+        return self.proj_drop(self.proj(out))
+
+    def batch_positions(self, batch, tokens):
+        return self.rel_positions.unsqueeze(0).expand([batch, tokens, tokens, 3])
 
 
 class MHSA(nn.Layer):
@@ -132,13 +159,9 @@ class MHSA(nn.Layer):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _split_heads(self, x):
-        q, k, v = split_heads(paddle.matmul(x, self.qkv.weight), self.num_heads)
-        return q * self.scale, k, v
-
     def attention_maps(self, x):
-        q, k, _ = self._split_heads(x)
-        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
+        """The attention forward applies to v, for normed tokens x [B, N, D]."""
+        content, _ = content_attention(paddle.matmul(x, self.qkv.weight), self.num_heads, self.scale)
         return {"content": content, "positional": None, "combined": content}
 
     def forward(self, x):
@@ -149,8 +172,7 @@ class MHSA(nn.Layer):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                                  training=self.training)
             return self.proj_drop(self.proj(out.flatten(2)))
-        q, k, v = split_heads(qkv, self.num_heads)
-        attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
+        attn, v = content_attention(qkv, self.num_heads, self.scale)
         out = paddle.matmul(self.attn_drop(attn), v)
         return self.proj_drop(self.proj(merge_heads(out)))
 
@@ -214,6 +236,14 @@ def split_heads(qkv, num_heads):
     three head transposes cost 3.2 ms per block (convit_tiny at 224, batch 32), this 1.8 ms.
     """
     return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
+
+
+def content_attention(qkv, num_heads, scale):
+    """softmax(q kᵀ · scale) [B, H, N, N] and v [B, H, N, d] from qkv [B, N, 3D]: the explicit
+    path of forward and attention_maps alike. q is scaled before the product: [B, H, N, d] is 4x
+    smaller than the scores at 224."""
+    q, k, v = split_heads(qkv, num_heads)
+    return F.softmax(paddle.matmul(q * scale, k, transpose_y=True), axis=-1), v
 
 
 def split_tokens(qkv, num_heads):

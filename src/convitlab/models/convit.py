@@ -91,13 +91,13 @@ class ConViT(nn.Layer):
     front just before the first MHSA block. With `local_up_to_layer == depth` no MHSA block
     follows, so the class token is formed after the last block as cls_token + the mean of
     the patch tokens (the reference silently fed patch 0 to the head instead).
-    `local_up_to_layer == 0` is a DeiT-style ViT.
+    `local_up_to_layer == 0` is a DeiT-style ViT. Every knob is required: the named sizes
+    (models/sizes.py, built by `create_model`) hold their values.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=48,
-                 num_heads=12, depth=12, mlp_ratio=4.0, local_up_to_layer=10, locality_strength=1.0,
-                 use_local_init=True, train_gating=True, train_gpsa=True, use_pos_embed=True,
-                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0):
+    def __init__(self, *, img_size, patch_size, in_chans, num_classes, embed_dim, num_heads, depth, mlp_ratio,
+                 local_up_to_layer, locality_strength, use_local_init, train_gating, train_gpsa, use_pos_embed,
+                 drop_rate, attn_drop_rate, drop_path_rate):
         super().__init__()
         check(0 <= local_up_to_layer <= depth, "local_up_to_layer", local_up_to_layer, f"0..depth={depth}")
         dim = embed_dim * num_heads

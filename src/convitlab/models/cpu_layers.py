@@ -10,10 +10,17 @@ convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
 - LayerNorm: the stock backward takes 9 ms for [6272, 192]; recomputing the statistics with
   matrix-vector products and same-shape (vectorised) elementwise ops takes 6 ms forward and
   backward together. Training +9% at 224, +6% at 32/4. The forward stays the stock kernel.
+  Below LAYER_NORM_MIN_ELEMENTS (e.g. the demo's micro models, [544, 64]) the stock backward
+  runs: there the hand-written one's ~20 small ops cost more than the stock kernel (on the
+  2-core Intel Xeon, 1 thread, CPU time per forward + backward, measured with other jobs
+  running: [512, 64] 0.64 vs 0.36 ms, [2048, 64] 1.46 vs 1.23; from [4096, 192] on, even or
+  better: 7.7 vs 8.5 ms).
 - GELU's backward (9 ms for [6272, 768]) was tried the same way and is not faster: it needs an
   exp, which Paddle runs as a scalar loop (3.4 ms alone); it stays stock.
 On a GPU build the stock layers run.
 """
+
+import math
 
 import paddle
 import paddle.nn as nn
@@ -103,11 +110,19 @@ class _LayerNormFunction(PyLayer):
                 _column_sum(grad_rows) if need_bias else None)
 
 
+LAYER_NORM_MIN_ELEMENTS = 1 << 19  # the hand-written backward from this input size on (docstring above)
+
+
+def _large(x, elements):
+    """At least `elements` elements; a dimension unknown when tracing (-1) counts as large."""
+    return any(d < 0 for d in x.shape) or math.prod(x.shape) >= elements
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last axis with gain and bias (as ConViT uses it)."""
 
     def forward(self, x):
         if (self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
-                and _custom_backward_wanted()):
+                and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS)):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
         return super().forward(x)

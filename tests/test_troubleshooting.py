@@ -1,0 +1,91 @@
+"""README's Troubleshooting rows not tested elsewhere, through `python src/train.py`: each bad
+input ends with exactly one line on stderr naming it and what is allowed, exit code 2, and no
+traceback (the value rows are in test_train.py's BAD_INPUT, the data files in test_data.py)."""
+import os
+import sys
+
+import pytest
+from helpers import EVAL, ROOT, TRAIN, read_csv, run
+
+QUICK = ["schedule.epochs=1", "trainer.max_steps_per_epoch=1", "data.batch_size=16", "trainer.locality_batch_size=8",
+         "trainer.progress_bar=false"]
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # also on a GPU machine: Paddle sees none
+
+
+def run_without_gpu(command, cwd, timeout=300):
+    return run(command, cwd, timeout, env=NO_GPU)
+
+
+def assert_one_line(proc, *expected):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("error: "), lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+# (overrides, texts the line must contain, whether the run directory gets a failed result.csv)
+BAD_INPUT = [
+    # no GPU: what is missing and the CPU alternative; found after composition, so recorded as failed
+    (["trainer.device=gpu"], ["trainer.device='gpu'", "no usable GPU", "trainer.device=auto|cpu"], True),
+    (["trainer.amp=fp16"], ["trainer.amp='fp16' needs a GPU", "trainer.amp=off"], True),
+    (["trainer.amp=bf16"], ["trainer.amp='bf16' needs a GPU", "trainer.amp=off"], True),
+    # composition errors: before any run directory exists, so nothing is written
+    (["trainer.epoch=3"], ["trainer.epoch is not a config key", "did you mean schedule.epochs?",
+                           "the keys of trainer are device, amp"], False),
+    (["optimizer.lrr=1"], ["optimizer.lrr is not a config key", "did you mean optimizer.lr?"], False),
+    (["model.locality_strenght=1"], ["did you mean model.locality_strength?"], False),
+    (["optimizer.lr=abc"], ["optimizer.lr='abc' is not allowed: a number"], False),
+    (["data.batch_size=many"], ["data.batch_size='many' is not allowed: an int"], False),
+    (["trainer.save_best=maybe"], ["trainer.save_best='maybe' is not allowed: true or false"], False),
+    (["data.subset_seed=x"], ["data.subset_seed='x' is not allowed: an int or null"], False),
+    (["model=convit_huge"], ["Could not find 'model/convit_huge'", "model is one of convit_base", "deit_tiny"], False),
+    (["optimizer=lamb"], ["Could not find 'optimizer/lamb'", "optimizer is one of adam, adamw, sgd"], False),
+    (["trainer.device=tpu"], ["trainer.device='tpu' is not allowed: one of auto, cpu, gpu"], False),
+    (["data.subset=last"], ["data.subset='last' is not allowed: one of random, first"], False),
+    # `+key=` composes (Hydra's own message suggests it): the schema check refuses it, recorded as failed
+    (["+trainer.epoch=3"], ["trainer.epoch is not a config key", "did you mean schedule.epochs?"], True),
+]
+
+
+@pytest.mark.parametrize("overrides,expected,recorded", BAD_INPUT)
+def test_bad_input_through_train_py_is_one_line_exit_2(tmp_path, overrides, expected, recorded):
+    run_dir = tmp_path / "run"
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"] + overrides, cwd=tmp_path)
+    assert_one_line(proc, *expected)
+    assert not (run_dir / "checkpoints").exists()
+    if recorded:
+        assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
+    else:
+        assert not run_dir.exists()
+
+
+def test_eval_py_reports_composition_errors_in_one_line_too(tmp_path):
+    proc = run_without_gpu(EVAL + ["ckpt=none.pdparams", "data.batch_size=many", f"hydra.run.dir={tmp_path / 'eval'}"],
+               cwd=tmp_path)
+    assert_one_line(proc, "data.batch_size='many' is not allowed: an int")
+
+
+def test_a_sweep_with_a_bad_value_is_refused_in_one_line_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_without_gpu(TRAIN + ["-m", "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert_one_line(proc, "optimizer.lr='abc' is not allowed: a number")
+    assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]  # Hydra's record of the sweep, no job
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_number_of_ranks_is_one_line(tmp_path):
+    """A checkpoint written by 2 CPU ranks (paddle.distributed.launch, as test_distributed.py),
+    resumed by one process: refused before training, in one line."""
+    run_dir = tmp_path / "run"
+    # The real environment: Paddle's launcher fails on an empty CUDA_VISIBLE_DEVICES.
+    launch = run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                  "--log_dir", str(tmp_path / "logs"), str(ROOT / "src" / "train.py"), *QUICK,
+                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
+    (run_dir / "result.csv").unlink()  # as if killed after its last checkpoint
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert_one_line(proc, "checkpoints/epoch_0001 was written by 2 rank(s), this run has 1",
+                    "resume with the same number of ranks", "trainer.resume=false")
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
