@@ -145,7 +145,7 @@ BAD_INPUT = [
     (["data.batch_size=0"], "data.batch_size=0 is not allowed"),
     (["data.img_size=9"], "data.img_size=9 is not allowed"),
     (["model.local_up_to_layer=9"], "model.local_up_to_layer=9 is not allowed"),
-    (["model.num_classes=12"], "model.num_classes=12 does not match"),
+    (["model.num_classes=12"], "model.num_classes=12 is not allowed: the data's classes (data.num_classes=10)"),
     (["data.num_classes=12"], "data.num_classes=12 does not match"),
     (["data.fraction=0.01", "data.batch_size=64"], "data.batch_size=64"),
     (["data=cifar10", "data.root=/nonexistent"], "cifar-10-python.tar.gz"),
