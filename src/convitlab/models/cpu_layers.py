@@ -27,6 +27,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from convitlab.models import cpu_kernels
+
 _CPU_BUILD = not paddle.is_compiled_with_cuda()
 
 
@@ -118,10 +120,27 @@ def _large(x, elements):
     return any(d < 0 for d in x.shape) or math.prod(x.shape) >= elements
 
 
+def _kernel_fits(x):
+    """convitlab's own CPU kernels (cpu_kernels) can take x: float32 on the CPU, kernels loaded."""
+    return _CPU_BUILD and x.dtype == paddle.float32 and x.place.is_cpu_place() and cpu_kernels.available()
+
+
+class GELU(nn.GELU):
+    """Exact GELU; on the CPU through cpu_kernels when they are available."""
+
+    def forward(self, x):
+        if not self._approximate and _kernel_fits(x):
+            return cpu_kernels.gelu(x)
+        return super().forward(x)
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last axis with gain and bias (as ConViT uses it)."""
 
     def forward(self, x):
+        affine_last_axis = self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
+        if affine_last_axis and _kernel_fits(x):
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
         if (self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
                 and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS)):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
