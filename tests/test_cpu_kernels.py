@@ -74,6 +74,12 @@ def test_softmax_matches_stock(kernels, shape):
         _close(g, w)
 
 
+def test_softmax_clips_far_logits_as_paddle_does(kernels):
+    """Paddle floors x - max at -64: the far keys get exp(-64), not 0 or a (slow) denormal."""
+    x = paddle.to_tensor([[0.0, -100.0, -64.0, -70.0, -3.0]])
+    np.testing.assert_allclose(cpu_layers.softmax(x).numpy(), F.softmax(x, axis=-1).numpy(), rtol=1e-5, atol=0)
+
+
 def test_layers_use_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):
     x = paddle.randn([64, 65, 192])
     x.stop_gradient = False

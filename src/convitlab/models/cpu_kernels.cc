@@ -173,7 +173,10 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
   return {grad_x, grad_w, grad_b};
 }
 
-// Softmax over the last axis: exp(x - max) / sum, per row.
+// Softmax over the last axis: exp(x - max) / sum, per row, with x - max clipped at kSoftmaxFloor
+// as Paddle's kernel does: the smallest weight is then exp(-64) ~ 1.6e-28, never a denormal (which
+// would slow every later product with the map by orders of magnitude) and not 0.
+constexpr float kSoftmaxFloor = -64.0f;
 std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, int threads) {
   CheckCpuFloat(x, "x");
   const int64_t cols = x.shape().back();
@@ -191,7 +194,7 @@ std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, int threads)
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) {
-      orow[c] = expf(xr[c] - top);
+      orow[c] = expf(std::max(xr[c] - top, kSoftmaxFloor));
       sum += orow[c];
     }
     const float inv = 1.0f / sum;

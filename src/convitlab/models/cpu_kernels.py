@@ -29,7 +29,7 @@ CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "c
 # -march=native: the build is tied to this processor, so the cache key holds its ISA flags.
 # -fno-math-errno lets the erf/exp loops call glibc's vector versions (libmvec).
 CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp"]
-LD_FLAGS = ["-fopenmp", "-lmvec"]
+LD_FLAGS = ["-liomp5", "-lmvec"]
 
 _state = {"loaded": False, "failed": False}
 
