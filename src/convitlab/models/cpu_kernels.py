@@ -36,7 +36,7 @@ _state = {"loaded": False, "failed": False}
 
 def enabled() -> bool:
     """Wanted here: a CPU build of Paddle, not switched off, in dynamic mode (the ops are
-    called through Paddle's dynamic custom-op entry; to_static programs keep the stock layers)."""
+    called through Paddle's dynamic custom-op entry; static-graph programs keep the stock layers)."""
     return (os.environ.get(ENV_SWITCH, "1") != "0" and not paddle.is_compiled_with_cuda()
             and paddle.in_dynamic_mode())
 

@@ -150,7 +150,6 @@ class LayerNorm(nn.LayerNorm):
         affine_last_axis = self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
         if affine_last_axis and _kernel_fits(x):
             return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
-        if (self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
-                and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS)):
+        if affine_last_axis and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
         return super().forward(x)
