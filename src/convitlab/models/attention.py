@@ -5,7 +5,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.models.cpu_layers import Linear, softmax
+from convitlab.models.cpu_layers import Linear
 
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:
@@ -70,7 +70,7 @@ class GPSA(nn.Layer):
     def positional_attention(self):
         """[H, N, N]: the same for every image, so computed once per forward pass."""
         scores = self.pos_proj(self.rel_positions)  # [N, N, H]
-        return softmax(scores.transpose([2, 0, 1]))
+        return F.softmax(scores.transpose([2, 0, 1]), axis=-1)
 
     def _qkv(self, x):
         """[B, N, 3D]: qk and v stay separate parameters (the checkpoint layout) but run as one
@@ -85,7 +85,7 @@ class GPSA(nn.Layer):
     def attention_maps(self, x):
         """Content, positional and combined attention for normed patch tokens x [B, N, D]."""
         q, k, _ = self._split_heads(x)
-        content = softmax(paddle.matmul(q, k, transpose_y=True))
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         positional = self.positional_attention()
         gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
         combined = (1.0 - gate) * content + gate * positional
@@ -107,7 +107,7 @@ class GPSA(nn.Layer):
             return self.proj_drop(self.proj(out.flatten(2)))
         q, k, v = split_heads(qkv, self.num_heads)
         q = q * self.scale
-        content = softmax(paddle.matmul(q, k, transpose_y=True))
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         # Rows of a convex mix of two softmaxes sum to 1: the reference's renormalisation is
         # a no-op up to rounding and is skipped here.
         if self.training and self.attn_drop.p > 0:  # dropout must see the mixed map
@@ -138,7 +138,7 @@ class MHSA(nn.Layer):
 
     def attention_maps(self, x):
         q, k, _ = self._split_heads(x)
-        content = softmax(paddle.matmul(q, k, transpose_y=True))
+        content = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
         return {"content": content, "positional": None, "combined": content}
 
     def forward(self, x):
@@ -150,7 +150,7 @@ class MHSA(nn.Layer):
                                                  training=self.training)
             return self.proj_drop(self.proj(out.flatten(2)))
         q, k, v = split_heads(qkv, self.num_heads)
-        attn = softmax(paddle.matmul(q * self.scale, k, transpose_y=True))
+        attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
         out = paddle.matmul(self.attn_drop(attn), v)
         return self.proj_drop(self.proj(merge_heads(out)))
 

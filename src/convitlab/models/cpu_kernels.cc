@@ -1,5 +1,5 @@
-// float32 CPU kernels for GELU (exact, erf form), and LayerNorm and softmax over the last axis,
-// forward and backward, as Paddle custom operators (compiled on first use by cpu_kernels.py).
+// float32 CPU kernels for GELU (exact, erf form) and LayerNorm over the last axis, forward and
+// backward, as Paddle custom operators (compiled on first use by cpu_kernels.py).
 // Paddle's own CPU kernels for these run one scalar loop on one thread; these split the rows
 // between `threads` OpenMP threads and let the compiler vectorise each row (erff/expf through
 // glibc's vector math library, libmvec).
@@ -173,60 +173,6 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
   return {grad_x, grad_w, grad_b};
 }
 
-// Softmax over the last axis: exp(x - max) / sum, per row, with x - max clipped at kSoftmaxFloor
-// as Paddle's kernel does: the smallest weight is then exp(-64) ~ 1.6e-28, never a denormal (which
-// would slow every later product with the map by orders of magnitude) and not 0.
-constexpr float kSoftmaxFloor = -64.0f;
-std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, int threads) {
-  CheckCpuFloat(x, "x");
-  const int64_t cols = x.shape().back();
-  const int64_t rows = x.numel() / cols;
-  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
-  const float* in = x.data<float>();
-  float* o = out.data<float>();
-#pragma omp parallel for schedule(static) num_threads(Threads(threads, x.numel()))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = in + r * cols;
-    float* orow = o + r * cols;
-    float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-    for (int64_t c = 0; c < cols; ++c) top = std::max(top, xr[c]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) {
-      orow[c] = expf(std::max(xr[c] - top, kSoftmaxFloor));
-      sum += orow[c];
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) orow[c] *= inv;
-  }
-  return {out};
-}
-
-// grad_x = y * (grad_y - sum(grad_y * y)), per row.
-std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& out, const paddle::Tensor& grad_out, int threads) {
-  CheckCpuFloat(grad_out, "grad_out");
-  const int64_t cols = out.shape().back();
-  const int64_t rows = out.numel() / cols;
-  auto grad_x = paddle::empty(out.shape(), out.dtype(), out.place());
-  const float* y = out.data<float>();
-  const float* dy = grad_out.data<float>();
-  float* dx = grad_x.data<float>();
-#pragma omp parallel for schedule(static) num_threads(Threads(threads, out.numel()))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * cols;
-    const float* dyr = dy + r * cols;
-    float* dxr = dx + r * cols;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < cols; ++c) dot += dyr[c] * yr[c];
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) dxr[c] = yr[c] * (dyr[c] - dot);
-  }
-  return {grad_x};
-}
-
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& shape) { return {shape}; }
 
 std::vector<paddle::DataType> SameType(const paddle::DataType& dtype) { return {dtype}; }
@@ -270,17 +216,3 @@ PD_BUILD_GRAD_OP(convitlab_layer_norm)
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
     .Attrs({"epsilon: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
-
-PD_BUILD_OP(convitlab_softmax)
-    .Inputs({"X"})
-    .Outputs({"Out"})
-    .Attrs({"threads: int"})
-    .SetKernelFn(PD_KERNEL(SoftmaxForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
-
-PD_BUILD_GRAD_OP(convitlab_softmax)
-    .Inputs({"Out", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X")})
-    .Attrs({"threads: int"})
-    .SetKernelFn(PD_KERNEL(SoftmaxBackward));

@@ -1,4 +1,4 @@
-"""Multi-threaded, vectorised float32 CPU kernels for GELU, LayerNorm and softmax (cpu_kernels.cc).
+"""Multi-threaded, vectorised float32 CPU kernels for GELU and LayerNorm (cpu_kernels.cc).
 
 Paddle's CPU kernels for these run on one thread (GELU's and LayerNorm's backward as scalar
 loops), these on all of the process's threads (runtime.cpu_threads). The C++ source beside this file
@@ -92,8 +92,8 @@ def available() -> bool:
         except Exception as error:  # no compiler, a failed build, a Paddle without custom ops
             _state["failed"] = True
             lines = str(error).strip().splitlines()
-            log.warning("convitlab's CPU kernels are not available (%s: %s); Paddle's GELU, LayerNorm and "
-                        "softmax kernels run instead", type(error).__name__, lines[-1] if lines else "")
+            log.warning("convitlab's CPU kernels are not available (%s: %s); Paddle's GELU and LayerNorm "
+                        "kernels run instead", type(error).__name__, lines[-1] if lines else "")
             return False
     return True
 
@@ -112,7 +112,3 @@ def layer_norm(x, weight, bias, epsilon):
     """LayerNorm of a float32 CPU tensor over its last axis with gain and bias; only when `available()`."""
     return paddle._C_ops._run_custom_op("convitlab_layer_norm", x, weight, bias, float(epsilon), _threads())[0]
 
-
-def softmax(x):
-    """Softmax of a float32 CPU tensor over its last axis; only when `available()`."""
-    return paddle._C_ops._run_custom_op("convitlab_softmax", x, _threads())[0]

@@ -17,7 +17,7 @@ convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
   better: 7.7 vs 8.5 ms).
 - GELU's backward (9 ms for [6272, 768]) was tried the same way and is not faster: it needs an
   exp, which Paddle runs as a scalar loop (3.4 ms alone).
-GELU, LayerNorm and softmax run in convitlab's compiled kernels (cpu_kernels) when those are available;
+GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available;
 LayerNorm's passes here are the fallback. On a GPU build the stock layers run.
 """
 
@@ -125,13 +125,6 @@ def _kernel_fits(x):
     """convitlab's own CPU kernels (cpu_kernels) can take x: float32 (a CPU build has only CPU
     tensors), kernels loaded."""
     return _CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()
-
-
-def softmax(x):
-    """Softmax over the last axis; on the CPU through cpu_kernels when they are available."""
-    if _kernel_fits(x):
-        return cpu_kernels.softmax(x)
-    return F.softmax(x, axis=-1)
 
 
 class GELU(nn.GELU):
