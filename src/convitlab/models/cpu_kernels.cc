@@ -1,6 +1,6 @@
 // float32 CPU kernels for GELU (exact, erf form) and LayerNorm over the last axis, forward and
 // backward, as Paddle custom operators (compiled on first use by cpu_kernels.py).
-// Paddle's own CPU kernels for these run one scalar loop on one thread; these split the rows
+// Paddle's own CPU kernels for these run on one thread; these split the rows
 // between `threads` OpenMP threads and let the compiler vectorise each row (erff/expf through
 // glibc's vector math library, libmvec).
 #include <omp.h>

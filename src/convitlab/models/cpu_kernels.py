@@ -1,9 +1,10 @@
 """Multi-threaded, vectorised float32 CPU kernels for GELU and LayerNorm (cpu_kernels.cc).
 
-Paddle's CPU kernels for these run on one thread (GELU's and LayerNorm's backward as scalar
-loops), these on all of the process's threads (runtime.cpu_threads). The C++ source beside this file
-is compiled with the machine's C++ compiler on first use (paddle.utils.cpp_extension, ~30 s,
-once per source / Paddle version / processor) into CACHE_ROOT, and loaded from there by every
+Paddle's CPU kernels for these run on one thread and, on the 2-core Intel Xeon, take 2-5x the
+CPU time of these for forward plus backward; these run on the process's threads
+(runtime.cpu_threads). The C++ source beside this file is compiled with the machine's C++
+compiler on first use (paddle.utils.cpp_extension, 20-30 s, once per source / Paddle version /
+processor) into CACHE_ROOT, and loaded from there by every
 later process. Without a compiler, or if the build fails, `available()` is False (said once in
 the log) and the layers (cpu_layers) keep Paddle's kernels. CONVITLAB_CPU_KERNELS=0 turns them off.
 """
