@@ -4,7 +4,13 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from convitlab.models import cpu_layers, create_model
+from convitlab.models import cpu_kernels, cpu_layers, create_model
+
+
+@pytest.fixture(autouse=True)
+def without_compiled_kernels(monkeypatch):
+    """cpu_layers' own passes: what runs when the compiled kernels (test_cpu_kernels) are off."""
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
 
 
 def _grads(fn, *tensors):

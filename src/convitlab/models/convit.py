@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 
 from convitlab.errors import check
 from convitlab.models.attention import GPSA, MHSA
-from convitlab.models.cpu_layers import LayerNorm, Linear
+from convitlab.models.cpu_layers import GELU, LayerNorm, Linear
 
 _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)
@@ -41,7 +41,7 @@ class Mlp(nn.Layer):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 

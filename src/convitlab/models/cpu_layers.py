@@ -16,8 +16,9 @@ convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
   running: [512, 64] 0.64 vs 0.36 ms, [2048, 64] 1.46 vs 1.23; from [4096, 192] on, even or
   better: 7.7 vs 8.5 ms).
 - GELU's backward (9 ms for [6272, 768]) was tried the same way and is not faster: it needs an
-  exp, which Paddle runs as a scalar loop (3.4 ms alone); it stays stock.
-On a GPU build the stock layers run.
+  exp, which Paddle runs as a scalar loop (3.4 ms alone).
+GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available;
+LayerNorm's passes here are the fallback. On a GPU build the stock layers run.
 """
 
 import math
@@ -26,6 +27,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
+
+from convitlab.models import cpu_kernels
 
 _CPU_BUILD = not paddle.is_compiled_with_cuda()
 
@@ -118,11 +121,28 @@ def _large(x, elements):
     return any(d < 0 for d in x.shape) or math.prod(x.shape) >= elements
 
 
+def _kernel_fits(x):
+    """convitlab's own CPU kernels (cpu_kernels) can take x: float32 (a CPU build has only CPU
+    tensors), kernels loaded."""
+    return _CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()
+
+
+class GELU(nn.GELU):
+    """Exact GELU; on the CPU through cpu_kernels when they are available."""
+
+    def forward(self, x):
+        if not self._approximate and _kernel_fits(x):
+            return cpu_kernels.gelu(x)
+        return super().forward(x)
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last axis with gain and bias (as ConViT uses it)."""
 
     def forward(self, x):
-        if (self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
-                and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS)):
+        affine_last_axis = self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
+        if affine_last_axis and _kernel_fits(x):
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+        if affine_last_axis and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
         return super().forward(x)

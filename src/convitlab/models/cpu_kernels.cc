@@ -1,0 +1,218 @@
+// float32 CPU kernels for GELU (exact, erf form) and LayerNorm over the last axis, forward and
+// backward, as Paddle custom operators (compiled on first use by cpu_kernels.py).
+// Paddle's own CPU kernels for these run on one thread; these split the rows
+// between `threads` OpenMP threads and let the compiler vectorise each row (erff/expf through
+// glibc's vector math library, libmvec).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "paddle/extension.h"
+
+// The vector variants of erff and expf in libmvec: declared so the loops below vectorise
+// without -ffast-math (which would also change the rounding of the sums).
+#pragma omp declare simd notinbranch
+extern "C" float erff(float) noexcept;
+#pragma omp declare simd notinbranch
+extern "C" float expf(float) noexcept;
+
+namespace {
+
+constexpr int64_t kMinPerThread = 1 << 15;  // below this many elements a thread costs more than it saves
+
+int Threads(int wanted, int64_t elements) {
+  int64_t useful = elements / kMinPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, useful)));
+}
+
+void CheckCpuFloat(const paddle::Tensor& t, const char* name) {
+  PD_CHECK(t.is_cpu(), name, " must be on the CPU");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, name, " must be float32");
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
+
+}  // namespace
+
+std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x, int threads) {
+  CheckCpuFloat(x, "x");
+  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* in = x.data<float>();
+  float* o = out.data<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for simd schedule(static) num_threads(Threads(threads, n))
+  for (int64_t i = 0; i < n; ++i) o[i] = 0.5f * in[i] * (1.0f + erff(in[i] * kSqrtHalf));
+  return {out};
+}
+
+// d/dx [x Phi(x)] = Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi the normal density.
+std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out, int threads) {
+  CheckCpuFloat(x, "x");
+  CheckCpuFloat(grad_out, "grad_out");
+  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* in = x.data<float>();
+  const float* g = grad_out.data<float>();
+  float* o = grad_x.data<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for simd schedule(static) num_threads(Threads(threads, n))
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = in[i];
+    const float cdf = 0.5f * (1.0f + erff(v * kSqrtHalf));
+    const float pdf = kInvSqrt2Pi * expf(-0.5f * v * v);
+    o[i] = g[i] * (cdf + v * pdf);
+  }
+  return {grad_x};
+}
+
+// LayerNorm over the last axis: out = (x - mean) * rstd * weight + bias, rstd = 1/sqrt(var + eps)
+// (biased variance). Mean and rstd are kept per row for the backward pass.
+std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                             const paddle::Tensor& bias, float epsilon, int threads) {
+  CheckCpuFloat(x, "x");
+  CheckCpuFloat(weight, "weight");
+  CheckCpuFloat(bias, "bias");
+  const int64_t cols = x.shape().back();
+  const int64_t rows = x.numel() / cols;
+  PD_CHECK(weight.numel() == cols && bias.numel() == cols, "weight and bias must have the last axis' size");
+  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto mean = paddle::empty({rows}, x.dtype(), x.place());
+  auto rstd = paddle::empty({rows}, x.dtype(), x.place());
+  const float* in = x.data<float>();
+  const float* w = weight.data<float>();
+  const float* b = bias.data<float>();
+  float* o = out.data<float>();
+  float* mu = mean.data<float>();
+  float* rs = rstd.data<float>();
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+#pragma omp parallel for schedule(static) num_threads(Threads(threads, x.numel()))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = in + r * cols;
+    float* orow = o + r * cols;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) sum += xr[c];
+    const float m = sum * inv_cols;
+    float sq = 0.0f;  // two passes: the variance of centred values, no cancellation
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = 0; c < cols; ++c) sq += (xr[c] - m) * (xr[c] - m);
+    const float s = 1.0f / std::sqrt(sq * inv_cols + epsilon);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) orow[c] = (xr[c] - m) * s * w[c] + b[c];
+    mu[r] = m;
+    rs[r] = s;
+  }
+  return {out, mean, rstd};
+}
+
+// With xhat = (x - mean) * rstd and g = grad_out * weight, per row:
+//   grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// and over rows: grad_weight = sum grad_out * xhat, grad_bias = sum grad_out (per-thread partial
+// sums added in thread order, so the result does not depend on scheduling).
+std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                              const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                              const paddle::Tensor& grad_out, float epsilon, int threads) {
+  CheckCpuFloat(grad_out, "grad_out");
+  const int64_t cols = x.shape().back();
+  const int64_t rows = x.numel() / cols;
+  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto grad_w = paddle::empty({cols}, x.dtype(), x.place());
+  auto grad_b = paddle::empty({cols}, x.dtype(), x.place());
+  const float* in = x.data<float>();
+  const float* w = weight.data<float>();
+  const float* mu = mean.data<float>();
+  const float* rs = rstd.data<float>();
+  const float* dy = grad_out.data<float>();
+  float* dx = grad_x.data<float>();
+  const int team = Threads(threads, x.numel());
+  std::vector<float> partial(static_cast<size_t>(team) * 2 * cols, 0.0f);  // per thread: dw then db
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+#pragma omp parallel num_threads(team)
+  {
+    float* pw = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * cols;
+    float* pb = pw + cols;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = in + r * cols;
+      const float* dyr = dy + r * cols;
+      float* dxr = dx + r * cols;
+      const float m = mu[r], s = rs[r];
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xhat = (xr[c] - m) * s;
+        const float g = dyr[c] * w[c];
+        sum_g += g;
+        sum_gx += g * xhat;
+        pw[c] += dyr[c] * xhat;
+        pb[c] += dyr[c];
+      }
+      const float mean_g = sum_g * inv_cols, mean_gx = sum_gx * inv_cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xhat = (xr[c] - m) * s;
+        dxr[c] = s * (dyr[c] * w[c] - mean_g - xhat * mean_gx);
+      }
+    }
+  }
+  float* gw = grad_w.data<float>();
+  float* gb = grad_b.data<float>();
+  for (int64_t c = 0; c < cols; ++c) {
+    gw[c] = 0.0f;
+    gb[c] = 0.0f;
+  }
+  for (int t = 0; t < team; ++t) {
+    const float* pw = partial.data() + static_cast<size_t>(t) * 2 * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      gw[c] += pw[c];
+      gb[c] += pw[cols + c];
+    }
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& shape) { return {shape}; }
+
+std::vector<paddle::DataType> SameType(const paddle::DataType& dtype) { return {dtype}; }
+
+std::vector<std::vector<int64_t>> LayerNormShapes(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                                                  const std::vector<int64_t>& b) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) rows = rows < 0 || x[i] < 0 ? -1 : rows * x[i];
+  return {x, {rows}, {rows}};
+}
+
+std::vector<paddle::DataType> LayerNormTypes(const paddle::DataType& x, const paddle::DataType& w,
+                                             const paddle::DataType& b) {
+  return {x, x, x};
+}
+
+PD_BUILD_OP(convitlab_gelu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(GeluForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
+
+PD_BUILD_GRAD_OP(convitlab_gelu)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(GeluBackward));
+
+PD_BUILD_OP(convitlab_layer_norm)
+    .Inputs({"X", "Weight", "Bias"})
+    .Outputs({"Out", "Mean", "Rstd"})
+    .Attrs({"epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LayerNormForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LayerNormShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(LayerNormTypes));
+
+PD_BUILD_GRAD_OP(convitlab_layer_norm)
+    .Inputs({"X", "Weight", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
+    .Attrs({"epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LayerNormBackward));

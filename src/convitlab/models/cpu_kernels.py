@@ -1,0 +1,115 @@
+"""Multi-threaded, vectorised float32 CPU kernels for GELU and LayerNorm (cpu_kernels.cc).
+
+Paddle's CPU kernels for these run on one thread and, on the 2-core Intel Xeon, take 2-5x the
+CPU time of these for forward plus backward; these run on the process's threads
+(runtime.cpu_threads). The C++ source beside this file is compiled with the machine's C++
+compiler on first use (paddle.utils.cpp_extension, 20-30 s, once per source / Paddle version /
+processor) into CACHE_ROOT, and loaded from there by every
+later process. Without a compiler, or if the build fails, `available()` is False (said once in
+the log) and the layers (cpu_layers) keep Paddle's kernels. CONVITLAB_CPU_KERNELS=0 turns them off.
+"""
+import contextlib
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import paddle
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+NAME = "convitlab_cpu_kernels"
+ENV_SWITCH = "CONVITLAB_CPU_KERNELS"
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convitlab" / "cpu_kernels"
+# -march=native: the build is tied to this processor, so the cache key holds its ISA flags.
+# -fno-math-errno lets the erf/exp loops call glibc's vector versions (libmvec).
+CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp"]
+LD_FLAGS = ["-liomp5", "-lmvec"]
+
+_state = {"loaded": False, "failed": False}
+
+
+def enabled() -> bool:
+    """Wanted here: a CPU build of Paddle, not switched off, in dynamic mode (the ops are
+    called through Paddle's dynamic custom-op entry; static-graph programs keep the stock layers)."""
+    return (os.environ.get(ENV_SWITCH, "1") != "0" and not paddle.is_compiled_with_cuda()
+            and paddle.in_dynamic_mode())
+
+
+def _cache_key() -> str:
+    from convitlab.runtime import _cpu_info
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (paddle.__version__, " ".join(CXX_FLAGS + LD_FLAGS), " ".join(sorted(_cpu_info()["flags"]))):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _build(target: Path) -> bool:
+    """Compile into a private directory, then move it to `target` in one rename, under a file
+    lock so that parallel jobs (a sweep's joblib workers) compile once and never see half a build.
+    True when this process compiled it (then the ops are registered already)."""
+    with warnings.catch_warnings():  # Paddle warns about a missing ccache on this import
+        warnings.simplefilter("ignore")
+        from paddle.utils.cpp_extension import load
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / (target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / (NAME + ".so")).exists():
+            return False  # another process built it while this one waited
+        log.info("compiling convitlab's CPU kernels (once for this processor and Paddle) into %s", target)
+        scratch = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+        try:
+            # load() prints a progress line and its compiler's output: keep them out of the run's output
+            with contextlib.redirect_stdout(io.StringIO()):
+                load(name=NAME, sources=[str(SOURCE)], extra_cxx_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
+                     build_directory=str(scratch))
+            os.rename(scratch / NAME, target)
+            return True
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def available() -> bool:
+    """The kernels are wanted (see `enabled`) and loaded (compiled first if need be)."""
+    if not enabled() or _state["failed"]:
+        return False
+    if not _state["loaded"]:
+        try:
+            with warnings.catch_warnings():  # Paddle warns about a missing ccache on this import
+                warnings.simplefilter("ignore")
+                from paddle.utils.cpp_extension.extension_utils import load_op_meta_info_and_register_op
+            target = CACHE_ROOT / _cache_key()
+            so_file = target / (NAME + ".so")
+            if so_file.exists() or not _build(target):
+                load_op_meta_info_and_register_op(str(so_file))
+            _state["loaded"] = True
+        except Exception as error:  # no compiler, a failed build, a Paddle without custom ops
+            _state["failed"] = True
+            lines = str(error).strip().splitlines()
+            log.warning("convitlab's CPU kernels are not available (%s: %s); Paddle's GELU and LayerNorm "
+                        "kernels run instead", type(error).__name__, lines[-1] if lines else "")
+            return False
+    return True
+
+
+def _threads() -> int:
+    from convitlab.runtime import cpu_threads
+    return cpu_threads()
+
+
+def gelu(x):
+    """Exact (erf) GELU of a float32 CPU tensor; call only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_gelu", x, _threads())[0]
+
+
+def layer_norm(x, weight, bias, epsilon):
+    """LayerNorm of a float32 CPU tensor over its last axis with gain and bias; only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_layer_norm", x, weight, bias, float(epsilon), _threads())[0]
+

@@ -1,0 +1,121 @@
+"""convitlab's compiled CPU kernels (cpu_kernels) give Paddle's GELU and LayerNorm outputs and
+gradients, and the layers fall back to Paddle's kernels when they are off or cannot be built."""
+import logging
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from convitlab.models import cpu_kernels, cpu_layers, create_model
+
+# The model's shapes (convit_tiny at 32/4 batch 64 and 224/16, hidden width 768, a small batch)
+# and odd sizes; the large ones run on several threads.
+SHAPES = [[64, 65, 192], [2, 197, 768], [3, 7, 37], [1, 5]]
+
+
+def _close(got, want):
+    """Equal to 1e-5 relative to the tensor's scale (elementwise relative error is meaningless
+    where GELU's derivative crosses zero or a sum over rows cancels)."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def _forward_backward(fn, tensors):
+    for t in tensors:
+        t.clear_gradient()
+    out = fn()
+    (out * _weights(out)).sum().backward()
+    return [out.numpy()] + [t.grad.numpy() for t in tensors]
+
+
+def _weights(out):
+    return paddle.to_tensor(np.random.default_rng(1).standard_normal(out.shape).astype("float32"))
+
+
+@pytest.fixture
+def kernels():
+    assert cpu_kernels.available(), "the kernels should build on this machine (g++ present)"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gelu_matches_stock(kernels, shape):
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal(shape).astype("float32") * 3)
+    x.stop_gradient = False
+    got = _forward_backward(lambda: cpu_layers.GELU()(x), [x])
+    want = _forward_backward(lambda: F.gelu(x), [x])
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_matches_stock(kernels, shape):
+    rng = np.random.default_rng(0)
+    layer = cpu_layers.LayerNorm(shape[-1], epsilon=1e-6)
+    layer.weight.set_value(rng.standard_normal(shape[-1]).astype("float32"))
+    layer.bias.set_value(rng.standard_normal(shape[-1]).astype("float32"))
+    x = paddle.to_tensor(rng.standard_normal(shape).astype("float32") * 3 + 2)
+    x.stop_gradient = False
+    tensors = [x, layer.weight, layer.bias]
+    got = _forward_backward(lambda: layer(x), tensors)
+    want = _forward_backward(lambda: F.layer_norm(x, shape[-1:], layer.weight, layer.bias, 1e-6), tensors)
+    for g, w in zip(got, want):
+        _close(g, w)
+    with paddle.no_grad():
+        _close(layer(x).numpy(), want[0])
+
+
+def test_layers_use_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):
+    x = paddle.randn([64, 65, 192])
+    x.stop_gradient = False
+    assert "convitlab_gelu" in cpu_layers.GELU()(x).grad_fn.name()
+    assert "convitlab_layer_norm" in cpu_layers.LayerNorm(192)(x).grad_fn.name()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert "convitlab" not in cpu_layers.GELU()(x).grad_fn.name()
+    assert "LayerNormFunction" in cpu_layers.LayerNorm(192)(x).grad_fn.name()  # cpu_layers' own backward
+
+
+def test_frozen_norm_gets_no_weight_gradient(kernels):
+    norm = cpu_layers.LayerNorm(16)
+    norm.weight.stop_gradient = True
+    x = paddle.randn([4, 16])
+    x.stop_gradient = False
+    norm(x).sum().backward()
+    assert norm.weight.grad is None and norm.bias.grad is not None and x.grad is not None
+
+
+def test_model_gradients_match_without_the_kernels(kernels, monkeypatch):
+    paddle.seed(0)
+    model = create_model("convit_micro")
+    x = paddle.randn([3, 1, 8, 8])
+
+    def outputs_and_grads():
+        model.clear_gradients()
+        out = model(x)
+        out.sum().backward()
+        return {"logits": out.numpy(), **{n: p.grad.numpy() for n, p in model.named_parameters()}}
+
+    with_kernels = outputs_and_grads()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    without = outputs_and_grads()
+    assert with_kernels.keys() == without.keys()
+    for name in without:
+        np.testing.assert_allclose(with_kernels[name], without[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_failed_build_falls_back_with_one_log_line(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("#error this source does not compile\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "CACHE_ROOT", tmp_path / "cache")
+    monkeypatch.setitem(cpu_kernels._state, "loaded", False)
+    monkeypatch.setitem(cpu_kernels._state, "failed", False)
+    x = paddle.randn([4, 16])
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        gelu = cpu_layers.GELU()(x)
+        norm = cpu_layers.LayerNorm(16)(x)
+    assert not cpu_kernels.available()
+    warnings = [r for r in caplog.records if r.name == cpu_kernels.__name__ and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not available" in warnings[0].getMessage()
+    np.testing.assert_array_equal(gelu.numpy(), F.gelu(x).numpy())
+    np.testing.assert_array_equal(norm.numpy(), F.layer_norm(x, [16], None, None, 1e-5).numpy())
+    assert not list((tmp_path / "cache").glob("*/*.so"))
