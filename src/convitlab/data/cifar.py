@@ -1,5 +1,4 @@
 """CIFAR-10 and CIFAR-100, read straight from the official python-pickle archives (no extraction)."""
-import codecs
 import functools
 import hashlib
 import pickle
@@ -12,6 +11,7 @@ import numpy as np
 
 from convitlab.data.sources import ArrayImages
 from convitlab.errors import UserError, bad_value
+from convitlab.safe_pickle import ArrayUnpickler
 
 URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -102,13 +102,14 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with
 
 
 def _read_pickles(path: str, wanted: tuple) -> dict:
-    """The unpickled members named in `wanted` (by base name), in one pass over the gzip stream."""
+    """The unpickled members named in `wanted` (by base name), in one pass over the gzip stream;
+    arrays and plain containers only (safe_pickle), so a tampered archive cannot run code."""
     found = {}
     with tarfile.open(path, "r:gz") as tar:
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
             if member.isfile() and name in wanted:
-                found[name] = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+                found[name] = ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
     missing = [name for name in wanted if name not in found]
     if missing:
         raise KeyError(f"no {', '.join(missing)} inside")
@@ -122,25 +123,6 @@ def _images_and_labels(batches: list, label_key: bytes):
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
-
-
-# The array constructors a pickle names: in numpy.core or numpy._core, whichever wrote it
-_RECONSTRUCT, _FROMBUFFER = np.empty(0).__reduce__()[0], np.empty(0).__reduce_ex__(5)[0]
-_PICKLE_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol 2 writes bytes
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
-}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and NumPy arrays only, so a tampered archive cannot run code."""
-
-    def find_class(self, module, name):
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-        return _PICKLE_GLOBALS[module, name]
 
 
 def _md5(path: str) -> str:
