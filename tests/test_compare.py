@@ -110,7 +110,7 @@ def test_locality_sweep_plot(tmp_path):
     rows = [{"model": "convit_micro", "locality_strength": alpha, "local_up_to_layer": layers, "seed": seed,
              "status": "completed", "top1": 50 + 10 * alpha * (layers > 0) + seed}
             for alpha in (0.0, 0.1, 1.0) for layers in (0, 3) for seed in (0, 1)]
-    results.write_rows(tmp_path / "locality_sweep.csv", rows, results.RESULT_COLUMNS)
+    results.write_table(tmp_path / "locality_sweep.csv", rows, results.RESULT_COLUMNS)
     report = compare_results([tmp_path / "locality_sweep.csv"], out=tmp_path / "out")
     c = compare(load_results([tmp_path / "locality_sweep.csv"]))
     assert c.vs is None and c.by == ["locality_strength", "local_up_to_layer"]
