@@ -17,7 +17,6 @@ unexpected and mis-shaped tensors.
 Then what fine-tuning needs: freezing (finetune.freeze_patch_embed, finetune.freeze_blocks=k)
 and one learning-rate scale for the backbone against the head (finetune.backbone_lr_scale).
 """
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import numpy as np
 import paddle
 
 from convitlab import distributed
-from convitlab.engine.checkpoint import Checkpointer
+from convitlab.engine.checkpoint import Checkpointer, file_sha256
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
 from convitlab.models.convit import resize_pos_embed, square_grid
@@ -38,14 +37,6 @@ log = logging.getLogger(__name__)
 # their channel means, so the summed filters see what the 3-channel ones saw on a grey image.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.449, 0.226
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def adapt_state(model, state, layout="paddle", channel_adapt="sum"):

@@ -23,8 +23,9 @@ from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
 from convitlab.data.seeds import mix_rng
 from convitlab.engine.amp import amp_settings, backward_and_step
-from convitlab.engine.checkpoint import Checkpointer, rng_state
+from convitlab.engine.checkpoint import Checkpointer
 from convitlab.engine.ema import ModelEMA
+from convitlab.engine.rng import capture as capture_rng
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
 from convitlab.engine.protocol import Protocol, plan
@@ -210,7 +211,7 @@ def save_checkpoint(t: Training, state: LoopState, recorder: Recorder) -> None:
     # Checkpoints follow evaluations (once per full-data epoch's worth of images): a
     # 5.7M-parameter model checkpointed after each of 500 short passes spent a quarter
     # of its time writing them. A resume redoes at most one interval, exactly.
-    rng_states = distributed.gather_objects(rng_state())  # every rank takes part
+    rng_states = distributed.gather_objects(capture_rng())  # every rank takes part
     recorder.flush()
     if distributed.is_main():
         t.checkpoints.save(state.epoch, t.model, t.optimizer, asdict(state), rng_states, t.ema, t.scaler)
