@@ -101,11 +101,6 @@ def t_upper_tail(t, dof) -> float:
     return half if t > 0 else 1.0 - half
 
 
-def t_cdf(t, dof) -> float:
-    """P(T ≤ t)."""
-    return t_upper_tail(-t, dof)
-
-
 def t_quantile(p, dof) -> float:
     """The t with P(T ≤ t) = p, by bisection on the upper tail (monotone: no starting guess needed)."""
     if not 0.0 < p < 1.0:

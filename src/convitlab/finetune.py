@@ -22,15 +22,14 @@ import logging
 import os
 
 import numpy as np
-import paddle
 
 from convitlab import distributed
 from convitlab.engine.checkpoint import Checkpointer, file_sha256
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
-from convitlab.models.convit import resize_pos_embed, square_grid
+from convitlab.models.convit import square_grid
 from convitlab.run_folder import RunFolder
-from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint
+from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint, resize_pos_embed_array
 
 log = logging.getLogger(__name__)
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes
@@ -63,11 +62,8 @@ def adapt_state(model, state, layout="paddle", channel_adapt="sum"):
         if have == want:
             adapted[name] = value
         elif name == "pos_embed" and value.ndim == 3 and have[-1] == want[-1]:
+            adapted[name] = resize_pos_embed_array(value, model.grid_size)  # UserError unless a square grid
             old = square_grid(have[1])
-            if old is None:
-                raise UserError(f"pos_embed has {have[1]} positions, not a square grid: cannot infer its "
-                                "resolution to interpolate")
-            adapted[name] = resize_pos_embed(paddle.to_tensor(value), old, model.grid_size).numpy()
             notes.append(f"resized pos_embed {have} -> {want}: {old[0]}x{old[1]} grid interpolated (bicubic) "
                          f"to {model.grid_size[0]}x{model.grid_size[1]}")
         elif (name == "patch_embed.proj.weight" and value.ndim == 4 and have[1] == 3 and want[1] == 1

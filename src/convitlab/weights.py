@@ -83,7 +83,7 @@ def load_state_dict(model, state, layout="paddle"):
         want = list(targets[name].shape)
         if list(value.shape) != want:
             if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-                value = _resize_pos_embed(value, model.grid_size)
+                value = resize_pos_embed_array(value, model.grid_size)
             elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
                 log.warning("skipping %s: checkpoint shape %s, model %s (new num_classes)",
                             name, list(value.shape), want)
@@ -101,7 +101,8 @@ def load_state_dict(model, state, layout="paddle"):
         targets[name].set_value(value)
 
 
-def _resize_pos_embed(value, grid):
+def resize_pos_embed_array(value, grid):
+    """A [1, N, C] pos_embed array of a square grid interpolated to `grid`."""
     old = square_grid(value.shape[1])
     if old is None:
         raise UserError(f"pos_embed has {value.shape[1]} positions, not a square grid: "

@@ -270,7 +270,7 @@ def set_up(cfg, folder: RunFolder):
                     columns=columns), state
 
 
-def fit(cfg, run_dir, cfg_hash: str) -> dict:
+def fit(cfg, run_dir) -> dict:
     """Train per `cfg` in `run_dir` (resuming from its last checkpoint when there is one).
 
     Returns the result row; only rank 0 writes files.
