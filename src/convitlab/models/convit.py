@@ -191,11 +191,8 @@ class ConViT(nn.Layer):
             x = paddle.concat([cls + x.mean(axis=1, keepdim=True), x], axis=1)
         return self.norm(x)
 
-    def forward_head(self, x):
-        return self.head(x[:, 0])
-
     def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        return self.head(self.forward_features(x)[:, 0])
 
 
 def resize_pos_embed(pos_embed, old_grid, new_grid):
