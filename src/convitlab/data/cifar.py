@@ -37,26 +37,23 @@ ARCHIVES = {
 }
 
 
-def load_cifar(name: str, root, download: bool, checksum: bool):
-    """(train, val, class_names) of `name` (cifar10 or cifar100) from its archive in `root`.
+def load_cifar(name: str, root, download: bool, checksum: bool, with_train: bool = True):
+    """(train, val, class_names) of `name` (cifar10 or cifar100) from its archive in `root`;
+    train is None without with_train.
 
     Decoded arrays stay in memory for the process, keyed by the file's path, size and mtime.
     """
-    return _load(name, root, download, checksum, with_train=True)
+    archive = ARCHIVES[name]
+    path = _locate(archive, root, download, checksum)
+    stat = path.stat()
+    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
 def load_cifar_val(name: str, root, download: bool, checksum: bool):
     """(val, class_names) of `name`: the test batches alone, for evaluation (the training
     batches are not unpickled)."""
-    _, val, names = _load(name, root, download, checksum, with_train=False)
+    _, val, names = load_cifar(name, root, download, checksum, with_train=False)
     return val, names
-
-
-def _load(name: str, root, download: bool, checksum: bool, with_train: bool):
-    archive = ARCHIVES[name]
-    path = _locate(archive, root, download, checksum)
-    stat = path.stat()
-    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
 def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path:

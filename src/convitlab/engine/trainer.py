@@ -64,17 +64,11 @@ def model_kwargs(model_cfg) -> dict:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("name")
     kwargs.pop("pretrained", None)  # a file to load, not a knob of the model (convitlab/finetune.py)
-    kwargs["img_size"] = tuple(kwargs["img_size"]) if isinstance(kwargs["img_size"], list) else kwargs["img_size"]
     return kwargs
 
 
 def build_model(cfg):
     return create_model(cfg.model.name, **model_kwargs(cfg.model))
-
-
-def seed_everything(seed: int) -> None:
-    paddle.seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 @paddle.no_grad()
@@ -223,7 +217,8 @@ def set_up(cfg, folder: RunFolder):
     checkpoint when the run resumes (a fresh one otherwise)."""
     device = select_device(cfg.trainer.device)
     amp_dtype, scaler = amp_settings(cfg.trainer.amp, device)
-    seed_everything(cfg.seed + distributed.rank())
+    paddle.seed(cfg.seed + distributed.rank())
+    np.random.seed((cfg.seed + distributed.rank()) % 2**32)
     data = build_datasets(cfg.data, cfg.seed)
     if data.num_classes != cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {data.num_classes} "
