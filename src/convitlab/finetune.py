@@ -135,7 +135,11 @@ def prepare(cfg, model, run_dir):
         folder = RunFolder(run_dir)
         resuming = cfg.trainer.resume is not False and Checkpointer(folder.checkpoints).latest() is not None
         if resuming:  # the checkpoint holds the fine-tuned weights: the file is not read again
-            columns = read_record(run_dir) or {"pretrained": path, "pretrained_sha256": None}
+            try:
+                record = json.loads(folder.pretrained.read_text())
+            except (OSError, ValueError):
+                record = None
+            columns = record or {"pretrained": path, "pretrained_sha256": None}
             log.info("model.pretrained=%s not applied: the run resumes from its own checkpoint", path)
         else:
             columns = apply_pretrained(model, path, f.channel_adapt)
@@ -144,13 +148,6 @@ def prepare(cfg, model, run_dir):
         warn_normalisation(cfg)
     freeze(model, f.freeze_patch_embed, f.freeze_blocks)
     return backbone_lr_scale(f.backbone_lr_scale), columns
-
-
-def read_record(run_dir):
-    try:
-        return json.loads(RunFolder(run_dir).pretrained.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def warn_normalisation(cfg) -> None:
