@@ -238,10 +238,7 @@ def set_up(cfg, folder: RunFolder):
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip, lr_scale)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    steps_per_epoch = len(train_loader)
-    if cfg.trainer.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-    protocol = plan(cfg, steps_per_epoch)
+    protocol = plan(cfg, min(len(train_loader), cfg.trainer.max_steps_per_epoch or len(train_loader)))
     checkpoints = Checkpointer(folder.checkpoints, cfg.trainer.keep_checkpoints)
     state = LoopState(world_size=distributed.world_size())
     latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)

@@ -102,7 +102,7 @@ class ConViT(nn.Layer):
         check(0 <= local_up_to_layer <= depth, "local_up_to_layer", local_up_to_layer, f"0..depth={depth}")
         dim = embed_dim * num_heads
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = dim
+        self.embed_dim = dim
         self.num_heads = num_heads
         self.local_up_to_layer = local_up_to_layer
         self.use_pos_embed = use_pos_embed
