@@ -129,14 +129,10 @@ def save_pdparams(model, path):
     return os.fspath(path)
 
 
-def reference_state(model):
-    """The model's weights in the reference (timm/authors') layout: Linear weights [out, in]."""
-    linear = linear_weight_names(model)
-    return {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
-
-
 def save_safetensors(model, path):
-    """Save the model's weights as timm does (.safetensors, reference layout), atomically."""
+    """Save the model's weights as timm does (.safetensors, reference layout: Linear weights [out, in]), atomically."""
+    linear = linear_weight_names(model)
+    state = {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(reference_state(model), str(tmp))
+        save_file(state, str(tmp))
     return os.fspath(path)
