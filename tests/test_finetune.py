@@ -11,7 +11,8 @@ import pytest
 from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
 
 from convitlab.errors import UserError
-from convitlab.finetune import adapt_state, backbone_lr_scale, file_sha256
+from convitlab.engine.checkpoint import file_sha256
+from convitlab.finetune import adapt_state, backbone_lr_scale
 from convitlab.models import create_model
 from convitlab.models.convit import resize_pos_embed
 from convitlab.safe_pickle import load_arrays

@@ -101,11 +101,6 @@ def t_upper_tail(t, dof) -> float:
     return half if t > 0 else 1.0 - half
 
 
-def t_cdf(t, dof) -> float:
-    """P(T ≤ t)."""
-    return t_upper_tail(-t, dof)
-
-
 def t_quantile(p, dof) -> float:
     """The t with P(T ≤ t) = p, by bisection on the upper tail (monotone: no starting guess needed)."""
     if not 0.0 < p < 1.0:
@@ -307,7 +302,9 @@ def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None)
         raise UserError(f"no completed run to compare: {found}")
     _require_values(runs, metric, "--metric")
     for key in [*(by or []), *([vs] if vs else [])]:
-        _require_column(runs, key)
+        if key not in runs:  # blank cells are fine: a knob some runs lack
+            missing_from = ", ".join(map(str, _sources(runs).unique()))
+            raise UserError(f"column {key!r} (--by/--vs) is missing from {missing_from}")
     _require_numbers(runs, metric)
     varying = [key for key in KNOBS if key in runs and runs[key].nunique(dropna=False) > 1]
     if vs is None:
@@ -432,12 +429,6 @@ def _require_values(runs, column, option) -> None:
         lacking = list(sources.unique())
     if lacking:
         raise UserError(f"column {column!r} ({option}) is missing from {', '.join(map(str, lacking))}")
-
-
-def _require_column(runs, column) -> None:
-    """Stop unless the tables have `column` (blank cells are fine: a knob some runs lack)."""
-    if column not in runs:
-        raise UserError(f"column {column!r} (--by/--vs) is missing from {', '.join(map(str, _sources(runs).unique()))}")
 
 
 def _require_numbers(runs, column) -> None:

@@ -282,8 +282,6 @@ def register_configs() -> None:
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
 
-
-
 def image_size_pair(value, key: str = "data.img_size"):
     """An int or [H, W] as an (H, W) tuple of positive ints."""
     if isinstance(value, int) and not isinstance(value, bool):

@@ -17,35 +17,25 @@ unexpected and mis-shaped tensors.
 Then what fine-tuning needs: freezing (finetune.freeze_patch_embed, finetune.freeze_blocks=k)
 and one learning-rate scale for the backbone against the head (finetune.backbone_lr_scale).
 """
-import hashlib
 import json
 import logging
 import os
 
 import numpy as np
-import paddle
 
 from convitlab import distributed
-from convitlab.engine.checkpoint import Checkpointer
+from convitlab.engine.checkpoint import Checkpointer, file_sha256
 from convitlab.atomic import write_text
 from convitlab.errors import UserError
-from convitlab.models.convit import resize_pos_embed, square_grid
+from convitlab.models.convit import square_grid
 from convitlab.run_folder import RunFolder
-from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint
+from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint, resize_pos_embed_array
 
 log = logging.getLogger(__name__)
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes
 # their channel means, so the summed filters see what the 3-channel ones saw on a grey image.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.449, 0.226
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def adapt_state(model, state, layout="paddle", channel_adapt="sum"):
@@ -72,11 +62,8 @@ def adapt_state(model, state, layout="paddle", channel_adapt="sum"):
         if have == want:
             adapted[name] = value
         elif name == "pos_embed" and value.ndim == 3 and have[-1] == want[-1]:
+            adapted[name] = resize_pos_embed_array(value, model.grid_size)  # UserError unless a square grid
             old = square_grid(have[1])
-            if old is None:
-                raise UserError(f"pos_embed has {have[1]} positions, not a square grid: cannot infer its "
-                                "resolution to interpolate")
-            adapted[name] = resize_pos_embed(paddle.to_tensor(value), old, model.grid_size).numpy()
             notes.append(f"resized pos_embed {have} -> {want}: {old[0]}x{old[1]} grid interpolated (bicubic) "
                          f"to {model.grid_size[0]}x{model.grid_size[1]}")
         elif (name == "patch_embed.proj.weight" and value.ndim == 4 and have[1] == 3 and want[1] == 1
@@ -148,7 +135,11 @@ def prepare(cfg, model, run_dir):
         folder = RunFolder(run_dir)
         resuming = cfg.trainer.resume is not False and Checkpointer(folder.checkpoints).latest() is not None
         if resuming:  # the checkpoint holds the fine-tuned weights: the file is not read again
-            columns = read_record(run_dir) or {"pretrained": path, "pretrained_sha256": None}
+            try:
+                record = json.loads(folder.pretrained.read_text())
+            except (OSError, ValueError):
+                record = None
+            columns = record or {"pretrained": path, "pretrained_sha256": None}
             log.info("model.pretrained=%s not applied: the run resumes from its own checkpoint", path)
         else:
             columns = apply_pretrained(model, path, f.channel_adapt)
@@ -157,13 +148,6 @@ def prepare(cfg, model, run_dir):
         warn_normalisation(cfg)
     freeze(model, f.freeze_patch_embed, f.freeze_blocks)
     return backbone_lr_scale(f.backbone_lr_scale), columns
-
-
-def read_record(run_dir):
-    try:
-        return json.loads(RunFolder(run_dir).pretrained.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def warn_normalisation(cfg) -> None:

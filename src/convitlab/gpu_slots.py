@@ -33,11 +33,6 @@ def slot_order(job_num: int, gpu_count: int) -> list:
     return [(job_num + i) % gpu_count for i in range(gpu_count)]
 
 
-def pick_slot(job_num: int, gpu_count: int, busy) -> "int | None":
-    """The GPU job `job_num` takes when the GPUs in `busy` are taken (None: all are)."""
-    return next((gpu for gpu in slot_order(job_num, gpu_count) if gpu not in busy), None)
-
-
 class GpuSlot:
     """A GPU held by this process (its lock file open and locked) until release()."""
 

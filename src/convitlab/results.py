@@ -89,11 +89,6 @@ def write_table(path, table, columns=()) -> None:
     write_text(path, buffer.getvalue())
 
 
-def write_rows(path, rows, columns) -> None:
-    """Write row dicts as a whole table (see write_table)."""
-    write_table(path, rows, columns)
-
-
 def write_result(run_dir, row: dict) -> None:
     """Write run_dir/result.csv: one row, in RESULT_COLUMNS order (extra keys after)."""
     write_table(RunFolder(run_dir).result, [row], RESULT_COLUMNS)
@@ -136,23 +131,11 @@ def typed_columns(text: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({name: _typed_column(name, text[name]) for name in text.columns}, index=text.index)
 
 
-def read_table(path) -> pd.DataFrame:
-    """One CSV as a typed DataFrame."""
-    return typed_columns(read_text(path))
-
-
 def read_rows(path) -> list:
     """Every row of a CSV as a dict of Python values: None for a blank cell, else int, float, bool or str."""
     text = read_text(path)
     values = typed_columns(text).astype(object).where(text.ne(""), None)
     return values.to_dict("records")
-
-
-def read_last_row(path) -> dict:
-    """The last row of a CSV; {} when it is missing or empty."""
-    path = Path(path)
-    rows = read_rows(path) if path.exists() else []
-    return rows[-1] if rows else {}
 
 
 def read_result(run_dir):

@@ -70,11 +70,9 @@ class RunRecord:
         self.path = RunFolder(run_dir).record
 
     def stored_hash(self):
-        if not self.path.exists():
-            return None
         try:
             return json.loads(self.path.read_text()).get("config_hash")
-        except ValueError:
+        except (FileNotFoundError, ValueError):
             return None
 
     def claim(self, cfg_hash: str, overwrite: bool) -> None:

@@ -82,7 +82,6 @@ def paddle_mkl():
     ("2019.0.5", "Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) enabled processors"):
     the code path is the one MKL dispatches to (MKL_DEBUG_CPU_TYPE changes it). None without
     that library (a Paddle built without MKL, or not on Linux)."""
-    import ctypes
     import paddle
 
     class Version(ctypes.Structure):  # MKLVersion of mkl_types.h

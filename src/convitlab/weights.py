@@ -83,7 +83,7 @@ def load_state_dict(model, state, layout="paddle"):
         want = list(targets[name].shape)
         if list(value.shape) != want:
             if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-                value = _resize_pos_embed(value, model.grid_size)
+                value = resize_pos_embed_array(value, model.grid_size)
             elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
                 log.warning("skipping %s: checkpoint shape %s, model %s (new num_classes)",
                             name, list(value.shape), want)
@@ -101,7 +101,8 @@ def load_state_dict(model, state, layout="paddle"):
         targets[name].set_value(value)
 
 
-def _resize_pos_embed(value, grid):
+def resize_pos_embed_array(value, grid):
+    """A [1, N, C] pos_embed array of a square grid interpolated to `grid`."""
     old = square_grid(value.shape[1])
     if old is None:
         raise UserError(f"pos_embed has {value.shape[1]} positions, not a square grid: "
@@ -128,14 +129,10 @@ def save_pdparams(model, path):
     return os.fspath(path)
 
 
-def reference_state(model):
-    """The model's weights in the reference (timm/authors') layout: Linear weights [out, in]."""
-    linear = linear_weight_names(model)
-    return {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
-
-
 def save_safetensors(model, path):
-    """Save the model's weights as timm does (.safetensors, reference layout), atomically."""
+    """Save the model's weights as timm does (.safetensors, reference layout: Linear weights [out, in]), atomically."""
+    linear = linear_weight_names(model)
+    state = {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(reference_state(model), str(tmp))
+        save_file(state, str(tmp))
     return os.fspath(path)

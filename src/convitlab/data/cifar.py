@@ -1,5 +1,4 @@
 """CIFAR-10 and CIFAR-100, read straight from the official python-pickle archives (no extraction)."""
-import codecs
 import functools
 import hashlib
 import pickle
@@ -12,6 +11,7 @@ import numpy as np
 
 from convitlab.data.sources import ArrayImages
 from convitlab.errors import UserError, bad_value
+from convitlab.safe_pickle import ArrayUnpickler
 
 URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -37,26 +37,23 @@ ARCHIVES = {
 }
 
 
-def load_cifar(name: str, root, download: bool, checksum: bool):
-    """(train, val, class_names) of `name` (cifar10 or cifar100) from its archive in `root`.
+def load_cifar(name: str, root, download: bool, checksum: bool, with_train: bool = True):
+    """(train, val, class_names) of `name` (cifar10 or cifar100) from its archive in `root`;
+    train is None without with_train.
 
     Decoded arrays stay in memory for the process, keyed by the file's path, size and mtime.
     """
-    return _load(name, root, download, checksum, with_train=True)
+    archive = ARCHIVES[name]
+    path = _locate(archive, root, download, checksum)
+    stat = path.stat()
+    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
 def load_cifar_val(name: str, root, download: bool, checksum: bool):
     """(val, class_names) of `name`: the test batches alone, for evaluation (the training
     batches are not unpickled)."""
-    _, val, names = _load(name, root, download, checksum, with_train=False)
+    _, val, names = load_cifar(name, root, download, checksum, with_train=False)
     return val, names
-
-
-def _load(name: str, root, download: bool, checksum: bool, with_train: bool):
-    archive = ARCHIVES[name]
-    path = _locate(archive, root, download, checksum)
-    stat = path.stat()
-    return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
 def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path:
@@ -102,13 +99,14 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with
 
 
 def _read_pickles(path: str, wanted: tuple) -> dict:
-    """The unpickled members named in `wanted` (by base name), in one pass over the gzip stream."""
+    """The unpickled members named in `wanted` (by base name), in one pass over the gzip stream;
+    arrays and plain containers only (safe_pickle), so a tampered archive cannot run code."""
     found = {}
     with tarfile.open(path, "r:gz") as tar:
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
             if member.isfile() and name in wanted:
-                found[name] = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+                found[name] = ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
     missing = [name for name in wanted if name not in found]
     if missing:
         raise KeyError(f"no {', '.join(missing)} inside")
@@ -122,25 +120,6 @@ def _images_and_labels(batches: list, label_key: bytes):
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
-
-
-# The array constructors a pickle names: in numpy.core or numpy._core, whichever wrote it
-_RECONSTRUCT, _FROMBUFFER = np.empty(0).__reduce__()[0], np.empty(0).__reduce_ex__(5)[0]
-_PICKLE_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol 2 writes bytes
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
-}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and NumPy arrays only, so a tampered archive cannot run code."""
-
-    def find_class(self, module, name):
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-        return _PICKLE_GLOBALS[module, name]
 
 
 def _md5(path: str) -> str:

@@ -27,7 +27,7 @@ MODEL, OPTIMIZER, EMA, RNG, STATE = "model.pdparams", "optimizer.pdopt", "ema.pd
 BEST = "best.pdparams"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -59,16 +59,6 @@ def _rename(key, mapping):
         if key == old or key.startswith(old + "_"):
             return new + key[len(old):]
     return key
-
-
-def rng_state():
-    """This process's CPU and current-GPU generator states (engine/rng.py)."""
-    return rng.capture()
-
-
-def set_rng_state(state):
-    """Restored on any device and GPU count; what cannot be is logged in one line (engine/rng.py)."""
-    return rng.restore(state)
 
 
 class Checkpointer:
@@ -117,7 +107,7 @@ class Checkpointer:
             with open(tmp / writing.name, "wb") as f:
                 pickle.dump(extras, f)
             writing = final / STATE
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
             content = {**state, "epoch": epoch, "files": files}
             (tmp / writing.name).write_text(json.dumps({**content, "sha256": _state_digest(content)}, indent=1))
             writing = final
@@ -166,7 +156,7 @@ class Checkpointer:
                 raise ValueError("state.json does not match its checksum" if recorded else
                                  "state.json has no checksum of its own (written by an older convitlab)")
             for name, digest in state["files"].items():
-                if _sha256(folder / name) != digest:
+                if file_sha256(folder / name) != digest:
                     raise ValueError(f"{name} does not match its checksum")
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {folder} is damaged ({exc}): {way_out}") from None
@@ -185,7 +175,7 @@ class Checkpointer:
             extras = pickle.load(f)
         rank = distributed.rank()  # each rank resumes its own random stream (drop path, dropout)
         states = extras["rng"]
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        rng.restore(states[rank] if rank < len(states) else states[0])  # on any device and GPU count
         if scaler is not None and extras.get("scaler"):
             scaler.load_state_dict(extras["scaler"])
         return state

@@ -1,4 +1,6 @@
 """Exponential moving average of the weights, evaluated instead of the raw weights when on."""
+import contextlib
+
 import paddle
 
 
@@ -26,19 +28,12 @@ class ModelEMA:
         for name, value in state.items():
             self.shadow[name].set_value(value)
 
+    @contextlib.contextmanager
     def swapped_into(self, model):
         """Context manager: the model carries the EMA weights inside the block."""
-        return _Swap(model, self.shadow)
-
-
-class _Swap:
-    def __init__(self, model, weights):
-        self.model, self.weights = model, weights
-
-    def __enter__(self):
-        self.saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.set_state_dict(self.weights)
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.set_state_dict(self.saved)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.set_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.set_state_dict(saved)

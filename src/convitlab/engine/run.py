@@ -90,7 +90,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
             record.claim(cfg_hash, overwrite=fresh)
             write_text(folder.config, OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
-        row.update(fit(cfg, run_dir, cfg_hash))
+        row.update(fit(cfg, run_dir))
     except BaseException as exc:
         stopped = isinstance(exc, (Interrupted, SystemExit))  # SystemExit: submitit's requeue
         full = None if stopped else find_disk_full(exc, run_dir)

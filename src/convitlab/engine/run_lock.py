@@ -93,10 +93,7 @@ class RunLock:
         """The holder the lock file names ({} if none); retried while it is being written."""
         for attempt in range(attempts):
             try:
-                if fd is not None:
-                    text = os.pread(fd, 1 << 16, 0).decode()
-                else:
-                    text = self.path.read_text()
+                text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text()
             except FileNotFoundError:
                 return {}
             except OSError:

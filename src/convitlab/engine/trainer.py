@@ -23,8 +23,9 @@ from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
 from convitlab.data.seeds import mix_rng
 from convitlab.engine.amp import amp_settings, backward_and_step
-from convitlab.engine.checkpoint import Checkpointer, rng_state
+from convitlab.engine.checkpoint import Checkpointer
 from convitlab.engine.ema import ModelEMA
+from convitlab.engine.rng import capture as capture_rng
 from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
 from convitlab.engine.protocol import Protocol, plan
@@ -63,17 +64,11 @@ def model_kwargs(model_cfg) -> dict:
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("name")
     kwargs.pop("pretrained", None)  # a file to load, not a knob of the model (convitlab/finetune.py)
-    kwargs["img_size"] = tuple(kwargs["img_size"]) if isinstance(kwargs["img_size"], list) else kwargs["img_size"]
     return kwargs
 
 
 def build_model(cfg):
     return create_model(cfg.model.name, **model_kwargs(cfg.model))
-
-
-def seed_everything(seed: int) -> None:
-    paddle.seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 @paddle.no_grad()
@@ -210,7 +205,7 @@ def save_checkpoint(t: Training, state: LoopState, recorder: Recorder) -> None:
     # Checkpoints follow evaluations (once per full-data epoch's worth of images): a
     # 5.7M-parameter model checkpointed after each of 500 short passes spent a quarter
     # of its time writing them. A resume redoes at most one interval, exactly.
-    rng_states = distributed.gather_objects(rng_state())  # every rank takes part
+    rng_states = distributed.gather_objects(capture_rng())  # every rank takes part
     recorder.flush()
     if distributed.is_main():
         t.checkpoints.save(state.epoch, t.model, t.optimizer, asdict(state), rng_states, t.ema, t.scaler)
@@ -222,7 +217,8 @@ def set_up(cfg, folder: RunFolder):
     checkpoint when the run resumes (a fresh one otherwise)."""
     device = select_device(cfg.trainer.device)
     amp_dtype, scaler = amp_settings(cfg.trainer.amp, device)
-    seed_everything(cfg.seed + distributed.rank())
+    paddle.seed(cfg.seed + distributed.rank())
+    np.random.seed((cfg.seed + distributed.rank()) % 2**32)
     data = build_datasets(cfg.data, cfg.seed)
     if data.num_classes != cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {data.num_classes} "
@@ -242,10 +238,7 @@ def set_up(cfg, folder: RunFolder):
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip, lr_scale)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    steps_per_epoch = len(train_loader)
-    if cfg.trainer.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-    protocol = plan(cfg, steps_per_epoch)
+    protocol = plan(cfg, min(len(train_loader), cfg.trainer.max_steps_per_epoch or len(train_loader)))
     checkpoints = Checkpointer(folder.checkpoints, cfg.trainer.keep_checkpoints)
     state = LoopState(world_size=distributed.world_size())
     latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)
@@ -269,7 +262,7 @@ def set_up(cfg, folder: RunFolder):
                     columns=columns), state
 
 
-def fit(cfg, run_dir, cfg_hash: str) -> dict:
+def fit(cfg, run_dir) -> dict:
     """Train per `cfg` in `run_dir` (resuming from its last checkpoint when there is one).
 
     Returns the result row; only rank 0 writes files.

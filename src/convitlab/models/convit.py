@@ -102,7 +102,7 @@ class ConViT(nn.Layer):
         check(0 <= local_up_to_layer <= depth, "local_up_to_layer", local_up_to_layer, f"0..depth={depth}")
         dim = embed_dim * num_heads
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = dim
+        self.embed_dim = dim
         self.num_heads = num_heads
         self.local_up_to_layer = local_up_to_layer
         self.use_pos_embed = use_pos_embed
@@ -191,11 +191,8 @@ class ConViT(nn.Layer):
             x = paddle.concat([cls + x.mean(axis=1, keepdim=True), x], axis=1)
         return self.norm(x)
 
-    def forward_head(self, x):
-        return self.head(x[:, 0])
-
     def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        return self.head(self.forward_features(x)[:, 0])
 
 
 def resize_pos_embed(pos_embed, old_grid, new_grid):
