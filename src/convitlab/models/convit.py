@@ -30,7 +30,6 @@ class PatchEmbed(nn.Layer):
         h, w = to_pair(img_size)
         check(h % self.patch_size == 0 and w % self.patch_size == 0, "img_size", (h, w),
               f"sides divisible by patch_size={self.patch_size}")
-        self.img_size = (h, w)
         self.grid_size = (h // self.patch_size, w // self.patch_size)
 
     def forward(self, x):
@@ -101,7 +100,6 @@ class ConViT(nn.Layer):
         super().__init__()
         check(0 <= local_up_to_layer <= depth, "local_up_to_layer", local_up_to_layer, f"0..depth={depth}")
         dim = embed_dim * num_heads
-        self.num_classes = num_classes
         self.embed_dim = dim
         self.num_heads = num_heads
         self.local_up_to_layer = local_up_to_layer
