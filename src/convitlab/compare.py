@@ -189,18 +189,13 @@ def gain_test(values, baseline, paired: bool) -> GainTest:
                     "paired" if paired else "Welch")
 
 
-def _pair_ids(cell: pd.DataFrame, keys) -> list:
-    """Each run's (seed, subset_seed, ...) as a tuple, None for a blank."""
-    values = cell[keys].astype(object)
-    return list(values.where(cell[keys].notna(), None).itertuples(index=False, name=None))
-
-
 def cell_gain(cell: pd.DataFrame, base: pd.DataFrame, metric) -> GainTest:
     """The gain of one cell's runs over the baseline cell's runs, paired by seed when they can be:
     both cells hold the same seeds (and subset seeds, if recorded), each once."""
     keys = [key for key in PAIR_KEYS if key in cell and key in base]
     if "seed" in keys and cell["seed"].notna().all() and base["seed"].notna().all():
-        ids, base_ids = _pair_ids(cell, keys), _pair_ids(base, keys)
+        # each run's (seed, subset_seed, ...) as a tuple, None for a blank
+        ids, base_ids = ([tuple(row.values()) for row in _records(runs[keys])] for runs in (cell, base))
         if len(set(ids)) == len(ids) == len(base_ids) == len(set(base_ids)) and set(ids) == set(base_ids):
             by_id = dict(zip(base_ids, base[metric]))
             return gain_test(cell[metric], [by_id[i] for i in ids], paired=True)
