@@ -76,9 +76,8 @@ def _beta_continued_fraction(a, b, x) -> float:
     return value
 
 
-def regularized_beta(a, b, x, y=None) -> float:
-    """I_x(a, b), the regularised incomplete beta function; y = 1 − x (give it when known exactly)."""
-    y = 1.0 - x if y is None else y
+def regularized_beta(a, b, x, y) -> float:
+    """I_x(a, b), the regularised incomplete beta function; y = 1 − x, given as computed exactly by the caller."""
     if x <= 0.0:
         return 0.0
     if y <= 0.0:
@@ -273,7 +272,7 @@ class Comparison:
         for position, column in enumerate(self.columns):
             stats = self.cells.xs(position, level=COLUMN).astype({"n": "Int64"})
             table = table.join(stats.add_prefix(f"{self.label(column)} "))
-        for position, column in enumerate(self.columns[1:] if self.vs else [], start=1):
+        for position, column in enumerate(self.gain_columns, start=1):
             gains = self.gains.xs(position, level=COLUMN).astype({"n": "Int64", "test": "string"})
             table = table.join(gains.rename(columns={name: f"{self.label(column)} {title}"
                                                      for name, title in GAIN_FIELDS.items()}))
@@ -391,16 +390,10 @@ def pick_baseline(runs, vs, columns, asked):
     if "local_up_to_layer" in runs:
         no_gpsa = runs["local_up_to_layer"].eq(0).fillna(False).astype(bool)
         for column in columns:
-            if no_gpsa[_equals(runs[vs], column)].all():
+            matches = runs[vs].isna() if pd.isna(column) else runs[vs].eq(column).fillna(False).astype(bool)
+            if no_gpsa[matches].all():
                 return column
     return columns[0]
-
-
-def _equals(series, value) -> pd.Series:
-    """series == value as a plain boolean mask, blank matching blank."""
-    if pd.isna(value):
-        return series.isna()
-    return series.eq(value).fillna(False).astype(bool)
 
 
 def _same_number(value, text) -> bool:
@@ -676,9 +669,6 @@ def plot_gates(comparison, out):
     return _save(fig, path)
 
 
-PLOTS = (plot_metric_vs_fraction, plot_metric_vs_locality, plot_nonlocality, plot_gates)
-
-
 # ---------- the whole command ----------
 
 def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True) -> str:
@@ -694,5 +684,6 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     write_text(out / "comparison.md", markdown)
     notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
     if plots:
-        notes += [plot(comparison, out) for plot in PLOTS]
+        notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
+                                                     plot_nonlocality, plot_gates)]
     return markdown + "\n" + "\n".join(notes)
