@@ -459,20 +459,6 @@ def left_out_summary(frame) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
-def left_out_report(comparison) -> list:
-    """Lines saying which runs the statistics leave out and why."""
-    left_out = comparison.left_out
-    if left_out.empty:
-        return []
-    total = len(left_out) + len(comparison.runs)
-    lines = [f"left out {len(left_out)} of {total} runs: {left_out_summary(left_out)}"]
-    for row, state in zip(_records(left_out), status(left_out)):
-        where = _first_of(row, "run_dir", "run_id", SOURCE)
-        detail = _first_of(row, "error", "overrides")
-        lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
-    return lines
-
-
 # ---------- the Markdown table ----------
 
 def _cell_text(row, label) -> str:
@@ -514,8 +500,14 @@ def markdown_table(comparison) -> str:
         gains = [gain_text(GainTest(**{name: row[f"{label} {title}"] for name, title in GAIN_FIELDS.items()}))
                  for label in gain_labels]
         lines.append("| " + " | ".join([*(_show(row[key]) for key in c.by), *cells, *gains]) + " |")
-    report = left_out_report(c)
-    return "\n".join(lines + ([""] + report if report else [])) + "\n"
+    left_out = c.left_out  # the runs the statistics leave out, and why
+    if len(left_out):
+        lines += ["", f"left out {len(left_out)} of {len(left_out) + len(c.runs)} runs: {left_out_summary(left_out)}"]
+    for row, state in zip(_records(left_out), status(left_out)):
+        where = _first_of(row, "run_dir", "run_id", SOURCE)
+        detail = _first_of(row, "error", "overrides")
+        lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
+    return "\n".join(lines) + "\n"
 
 
 # ---------- the plots ----------
