@@ -180,17 +180,12 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
     step()  # first call outside the memory window: lazy allocations, to_static tracing
     baseline = reset_peak_memory()
     seconds = time_steps(step, args.warmup, args.repeats)
-    return {**row("paddle", name, variant, to_static, img, patch, batch, mode, seconds, peak_memory(baseline), flops),
-            "amp": args.amp}
-
-
-def row(framework, name, variant, to_static, img, patch, batch, mode, seconds, memory, flops):
-    device = paddle.device.get_device() if framework == "paddle" else "cpu"
-    return dict(framework=framework, model=name, variant=variant, to_static=to_static, device=device,
-                framework_version=f"paddle {paddle.__version__}", threads=cpu_threads(), img_size=img, patch_size=patch,
-                batch_size=batch, mode=mode, img_per_s=round(batch / seconds, 2),
-                ms_per_batch=round(1000 * seconds, 1), peak_mem_mb=round(memory[0], 1),
-                rss_growth_mb=round(memory[1], 1),
+    memory = peak_memory(baseline)
+    return dict(framework="paddle", model=name, variant=variant, to_static=to_static, amp=args.amp,
+                device=paddle.device.get_device(), framework_version=f"paddle {paddle.__version__}",
+                threads=cpu_threads(), img_size=img, patch_size=patch, batch_size=batch, mode=mode,
+                img_per_s=round(batch / seconds, 2), ms_per_batch=round(1000 * seconds, 1),
+                peak_mem_mb=round(memory[0], 1), rss_growth_mb=round(memory[1], 1),
                 gflops_per_img=round(flops / 1e9, 3), achieved_gflops=round(flops * batch / seconds / 1e9, 1))
 
 

@@ -13,9 +13,9 @@ import hydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
-from convitlab.engine.trainer import model_kwargs  # noqa: E402
+from convitlab.engine.trainer import build_model  # noqa: E402
 from convitlab.errors import UserError  # noqa: E402
-from convitlab.models import create_model, list_models  # noqa: E402
+from convitlab.models import list_models  # noqa: E402
 from convitlab.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
 
 register_configs()
@@ -30,7 +30,7 @@ def convert(cfg) -> None:
             raise UserError(message)
     if not cfg.target.endswith(".pdparams"):
         raise UserError(f"target={cfg.target!r} is not allowed: a path ending in .pdparams")
-    model = create_model(cfg.model.name, **model_kwargs(cfg.model))
+    model = build_model(cfg)
     load_pretrained(model, cfg.source)
     save_pdparams(model, cfg.target)
 

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
+from safetensors.numpy import save_file
 
 from convitlab.errors import UserError
 from convitlab.engine.checkpoint import file_sha256
@@ -16,7 +17,7 @@ from convitlab.finetune import adapt_state, backbone_lr_scale
 from convitlab.models import create_model
 from convitlab.models.convit import resize_pos_embed
 from convitlab.safe_pickle import load_arrays
-from convitlab.weights import save_pdparams, save_safetensors
+from convitlab.weights import linear_weight_names, save_pdparams
 
 # A tiny ConViT with the published checkpoints' input and head; on digits resized to 32x32 with
 # patch 16 its 14x14 grid becomes 2x2, its 3-channel filters 1-channel and its head 10 classes.
@@ -27,6 +28,14 @@ ON_DIGITS = ["model=convit_micro", "model.embed_dim=8", "model.depth=3", "model.
              "data.batch_size=32", "data.augment.random_crop=false", "trainer.locality_batch_size=8",
              "trainer.progress_bar=false", "model.drop_path_rate=0"]
 LR_ZERO = ["optimizer.lr=0", "schedule=constant", "schedule.warmup_epochs=0", "schedule.epochs=1"]
+
+
+def save_safetensors(model, path):
+    """The model's weights as timm writes them (.safetensors, reference layout: Linear weights [out, in])."""
+    linear = linear_weight_names(model)
+    save_file({name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()},
+              str(path))
+    return os.fspath(path)
 
 
 def published_model(seed=0):

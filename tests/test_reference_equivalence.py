@@ -3,7 +3,7 @@
 in float64, so it is the "exact" answer that convitlab's float32 logits must match to 1e-5
 relative error.
 
-convitlab is only touched through its public API: `create_model`, `load_reference_state_dict`,
+convitlab is only touched through its public API: `create_model`, `load_state_dict` (layout "reference"),
 `load_pretrained`, `model.state_dict()` (for names and Paddle shapes) and `src/convert.py`.
 """
 import sys
@@ -17,7 +17,7 @@ from numpy_reference import (SMALL, assert_logits_close, gelu, gpsa, layer_norm,
 from safetensors.numpy import save_file
 
 from convitlab.models import create_model
-from convitlab.weights import load_pretrained, load_reference_state_dict
+from convitlab.weights import load_pretrained, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]
@@ -40,7 +40,7 @@ def test_logits_match_numpy_reference(num_heads, img_size, local_up_to_layer):
     state = random_reference_state(layout, seed=num_heads * 100 + grid[0] * 10 + local_up_to_layer)
 
     model = create_model("convit_tiny", **cfg)
-    load_reference_state_dict(model, state)
+    load_state_dict(model, state, "reference")
     images = np.random.default_rng(7).normal(size=(3, cfg["in_chans"], height, width)).astype(np.float32)
 
     expected = reference_logits(images, state, num_heads=num_heads, depth=cfg["depth"],
@@ -59,7 +59,7 @@ def test_all_gpsa_model_follows_its_documented_class_token_rule():
                               num_classes=7, grid=(2, 4), patch=4)
     state = random_reference_state(layout, seed=5)
     model = create_model("convit_tiny", **dict(SMALL, num_heads=4, local_up_to_layer=3, img_size=(8, 16)))
-    load_reference_state_dict(model, state)
+    load_state_dict(model, state, "reference")
     images = np.random.default_rng(4).normal(size=(2, 3, 8, 16)).astype(np.float32)
     actual = paddle_logits(model, images)
     assert_logits_close(actual, reference_logits(images, state, num_heads=4, depth=3,

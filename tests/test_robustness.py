@@ -131,7 +131,7 @@ def test_ranks_of_one_launch_share_the_lock_and_another_launch_waits(tmp_path, m
     for name, value in launch.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
-    rank0 = run_lock.acquire(tmp_path)
+    rank0 = run_lock.RunLock(tmp_path).acquire()
     try:
         written = RunFolder(tmp_path).lock.read_text()
         monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
@@ -151,7 +151,7 @@ def test_ranks_of_one_launch_share_the_lock_and_another_launch_waits(tmp_path, m
 def test_a_relaunched_sweep_reports_the_job_in_use_and_runs_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     busy = sweep / "debug=fast,model=convit_micro"  # the folder Hydra names that job
-    lock = run_lock.acquire(busy)  # this test process plays the copy of the sweep still running it
+    lock = run_lock.RunLock(busy).acquire()  # this test process plays the copy of the sweep still running it
     try:
         proc = run(TRAIN + ["-m", "debug=fast", "model=convit_micro,deit_micro", f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path)

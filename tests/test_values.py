@@ -11,7 +11,7 @@ from PIL import Image
 
 from convitlab.data.transforms import build_transforms
 from convitlab.models import create_model
-from convitlab.weights import load_reference_state_dict
+from convitlab.weights import load_state_dict
 
 CUBIC_A = -0.75  # the bicubic kernel of PyTorch's and Paddle's interpolate (timm resizes pos_embed with it)
 
@@ -101,7 +101,7 @@ def test_model_matches_the_numpy_reference_after_a_resolution_change_to_a_non_sq
                               patch=cfg["patch_size"])
     state = random_reference_state(layout, seed=11)
     model = create_model("convit_tiny", **cfg, img_size=16)
-    load_reference_state_dict(model, state)
+    load_state_dict(model, state, "reference")
     model.set_img_size((12, 20))
     assert model.grid_size == (3, 5)
 

@@ -30,7 +30,6 @@ def human_bytes(count: float) -> str:
         if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
-    return f"{count} B"
 
 
 def _mount_point(path: Path) -> Path:

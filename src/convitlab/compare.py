@@ -76,9 +76,8 @@ def _beta_continued_fraction(a, b, x) -> float:
     return value
 
 
-def regularized_beta(a, b, x, y=None) -> float:
-    """I_x(a, b), the regularised incomplete beta function; y = 1 − x (give it when known exactly)."""
-    y = 1.0 - x if y is None else y
+def regularized_beta(a, b, x, y) -> float:
+    """I_x(a, b), the regularised incomplete beta function; y = 1 − x, given as computed exactly by the caller."""
     if x <= 0.0:
         return 0.0
     if y <= 0.0:
@@ -189,18 +188,13 @@ def gain_test(values, baseline, paired: bool) -> GainTest:
                     "paired" if paired else "Welch")
 
 
-def _pair_ids(cell: pd.DataFrame, keys) -> list:
-    """Each run's (seed, subset_seed, ...) as a tuple, None for a blank."""
-    values = cell[keys].astype(object)
-    return list(values.where(cell[keys].notna(), None).itertuples(index=False, name=None))
-
-
 def cell_gain(cell: pd.DataFrame, base: pd.DataFrame, metric) -> GainTest:
     """The gain of one cell's runs over the baseline cell's runs, paired by seed when they can be:
     both cells hold the same seeds (and subset seeds, if recorded), each once."""
     keys = [key for key in PAIR_KEYS if key in cell and key in base]
     if "seed" in keys and cell["seed"].notna().all() and base["seed"].notna().all():
-        ids, base_ids = _pair_ids(cell, keys), _pair_ids(base, keys)
+        # each run's (seed, subset_seed, ...) as a tuple, None for a blank
+        ids, base_ids = ([tuple(row.values()) for row in _records(runs[keys])] for runs in (cell, base))
         if len(set(ids)) == len(ids) == len(base_ids) == len(set(base_ids)) and set(ids) == set(base_ids):
             by_id = dict(zip(base_ids, base[metric]))
             return gain_test(cell[metric], [by_id[i] for i in ids], paired=True)
@@ -278,7 +272,7 @@ class Comparison:
         for position, column in enumerate(self.columns):
             stats = self.cells.xs(position, level=COLUMN).astype({"n": "Int64"})
             table = table.join(stats.add_prefix(f"{self.label(column)} "))
-        for position, column in enumerate(self.columns[1:] if self.vs else [], start=1):
+        for position, column in enumerate(self.gain_columns, start=1):
             gains = self.gains.xs(position, level=COLUMN).astype({"n": "Int64", "test": "string"})
             table = table.join(gains.rename(columns={name: f"{self.label(column)} {title}"
                                                      for name, title in GAIN_FIELDS.items()}))
@@ -396,16 +390,10 @@ def pick_baseline(runs, vs, columns, asked):
     if "local_up_to_layer" in runs:
         no_gpsa = runs["local_up_to_layer"].eq(0).fillna(False).astype(bool)
         for column in columns:
-            if no_gpsa[_equals(runs[vs], column)].all():
+            matches = runs[vs].isna() if pd.isna(column) else runs[vs].eq(column).fillna(False).astype(bool)
+            if no_gpsa[matches].all():
                 return column
     return columns[0]
-
-
-def _equals(series, value) -> pd.Series:
-    """series == value as a plain boolean mask, blank matching blank."""
-    if pd.isna(value):
-        return series.isna()
-    return series.eq(value).fillna(False).astype(bool)
 
 
 def _same_number(value, text) -> bool:
@@ -471,20 +459,6 @@ def left_out_summary(frame) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
-def left_out_report(comparison) -> list:
-    """Lines saying which runs the statistics leave out and why."""
-    left_out = comparison.left_out
-    if left_out.empty:
-        return []
-    total = len(left_out) + len(comparison.runs)
-    lines = [f"left out {len(left_out)} of {total} runs: {left_out_summary(left_out)}"]
-    for row, state in zip(_records(left_out), status(left_out)):
-        where = _first_of(row, "run_dir", "run_id", SOURCE)
-        detail = _first_of(row, "error", "overrides")
-        lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
-    return lines
-
-
 # ---------- the Markdown table ----------
 
 def _cell_text(row, label) -> str:
@@ -526,8 +500,14 @@ def markdown_table(comparison) -> str:
         gains = [gain_text(GainTest(**{name: row[f"{label} {title}"] for name, title in GAIN_FIELDS.items()}))
                  for label in gain_labels]
         lines.append("| " + " | ".join([*(_show(row[key]) for key in c.by), *cells, *gains]) + " |")
-    report = left_out_report(c)
-    return "\n".join(lines + ([""] + report if report else [])) + "\n"
+    left_out = c.left_out  # the runs the statistics leave out, and why
+    if len(left_out):
+        lines += ["", f"left out {len(left_out)} of {len(left_out) + len(c.runs)} runs: {left_out_summary(left_out)}"]
+    for row, state in zip(_records(left_out), status(left_out)):
+        where = _first_of(row, "run_dir", "run_id", SOURCE)
+        detail = _first_of(row, "error", "overrides")
+        lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
+    return "\n".join(lines) + "\n"
 
 
 # ---------- the plots ----------
@@ -681,9 +661,6 @@ def plot_gates(comparison, out):
     return _save(fig, path)
 
 
-PLOTS = (plot_metric_vs_fraction, plot_metric_vs_locality, plot_nonlocality, plot_gates)
-
-
 # ---------- the whole command ----------
 
 def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True) -> str:
@@ -699,5 +676,6 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     write_text(out / "comparison.md", markdown)
     notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
     if plots:
-        notes += [plot(comparison, out) for plot in PLOTS]
+        notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
+                                                     plot_nonlocality, plot_gates)]
     return markdown + "\n" + "\n".join(notes)

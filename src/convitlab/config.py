@@ -266,14 +266,12 @@ def rank_suffix() -> str:
 
 
 def register_configs() -> None:
-    if not OmegaConf.has_resolver("run_stamp"):
-        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
-    if not OmegaConf.has_resolver("sweep_exclude_keys"):
-        OmegaConf.register_new_resolver("sweep_exclude_keys", sweep_exclude_keys)
-    if not OmegaConf.has_resolver("rank_suffix"):
-        OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
-    if not OmegaConf.has_resolver("published"):  # ${published:<model name>,<knob>}: the size's own value
-        OmegaConf.register_new_resolver("published", lambda name, knob: model_defaults(name)[knob])
+    resolvers = {"run_stamp": run_stamp, "sweep_exclude_keys": sweep_exclude_keys, "rank_suffix": rank_suffix,
+                 # ${published:<model name>,<knob>}: the size's own value
+                 "published": lambda name, knob: model_defaults(name)[knob]}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver, use_cache=name == "run_stamp")  # one stamp per process
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)

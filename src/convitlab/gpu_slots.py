@@ -36,8 +36,8 @@ def slot_order(job_num: int, gpu_count: int) -> list:
 class GpuSlot:
     """A GPU held by this process (its lock file open and locked) until release()."""
 
-    def __init__(self, index: int, fd: int, path: Path):
-        self.index, self._fd, self.path = index, fd, path
+    def __init__(self, index: int, fd: int):
+        self.index, self._fd = index, fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -70,12 +70,11 @@ def claim_gpu(directory, job_num: int, gpu_count: int, poll_s: float = POLL_S, t
     start, said = time.monotonic(), False
     while True:
         for gpu in slot_order(job_num, gpu_count):
-            path = directory / f"gpu{gpu}.lock"
-            fd = _try_lock(path)
+            fd = _try_lock(directory / f"gpu{gpu}.lock")
             if fd is not None:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"job {job_num}, pid {os.getpid()}\n".encode())
-                return GpuSlot(gpu, fd, path)
+                return GpuSlot(gpu, fd)
         if timeout_s is not None and time.monotonic() - start >= timeout_s:
             raise TimeoutError(f"no free GPU among {gpu_count} after {timeout_s} s")
         if not said:

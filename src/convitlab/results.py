@@ -59,8 +59,6 @@ def format_value(value) -> str:
         return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
-    if isinstance(value, str):
-        return value
     if isinstance(value, numbers.Integral):
         return str(int(value))
     if isinstance(value, numbers.Real):

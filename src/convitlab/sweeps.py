@@ -27,15 +27,6 @@ def job_dirs(sweep_dir) -> list:
     return sorted(jobs)
 
 
-def hydra_overrides(job_dir) -> list:
-    """The overrides Hydra recorded for a job ([] when there is no readable record)."""
-    try:
-        overrides = yaml.safe_load(RunFolder(job_dir).hydra_overrides.read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    return [str(o) for o in overrides] if isinstance(overrides, list) else []
-
-
 def job_table(job_dir: Path) -> pd.DataFrame:
     """The job's result.csv as written (one row), or a row with status "unfinished" when it has none.
 
@@ -46,7 +37,12 @@ def job_table(job_dir: Path) -> pd.DataFrame:
     except results.READ_ERRORS:
         table = None
     if table is None or table.empty:
-        row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(hydra_overrides(job_dir))}
+        try:  # the overrides Hydra recorded for the job, if readable
+            overrides = yaml.safe_load(RunFolder(job_dir).hydra_overrides.read_text())
+        except (OSError, yaml.YAMLError):
+            overrides = []
+        overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+        row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(overrides)}
         if RunFolder(job_dir).result.exists():
             row["error"] = "result.csv is unreadable"
         table = pd.DataFrame([row], dtype=object)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import paddle.nn as nn
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from convitlab.atomic import atomic_path
 from convitlab.errors import UserError
@@ -110,11 +110,6 @@ def resize_pos_embed_array(value, grid):
     return resize_pos_embed(paddle.to_tensor(value), old, grid).numpy()
 
 
-def load_reference_state_dict(model, state):
-    """A state dict in the reference layout (PyTorch names, Linear weights [out, in])."""
-    load_state_dict(model, state, layout="reference")
-
-
 def load_pretrained(model, path):
     """Load a .safetensors (timm), .pth (authors, needs PyTorch) or .pdparams checkpoint."""
     state, layout = read_checkpoint(path)
@@ -126,13 +121,4 @@ def save_pdparams(model, path):
     """Save the model's weights as .pdparams, atomically."""
     with atomic_path(path) as tmp:
         paddle.save(model.state_dict(), str(tmp))
-    return os.fspath(path)
-
-
-def save_safetensors(model, path):
-    """Save the model's weights as timm does (.safetensors, reference layout: Linear weights [out, in]), atomically."""
-    linear = linear_weight_names(model)
-    state = {name: (t.numpy().T if name in linear else t.numpy()).copy() for name, t in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
     return os.fspath(path)

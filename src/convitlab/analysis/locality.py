@@ -8,11 +8,6 @@ import paddle.nn.functional as F
 from convitlab.models.attention import relative_positions
 
 
-def patch_distances(grid_size) -> paddle.Tensor:
-    """[N, N] Euclidean distance in patches between query i and key j."""
-    return paddle.sqrt(relative_positions(*grid_size)[:, :, 2])
-
-
 def window_distance(pos_proj_weight: np.ndarray) -> np.ndarray:
     """Per head, distance from the query to where its positional score peaks.
 
@@ -52,7 +47,7 @@ def locality_rows(model, images):
     distance in patches. For MHSA layers the class token is left out and the rows of the
     patch-to-patch attention are renormalised, so layers are comparable.
     """
-    distances = patch_distances(model.grid_size)
+    distances = paddle.sqrt(relative_positions(*model.grid_size)[:, :, 2])  # [N, N] query to key, in patches
     rows = []
     for layer, (block, maps) in enumerate(zip(model.blocks, attention_maps_per_block(model, images))):
         attn = maps["combined"]

@@ -1,5 +1,4 @@
 """Model summary: parameters and FLOPs per image (multiply-adds, the convention of the paper's table)."""
-from convitlab.models.attention import GPSA
 
 
 def count_parameters(model, trainable_only=False) -> int:
@@ -15,8 +14,7 @@ def count_flops(model) -> int:
     in_chans = model.patch_embed.proj.weight.shape[1]
     total = patches * dim * in_chans * patch * patch
     for block in model.blocks:
-        gpsa = isinstance(block.attn, GPSA)
-        tokens = patches if gpsa else patches + 1
+        tokens = patches if block.is_gpsa else patches + 1
         total += 4 * tokens * dim * dim              # q, k, v and the output projection
         total += 2 * tokens * tokens * dim           # scores and attention-weighted values
         total += 2 * tokens * dim * block.mlp.fc1.weight.shape[1]
@@ -28,7 +26,7 @@ def count_flops(model) -> int:
 def summary(model) -> str:
     params = count_parameters(model)
     trainable = count_parameters(model, trainable_only=True)
-    gpsa = sum(isinstance(b.attn, GPSA) for b in model.blocks)
+    gpsa = len(model.gpsa_blocks())
     return (f"{type(model).__name__}: {len(model.blocks)} blocks ({gpsa} GPSA), dim {model.embed_dim}, "
             f"{model.num_heads} heads, grid {model.grid_size[0]}x{model.grid_size[1]}, "
             f"{params:,} parameters ({trainable:,} trainable), {count_flops(model) / 1e9:.3f} GFLOPs per image")

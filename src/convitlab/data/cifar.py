@@ -49,13 +49,6 @@ def load_cifar(name: str, root, download: bool, checksum: bool, with_train: bool
     return _decode(str(path.resolve()), stat.st_size, stat.st_mtime_ns, name, checksum, with_train)
 
 
-def load_cifar_val(name: str, root, download: bool, checksum: bool):
-    """(val, class_names) of `name`: the test batches alone, for evaluation (the training
-    batches are not unpickled)."""
-    _, val, names = load_cifar(name, root, download, checksum, with_train=False)
-    return val, names
-
-
 def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path:
     if not root:
         raise bad_value("data.root", root, f"the folder holding {archive.file}")

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from convitlab.data.cifar import load_cifar, load_cifar_val
+from convitlab.data.cifar import load_cifar
 from convitlab.data.digits import load_digits_split
 from convitlab.data.imagefolder import scan_image_folder, scan_val_folder
 from convitlab.data.seeds import sample_rng
@@ -48,26 +48,18 @@ class Datasets:
     subset_labels: np.ndarray
 
 
-def load_splits(data_cfg):
-    """(train source, val source, class names) of data_cfg.name."""
+def load_splits(data_cfg, with_train: bool = True):
+    """(train source, val source, class names) of data_cfg.name. Without with_train the training
+    split is not read where it is separate (train is then None): an image folder's classes come
+    from val/ alone (train/ may be absent)."""
     name = data_cfg.name
-    if name == "digits":
+    if name == "digits":  # one array split in two: both come at once
         return load_digits_split(data_cfg.val_split, data_cfg.split_seed)
     if name in ("cifar10", "cifar100"):
-        return load_cifar(name, data_cfg.root, data_cfg.download, data_cfg.checksum)
-    return scan_image_folder(data_cfg.root, data_cfg.in_chans)  # imagefolder: config.DatasetName has no other
-
-
-def load_val_split(data_cfg):
-    """(val source, class names) of data_cfg.name without the training split where that is
-    separate: an image folder's classes come from val/ alone (train/ may be absent)."""
-    name = data_cfg.name
-    if name == "digits":
-        _, val, class_names = load_digits_split(data_cfg.val_split, data_cfg.split_seed)
-        return val, class_names
-    if name in ("cifar10", "cifar100"):
-        return load_cifar_val(name, data_cfg.root, data_cfg.download, data_cfg.checksum)
-    return scan_val_folder(data_cfg.root, data_cfg.in_chans)  # imagefolder
+        return load_cifar(name, data_cfg.root, data_cfg.download, data_cfg.checksum, with_train)
+    if with_train:  # imagefolder: config.DatasetName has no other
+        return scan_image_folder(data_cfg.root, data_cfg.in_chans)
+    return (None, *scan_val_folder(data_cfg.root, data_cfg.in_chans))
 
 
 def build_datasets(data_cfg, seed: int) -> Datasets:
@@ -85,7 +77,7 @@ def build_datasets(data_cfg, seed: int) -> Datasets:
 def build_eval_dataset(data_cfg, seed: int = 0):
     """(val dataset, num_classes, class_names) for evaluating a checkpoint: the whole validation
     split with the evaluation transform; the training split is never listed or read."""
-    val_source, class_names = load_val_split(data_cfg)
+    _, val_source, class_names = load_splits(data_cfg, with_train=False)
     _, eval_transform = build_transforms(data_cfg, centre_crop=data_cfg.name == "imagefolder")
     val = ImageDataset(val_source, np.arange(len(val_source)), eval_transform, seed)
     return val, len(class_names), list(class_names)

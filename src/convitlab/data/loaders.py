@@ -33,16 +33,12 @@ class TrainBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def global_batches(self) -> list:
-        """Every rank's batches of this epoch together, as arrays of positions."""
-        order = shuffle_rng(self.seed, self.epoch).permutation(self.num_samples)
-        size = self.batch_size * self.world_size
-        return [order[start:start + size] for start in range(0, len(self) * size, size)]
-
     def __iter__(self):
         epoch = self.epoch  # fixed for the pass even if set_epoch is called meanwhile
-        for batch in self.global_batches():
-            yield [(epoch, int(p)) for p in np.array_split(batch, self.world_size)[self.rank]]
+        order = shuffle_rng(self.seed, epoch).permutation(self.num_samples)
+        size = self.batch_size * self.world_size
+        for start in range(0, len(self) * size, size):  # a global batch: every rank's positions
+            yield [(epoch, int(p)) for p in np.array_split(order[start:start + size], self.world_size)[self.rank]]
 
     def global_batch_size(self, index: int) -> int:
         """The images of the index-th batch over all ranks (fewer than batch_size · world_size

@@ -113,10 +113,6 @@ class Normalise:
     std: np.ndarray
     channels: int
 
-    @classmethod
-    def from_config(cls, data_cfg):
-        return cls(np.asarray(data_cfg.mean, np.float32), np.asarray(data_cfg.std, np.float32), data_cfg.in_chans)
-
     def __call__(self, image):
         return to_normalised_array(image, self.mean, self.std, self.channels)
 
@@ -168,7 +164,7 @@ class EvalTransform:
 def build_transforms(data_cfg, centre_crop: bool):
     """(train, eval) transforms for `data_cfg`; `centre_crop` for photographs of any size (image folders)."""
     size, augment = image_size_pair(data_cfg.img_size), data_cfg.augment
-    normalise = Normalise.from_config(data_cfg)
+    normalise = Normalise(np.asarray(data_cfg.mean, np.float32), np.asarray(data_cfg.std, np.float32), data_cfg.in_chans)
     randaugment = None
     if augment.randaugment:
         fill = tuple(round(255 * m) for m in data_cfg.mean)

@@ -73,13 +73,6 @@ def _as_bool(flag) -> bool:
     return bool(flag)
 
 
-def _as_float(value) -> float:
-    """A scale (shape-[1] tensor, array or number) as a Python float, whatever the NumPy."""
-    if isinstance(value, paddle.Tensor):
-        value = value.numpy()
-    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
-
-
 class LossScaler(paddle.amp.GradScaler):
     """paddle.amp.GradScaler (dynamic loss scaling for float16) whose scale update works with
     any NumPy, and which records the steps it skips.
@@ -123,7 +116,9 @@ class LossScaler(paddle.amp.GradScaler):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         if self.is_enable():
-            self.loss_scale = _as_float(self._scale)
+            # the scale (shape-[1] tensor, array or number) as a Python float, whatever the NumPy
+            scale = self._scale.numpy() if isinstance(self._scale, paddle.Tensor) else self._scale
+            self.loss_scale = float(np.asarray(scale, dtype=np.float64).reshape(-1)[0])
 
     def overflow_unexplained(self) -> bool:
         """The scale fell below MIN_LOSS_SCALE: overflows the scaling cannot account for."""

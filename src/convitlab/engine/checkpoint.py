@@ -48,12 +48,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_state_by_name(optimizer, model):
-    """Optimizer state keyed by structured parameter names, not Paddle's per-process ids."""
-    ids = {p.name: name for name, p in model.named_parameters()}
-    return {_rename(key, ids): value for key, value in optimizer.state_dict().items()}
-
-
 def _rename(key, mapping):
     for old, new in mapping.items():
         if key == old or key.startswith(old + "_"):
@@ -98,7 +92,8 @@ class Checkpointer:
             writing = final / MODEL
             paddle.save(model.state_dict(), str(tmp / writing.name))
             writing = final / OPTIMIZER
-            paddle.save(optimizer_state_by_name(optimizer, model), str(tmp / writing.name))
+            names = {p.name: name for name, p in model.named_parameters()}  # not Paddle's per-process ids
+            paddle.save({_rename(k, names): v for k, v in optimizer.state_dict().items()}, str(tmp / writing.name))
             if ema is not None:
                 writing = final / EMA
                 paddle.save(ema.state_dict(), str(tmp / writing.name))

@@ -33,12 +33,8 @@ def total_epochs(cfg) -> int:
     return max(1, round(cfg.schedule.epochs * epoch_scale(cfg)))
 
 
-def evaluation_interval(cfg) -> int:
-    return max(1, round((cfg.trainer.eval_every or 1) * epoch_scale(cfg)))
-
-
 def plan(cfg, steps_per_epoch: int) -> Protocol:
     """The protocol of `cfg` for a training loader of `steps_per_epoch` steps."""
     warmup_steps = round(cfg.schedule.warmup_epochs * epoch_scale(cfg) * steps_per_epoch)
     return Protocol(epochs=total_epochs(cfg), steps_per_epoch=steps_per_epoch, warmup_steps=int(warmup_steps),
-                    eval_every=evaluation_interval(cfg))
+                    eval_every=max(1, round((cfg.trainer.eval_every or 1) * epoch_scale(cfg))))

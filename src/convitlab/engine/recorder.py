@@ -33,7 +33,11 @@ class Recorder:
 
     def __exit__(self, *exc):
         if self.writer is not None:
-            self.writer.add_hparams(_hparams(self.cfg), ["val/val_top1", "val/val_loss"])
+            m, d = self.cfg.model, self.cfg.data
+            hparams = {"model": m.name, "dataset": d.name, "fraction": float(d.fraction),
+                       "locality_strength": float(m.locality_strength), "local_up_to_layer": int(m.local_up_to_layer),
+                       "lr": float(self.cfg.optimizer.lr), "seed": int(self.cfg.seed)}
+            self.writer.add_hparams(hparams, ["val/val_top1", "val/val_loss"])
             self.writer.close()
 
     def record(self, metrics: dict, locality: list) -> None:
@@ -70,10 +74,3 @@ def _scalars(writer, metrics, locality):
         for r in heads:
             if math.isfinite(r["gate"]):
                 writer.add_scalar(f"gate/layer_{layer:02d}_head_{r['head']:02d}", r["gate"], epoch)
-
-
-def _hparams(cfg) -> dict:
-    return {"model": cfg.model.name, "dataset": cfg.data.name, "fraction": float(cfg.data.fraction),
-            "locality_strength": float(cfg.model.locality_strength),
-            "local_up_to_layer": int(cfg.model.local_up_to_layer), "lr": float(cfg.optimizer.lr),
-            "seed": int(cfg.seed)}

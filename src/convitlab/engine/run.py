@@ -20,7 +20,7 @@ FINISHED = ("completed", "diverged")
 
 def identity_row(cfg, run_dir, cfg_hash, overrides=()):
     """The columns of result.csv that say which run this is: every knob a sweep may vary."""
-    m, d = cfg.model, cfg.data
+    m, d, o = cfg.model, cfg.data, cfg.get("optimizer") or {}  # eval configs have no optimizer
     h, w = image_size_pair(m.img_size, "model.img_size")
     return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
             "fraction": d.fraction, "subset": d.subset, "locality_strength": m.locality_strength,
@@ -28,9 +28,7 @@ def identity_row(cfg, run_dir, cfg_hash, overrides=()):
             "train_gating": m.train_gating, "train_gpsa": m.train_gpsa, "embed_dim": m.embed_dim,
             "num_heads": m.num_heads, "depth": m.depth, "img_size": h if h == w else f"{h}x{w}",
             "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
-            "lr": cfg.optimizer.lr if "optimizer" in cfg else None,
-            "optimizer": cfg.optimizer.name if "optimizer" in cfg else None,
-            "weight_decay": cfg.optimizer.weight_decay if "optimizer" in cfg else None,
+            "lr": o.get("lr"), "optimizer": o.get("name"), "weight_decay": o.get("weight_decay"),
             "drop_path_rate": m.drop_path_rate, "label_smoothing": cfg.trainer.label_smoothing,
             "random_crop": d.augment.random_crop, "mixup": d.augment.mixup, "cutmix": d.augment.cutmix,
             "ema": cfg.trainer.ema,

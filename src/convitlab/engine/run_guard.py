@@ -34,7 +34,7 @@ class RunGuard(Callback):
         if not run_dir:
             return
         try:
-            run_lock.acquire(run_dir)
+            run_lock.RunLock(run_dir).acquire()
         except UserError as exc:  # in use (or no space for the lock file): nothing written
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

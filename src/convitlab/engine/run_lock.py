@@ -135,6 +135,8 @@ class RunLock:
     # --- taking and giving back ---------------------------------------------------------------
 
     def acquire(self) -> "RunLock":
+        """Hold the run directory for this process until it exits (or release()); RunDirInUse if
+        another process holds it. Held already by this process: that same lock."""
         key = self.run_dir.resolve()
         if key in _held:
             return _held[key]
@@ -235,12 +237,6 @@ class RunLock:
         self.fd = None
 
 
-def acquire(run_dir) -> RunLock:
-    """Hold `run_dir` for this process until it exits (or release()); RunDirInUse if another
-    process holds it. Held already by this process: the same lock."""
-    return RunLock(run_dir).acquire()
-
-
 @contextlib.contextmanager
 def hold(run_dir):
     """Hold `run_dir` for the block (unless this process holds it already, e.g. since the entry
@@ -249,7 +245,7 @@ def hold(run_dir):
     if key in _held:
         yield _held[key]
         return
-    lock = acquire(run_dir)
+    lock = RunLock(run_dir).acquire()
     try:
         yield lock
     finally:

@@ -60,15 +60,11 @@ class Diverged(Exception):
     """The training loss became NaN or infinite."""
 
 
-def model_kwargs(model_cfg) -> dict:
-    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+def build_model(cfg):
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     kwargs.pop("name")
     kwargs.pop("pretrained", None)  # a file to load, not a knob of the model (convitlab/finetune.py)
-    return kwargs
-
-
-def build_model(cfg):
-    return create_model(cfg.model.name, **model_kwargs(cfg.model))
+    return create_model(cfg.model.name, **kwargs)
 
 
 @paddle.no_grad()

@@ -13,10 +13,6 @@ _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)
 
 
-def to_pair(value):
-    return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-
-
 class PatchEmbed(nn.Layer):
     """Non-overlapping patches (a conv with kernel = stride = patch) flattened to tokens."""
 
@@ -27,10 +23,9 @@ class PatchEmbed(nn.Layer):
         self.set_img_size(img_size)
 
     def set_img_size(self, img_size):
-        h, w = to_pair(img_size)
+        h, w = (img_size, img_size) if isinstance(img_size, int) else (int(v) for v in img_size)
         check(h % self.patch_size == 0 and w % self.patch_size == 0, "img_size", (h, w),
               f"sides divisible by patch_size={self.patch_size}")
-        self.img_size = (h, w)
         self.grid_size = (h // self.patch_size, w // self.patch_size)
 
     def forward(self, x):
@@ -101,7 +96,6 @@ class ConViT(nn.Layer):
         super().__init__()
         check(0 <= local_up_to_layer <= depth, "local_up_to_layer", local_up_to_layer, f"0..depth={depth}")
         dim = embed_dim * num_heads
-        self.num_classes = num_classes
         self.embed_dim = dim
         self.num_heads = num_heads
         self.local_up_to_layer = local_up_to_layer
