@@ -76,6 +76,7 @@ def run(command, cwd=None, timeout=300, **popen_kwargs):
 
 def trained(work, overrides):
     """`python src/train.py <overrides>` run to its end in work/run; that run directory."""
+    work.mkdir(parents=True, exist_ok=True)
     proc = run(TRAIN + list(overrides) + [f"hydra.run.dir={work / 'run'}"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return work / "run"

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
+from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, trained, without_timings
 from safetensors.numpy import save_file
 
 from convitlab.errors import UserError
@@ -217,9 +217,7 @@ def test_killed_and_resumed_finetune_equals_an_uninterrupted_one(checkpoints, tm
     pretrained.write_bytes(open(checkpoints["safetensors"], "rb").read())
     args = ON_DIGITS + ["schedule.epochs=4", "trainer.max_steps_per_epoch=4", "model.drop_path_rate=0.1",
                         "finetune.backbone_lr_scale=0.1", "finetune.freeze_blocks=1", f"model.pretrained={pretrained}"]
-    straight = tmp_path / "straight"
-    proc = run(TRAIN + args + [f"hydra.run.dir={straight}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    straight = trained(tmp_path / "straight", args)
 
     killed = tmp_path / "killed"
     kill_after_checkpoint(TRAIN + args + [f"hydra.run.dir={killed}"], killed, cwd=tmp_path)

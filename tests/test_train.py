@@ -3,7 +3,7 @@ import time
 
 import pytest
 from builders import make_image_folder, write_fake_cifar
-from helpers import EVAL, QUICK, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, without_timings
+from helpers import EVAL, QUICK, TRAIN, compose_train, kill_after_checkpoint, read_csv, run, trained, without_timings
 
 
 def test_entry_point_writes_every_output(tiny_run):
@@ -61,9 +61,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, ema):
             "trainer.locality_batch_size=16", "trainer.progress_bar=false", "model.drop_path_rate=0.1",
             "data.augment.mixup=0.8", "data.augment.cutmix=1.0"]
     args += ["trainer.ema=true", "trainer.ema_decay=0.5"] if ema else []
-    straight = tmp_path / "straight"
-    proc = run(TRAIN + args + [f"hydra.run.dir={straight}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    straight = trained(tmp_path / "straight", args)
 
     killed = tmp_path / "killed"
     kill_after_checkpoint(TRAIN + args + [f"hydra.run.dir={killed}"], killed, cwd=tmp_path)
