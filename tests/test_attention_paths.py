@@ -119,8 +119,11 @@ def test_the_fast_gpsa_is_the_reference_formulation(train):
         out.square().sum().backward()
         results.append((out.numpy(), {n: p.grad.numpy() for n, p in layer.named_parameters()}))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    # pos_proj.bias's gradient is zero in exact arithmetic (a softmax ignores a shift of its row):
+    # only rounding is left of it, so absolute differences count against the layer's largest gradient.
+    scale = max(float(np.abs(grad).max()) for grad in results[1][1].values())
     for name, grad in results[1][1].items():
-        np.testing.assert_allclose(results[0][1][name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(results[0][1][name], grad, rtol=1e-4, atol=1e-7 * scale, err_msg=name)
 
 
 def test_the_plotted_attention_maps_are_the_ones_forward_applies():

@@ -7,7 +7,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from convitlab.models import cpu_kernels, cpu_layers, create_model
+from convitlab.models import attention, cpu_kernels, cpu_layers, create_model
 
 # The model's shapes (convit_tiny at 32/4 batch 64 and 224/16, hidden width 768, a small batch)
 # and odd sizes; the large ones run on several threads.
@@ -62,6 +62,56 @@ def test_layer_norm_matches_stock(kernels, shape):
         _close(g, w)
     with paddle.no_grad():
         _close(layer(x).numpy(), want[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES + [[64, 4, 65, 65]])
+@pytest.mark.parametrize("scale", [1.0, 48 ** -0.5])
+def test_softmax_matches_stock(kernels, shape, scale):
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal(shape).astype("float32") * 4)
+    x.stop_gradient = False
+    got = _forward_backward(lambda: cpu_kernels.softmax(x, scale), [x])
+    want = _forward_backward(lambda: F.softmax(x * scale, axis=-1), [x])
+    for g, w in zip(got, want):
+        _close(g, w)
+    np.testing.assert_allclose(got[0].sum(axis=-1), 1.0, rtol=1e-6)
+    # a shift of a row changes nothing: its gradient sums to zero (to rounding of its entries' size)
+    row_sums = np.abs(got[1].sum(axis=-1)).max()
+    assert row_sums < 1e-6 * np.abs(got[1]).max() * shape[-1] ** 0.5
+
+
+@pytest.mark.parametrize("shape,heads", [([64, 65, 576], 4), ([2, 197, 2304], 12), ([3, 5, 6], 2)])
+def test_split_heads_is_the_transpose(kernels, shape, heads):
+    qkv = paddle.to_tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    qkv.stop_gradient = False
+    stock = paddle.unbind(qkv.reshape([0, 0, 3, heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
+    ours = cpu_kernels.split_heads(qkv, heads)
+    for a, b in zip(ours, stock):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    weights = [_weights(part) * (i + 1) for i, part in enumerate(stock)]
+
+    def gradient(parts, used):
+        qkv.clear_gradient()
+        sum((parts[i] * weights[i]).sum() for i in used).backward()
+        return qkv.grad.numpy()
+
+    for used in ([0, 1, 2], [0], [1, 2]):  # a part the loss does not use gets a zero gradient
+        ours = cpu_kernels.split_heads(qkv, heads)
+        stock = paddle.unbind(qkv.reshape([0, 0, 3, heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
+        np.testing.assert_array_equal(gradient(ours, used), gradient(stock, used))
+
+
+def test_attention_uses_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):
+    qkv = paddle.randn([2, 16, 48])
+    qkv.stop_gradient = False
+
+    def ops():
+        attn, v = attention.content_attention(qkv, 4, 0.25)
+        return attn.grad_fn.name(), v.grad_fn.name()
+
+    softmax_op, split_op = ops()
+    assert "convitlab_softmax" in softmax_op and "convitlab_split_heads" in split_op
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not any("convitlab" in n for n in ops())
 
 
 def test_layers_use_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):

@@ -11,7 +11,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.models.cpu_layers import Linear
+from convitlab.models import cpu_kernels
+from convitlab.models.cpu_layers import Linear, kernel_fits
 
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:
@@ -76,7 +77,7 @@ class GPSA(nn.Layer):
     def positional_attention(self):
         """[H, N, N]: the same for every image, so computed once per forward pass."""
         scores = self.pos_proj(self.rel_positions)  # [N, N, H]
-        return F.softmax(scores.transpose([2, 0, 1]), axis=-1)
+        return softmax(scores.transpose([2, 0, 1]))
 
     def _qkv(self, x):
         """[B, N, 3D]: qk and v stay separate parameters (the checkpoint layout) but run as one
@@ -232,17 +233,30 @@ def fused_attention_wanted(qkv, head_dim: int) -> bool:
 def split_heads(qkv, num_heads):
     """[B, N, 3D] (q | k | v columns) -> q, k, v, each [B, H, N, d] (head-major, for matmul).
 
-    The heads of all three split off by a single transpose: on the CPU a split into q, k, v and
-    three head transposes cost 3.2 ms per block (convit_tiny at 224, batch 32), this 1.8 ms.
+    On the CPU one compiled pass (cpu_kernels); else the heads of all three split off by a single
+    transpose: a split into q, k, v and three head transposes cost 3.2 ms per block (convit_tiny
+    at 224, batch 32), this 1.8 ms.
     """
+    if kernel_fits(qkv):
+        return cpu_kernels.split_heads(qkv, num_heads)
     return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
+
+
+def softmax(x, scale=1.0):
+    """softmax(scale * x) over the last axis; on the CPU one compiled pass (cpu_kernels: Paddle's
+    CPU softmax is a scalar loop, 3.6 ms for convit_tiny's [64, 4, 65, 65] scores, this 0.7 ms)."""
+    if kernel_fits(x):
+        return cpu_kernels.softmax(x, scale)
+    return F.softmax(x * scale if scale != 1.0 else x, axis=-1)
 
 
 def content_attention(qkv, num_heads, scale):
     """softmax(q kᵀ · scale) [B, H, N, N] and v [B, H, N, d] from qkv [B, N, 3D]: the explicit
-    path of forward and attention_maps alike. q is scaled before the product: [B, H, N, d] is 4x
-    smaller than the scores at 224."""
+    path of forward and attention_maps alike. Without the compiled softmax, q is scaled before
+    the product: [B, H, N, d] is 4x smaller than the scores at 224."""
     q, k, v = split_heads(qkv, num_heads)
+    if kernel_fits(qkv):
+        return softmax(paddle.matmul(q, k, transpose_y=True), scale), v
     return F.softmax(paddle.matmul(q * scale, k, transpose_y=True), axis=-1), v
 
 

@@ -173,6 +173,143 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
   return {grad_x, grad_w, grad_b};
 }
 
+// Softmax over the last axis of scale * x (the attention scores' 1/sqrt(d) folded in):
+// out = exp(scale x - max) / sum. Rows of attention are short (64-197), so threads take rows.
+std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, float scale, int threads) {
+  CheckCpuFloat(x, "x");
+  const int64_t cols = x.shape().back();
+  const int64_t rows = x.numel() / cols;
+  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* in = x.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static) num_threads(Threads(threads, x.numel()))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = in + r * cols;
+    float* orow = o + r * cols;
+    float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int64_t c = 0; c < cols; ++c) top = std::max(top, scale * xr[c]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      orow[c] = expf(scale * xr[c] - top);
+      sum += orow[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) orow[c] /= sum;
+  }
+  return {out};
+}
+
+// d/dx: scale * y * (g - sum(g * y)) per row, the sum taken as sum(g * y) / sum(y) (sum(y) is 1
+// up to rounding): then each row's gradient sums to zero as exactly as float32 allows, which is
+// what a bias added to every score of a row (GPSA's pos_proj bias) must get.
+std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& out, const paddle::Tensor& grad_out, float scale,
+                                            int threads) {
+  CheckCpuFloat(grad_out, "grad_out");
+  const int64_t cols = out.shape().back();
+  const int64_t rows = out.numel() / cols;
+  auto grad_x = paddle::empty(out.shape(), out.dtype(), out.place());
+  const float* y = out.data<float>();
+  const float* g = grad_out.data<float>();
+  float* dx = grad_x.data<float>();
+#pragma omp parallel for schedule(static) num_threads(Threads(threads, out.numel()))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * cols;
+    const float* gr = g + r * cols;
+    float* dr = dx + r * cols;
+    float dot = 0.0f, total = 0.0f;
+#pragma omp simd reduction(+ : dot, total)
+    for (int64_t c = 0; c < cols; ++c) {
+      dot += gr[c] * yr[c];
+      total += yr[c];
+    }
+    dot /= total;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) dr[c] = scale * yr[c] * (gr[c] - dot);
+  }
+  return {grad_x};
+}
+
+// The heads of attention's fused q|k|v product: [B, N, 3 * H * d] (columns q, k, v, each head
+// by head) -> q, k, v, each [B, H, N, d]; one pass instead of a transpose and three copies.
+std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& qkv, int num_heads, int threads) {
+  CheckCpuFloat(qkv, "qkv");
+  PD_CHECK(qkv.shape().size() == 3, "qkv must be [batch, tokens, 3 * width]");
+  const int64_t batch = qkv.shape()[0], tokens = qkv.shape()[1], width3 = qkv.shape()[2];
+  PD_CHECK(width3 % (3 * num_heads) == 0, "qkv's last axis must be 3 * num_heads * head_dim");
+  const int64_t dim = width3 / (3 * num_heads);
+  std::vector<paddle::Tensor> parts;
+  float* dst[3];
+  for (int p = 0; p < 3; ++p) {
+    parts.push_back(paddle::empty({batch, num_heads, tokens, dim}, qkv.dtype(), qkv.place()));
+    dst[p] = parts.back().data<float>();
+  }
+  const float* src = qkv.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, qkv.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      const float* row = src + (b * tokens + n) * width3;
+      for (int p = 0; p < 3; ++p) {
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float* from = row + (p * num_heads + h) * dim;
+          float* to = dst[p] + ((b * num_heads + h) * tokens + n) * dim;
+#pragma omp simd
+          for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+        }
+      }
+    }
+  }
+  return parts;
+}
+
+// The reverse gather; an absent gradient (an output the loss does not use) counts as zero.
+std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& grad_q, const paddle::Tensor& grad_k,
+                                               const paddle::Tensor& grad_v, int num_heads, int threads) {
+  const paddle::Tensor* grads[3] = {&grad_q, &grad_k, &grad_v};
+  const paddle::Tensor* shape_from = nullptr;
+  for (auto* g : grads) {
+    if (g->initialized()) shape_from = g;
+  }
+  PD_CHECK(shape_from != nullptr, "split_heads: no gradient reached q, k or v");
+  const int64_t batch = shape_from->shape()[0], tokens = shape_from->shape()[2], dim = shape_from->shape()[3];
+  const int64_t width3 = 3 * num_heads * dim;
+  auto grad_qkv = paddle::empty({batch, tokens, width3}, shape_from->dtype(), shape_from->place());
+  const float* src[3];
+  for (int p = 0; p < 3; ++p) {
+    if (grads[p]->initialized()) CheckCpuFloat(*grads[p], "grad");
+    src[p] = grads[p]->initialized() ? grads[p]->data<float>() : nullptr;
+  }
+  float* dst = grad_qkv.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, grad_qkv.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      float* row = dst + (b * tokens + n) * width3;
+      for (int p = 0; p < 3; ++p) {
+        for (int64_t h = 0; h < num_heads; ++h) {
+          float* to = row + (p * num_heads + h) * dim;
+          if (src[p] == nullptr) {
+            std::fill(to, to + dim, 0.0f);
+            continue;
+          }
+          const float* from = src[p] + ((b * num_heads + h) * tokens + n) * dim;
+#pragma omp simd
+          for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+        }
+      }
+    }
+  }
+  return {grad_qkv};
+}
+
+std::vector<std::vector<int64_t>> SplitHeadsShapes(const std::vector<int64_t>& qkv, int num_heads) {
+  const int64_t dim = qkv[2] < 0 ? -1 : qkv[2] / (3 * num_heads);
+  std::vector<int64_t> part = {qkv[0], num_heads, qkv[1], dim};
+  return {part, part, part};
+}
+
+std::vector<paddle::DataType> SplitHeadsTypes(const paddle::DataType& dtype) { return {dtype, dtype, dtype}; }
+
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& shape) { return {shape}; }
 
 std::vector<paddle::DataType> SameType(const paddle::DataType& dtype) { return {dtype}; }
@@ -216,3 +353,31 @@ PD_BUILD_GRAD_OP(convitlab_layer_norm)
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
     .Attrs({"epsilon: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
+
+PD_BUILD_OP(convitlab_softmax)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SoftmaxForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
+
+PD_BUILD_GRAD_OP(convitlab_softmax)
+    .Inputs({"Out", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SoftmaxBackward));
+
+PD_BUILD_OP(convitlab_split_heads)
+    .Inputs({"QKV"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"num_heads: int", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SplitHeadsShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SplitHeadsTypes));
+
+PD_BUILD_GRAD_OP(convitlab_split_heads)
+    .Inputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Outputs({paddle::Grad("QKV")})
+    .Attrs({"num_heads: int", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsBackward));

@@ -113,3 +113,13 @@ def layer_norm(x, weight, bias, epsilon):
     """LayerNorm of a float32 CPU tensor over its last axis with gain and bias; only when `available()`."""
     return paddle._C_ops._run_custom_op("convitlab_layer_norm", x, weight, bias, float(epsilon), _threads())[0]
 
+
+
+def softmax(x, scale):
+    """softmax(scale * x) over the last axis of a float32 CPU tensor; only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_softmax", x, float(scale), _threads())[0]
+
+
+def split_heads(qkv, num_heads):
+    """[B, N, 3 * H * d] -> q, k, v, each [B, H, N, d]; only when `available()`."""
+    return tuple(paddle._C_ops._run_custom_op("convitlab_split_heads", qkv, int(num_heads), _threads()))

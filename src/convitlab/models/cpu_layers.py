@@ -121,7 +121,7 @@ def _large(x, elements):
     return any(d < 0 for d in x.shape) or math.prod(x.shape) >= elements
 
 
-def _kernel_fits(x):
+def kernel_fits(x):
     """convitlab's own CPU kernels (cpu_kernels) can take x: float32 (a CPU build has only CPU
     tensors), kernels loaded."""
     return _CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()
@@ -131,7 +131,7 @@ class GELU(nn.GELU):
     """Exact GELU; on the CPU through cpu_kernels when they are available."""
 
     def forward(self, x):
-        if not self._approximate and _kernel_fits(x):
+        if not self._approximate and kernel_fits(x):
             return cpu_kernels.gelu(x)
         return super().forward(x)
 
@@ -141,7 +141,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         affine_last_axis = self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
-        if affine_last_axis and _kernel_fits(x):
+        if affine_last_axis and kernel_fits(x):
             return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
         if affine_last_axis and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
