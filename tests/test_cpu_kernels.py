@@ -100,16 +100,63 @@ def test_split_heads_is_the_transpose(kernels, shape, heads):
         np.testing.assert_array_equal(gradient(ours, used), gradient(stock, used))
 
 
-def test_attention_uses_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):
-    qkv = paddle.randn([2, 16, 48])
-    qkv.stop_gradient = False
+@pytest.mark.parametrize("shape", [[64, 4, 64, 48], [2, 9, 196, 48], [3, 2, 5, 7]])
+def test_head_layouts_match_transposes(kernels, shape):
+    """values_by_head, merge_heads and gated_merge against the transposes and products they replace,
+    outputs and gradients (the gate's included)."""
+    rng = np.random.default_rng(0)
+    batch, heads, tokens, dim = shape
+    content, v = (paddle.to_tensor(rng.standard_normal(shape).astype("float32")) for _ in range(2))
+    shared = paddle.to_tensor(rng.standard_normal([heads, tokens, batch * dim]).astype("float32"))
+    gate = paddle.to_tensor(rng.uniform(0.1, 0.9, [heads]).astype("float32"))
+    tensors = [content, v, shared, gate]
+    for t in tensors:
+        t.stop_gradient = False
 
-    def ops():
+    def stock_shared(values):
+        return values.transpose([1, 2, 0, 3]).reshape([heads, tokens, batch * dim])
+
+    def stock_merge(x):
+        return x.transpose([0, 2, 1, 3]).flatten(2)
+
+    def stock_gated():
+        positional = shared.reshape([heads, tokens, batch, dim]).transpose([2, 0, 1, 3])
+        return stock_merge((1.0 - gate.reshape([-1, 1, 1])) * content + positional)
+
+    cases = [(lambda: cpu_kernels.values_by_head(v), lambda: stock_shared(v), [v]),
+             (lambda: cpu_kernels.merge_heads(content), lambda: stock_merge(content), [content]),
+             (lambda: cpu_kernels.gated_merge(content, shared, gate), stock_gated, [content, shared, gate])]
+    for ours, stock, inputs in cases:
+        got, want = _forward_backward(ours, inputs), _forward_backward(stock, inputs)
+        for g, w in zip(got, want):
+            _close(g, w)
+
+
+def test_attention_layers_call_the_kernels_unless_switched_off(kernels, monkeypatch):
+    names = ["split_heads", "softmax", "values_by_head", "gated_merge", "merge_heads"]
+    calls = []
+    for name in names:
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    paddle.seed(0)
+    gpsa, mhsa = attention.GPSA(48, 4, (4, 4)), attention.MHSA(48, 4)
+    x = paddle.randn([2, 16, 48])
+    outputs = [gpsa(x).numpy(), mhsa(x).numpy()]
+    assert set(calls) == set(names)
+    calls.clear()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    for layer, want in zip((gpsa, mhsa), outputs):
+        _close(layer(x).numpy(), want)
+    assert calls == []
+
+
+def ops():
         attn, v = attention.content_attention(qkv, 4, 0.25)
         return attn.grad_fn.name(), v.grad_fn.name()
 
     softmax_op, split_op = ops()
     assert "convitlab_softmax" in softmax_op and "convitlab_split_heads" in split_op
+
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert not any("convitlab" in n for n in ops())
 

@@ -1,5 +1,6 @@
-// float32 CPU kernels for GELU (exact, erf form) and LayerNorm over the last axis, forward and
-// backward, as Paddle custom operators (compiled on first use by cpu_kernels.py).
+// float32 CPU kernels, forward and backward, as Paddle custom operators (compiled on first use
+// by cpu_kernels.py): GELU (exact, erf form), LayerNorm over the last axis, softmax, and the
+// re-layouts of attention's heads (GPSA's gated mix folded into the last).
 // Paddle's own CPU kernels for these run on one thread; these split the rows
 // between `threads` OpenMP threads and let the compiler vectorise each row (erff/expf through
 // glibc's vector math library, libmvec).
@@ -310,6 +311,197 @@ std::vector<std::vector<int64_t>> SplitHeadsShapes(const std::vector<int64_t>& q
 
 std::vector<paddle::DataType> SplitHeadsTypes(const paddle::DataType& dtype) { return {dtype, dtype, dtype}; }
 
+// GPSA's values for its positional product: v [B, H, N, d] laid out as [H, N, B * d], so that
+// the map shared by the batch multiplies them in one [N, N] x [N, B * d] product per head.
+std::vector<paddle::Tensor> ValuesByHeadForward(const paddle::Tensor& v, int threads) {
+  CheckCpuFloat(v, "v");
+  PD_CHECK(v.shape().size() == 4, "v must be [batch, heads, tokens, head_dim]");
+  const int64_t batch = v.shape()[0], heads = v.shape()[1], tokens = v.shape()[2], dim = v.shape()[3];
+  auto out = paddle::empty({heads, tokens, batch * dim}, v.dtype(), v.place());
+  const float* src = v.data<float>();
+  float* dst = out.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, v.numel()))
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* from = src + ((b * heads + h) * tokens + n) * dim;
+        float* to = dst + ((h * tokens + n) * batch + b) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+      }
+    }
+  }
+  return {out};
+}
+
+std::vector<paddle::Tensor> ValuesByHeadBackward(const paddle::Tensor& v, const paddle::Tensor& grad_out,
+                                                 int threads) {
+  CheckCpuFloat(grad_out, "grad_out");
+  const int64_t batch = v.shape()[0], heads = v.shape()[1], tokens = v.shape()[2], dim = v.shape()[3];
+  auto grad_v = paddle::empty(v.shape(), v.dtype(), v.place());
+  const float* src = grad_out.data<float>();
+  float* dst = grad_v.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, v.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t n = 0; n < tokens; ++n) {
+        const float* from = src + ((h * tokens + n) * batch + b) * dim;
+        float* to = dst + ((b * heads + h) * tokens + n) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+      }
+    }
+  }
+  return {grad_v};
+}
+
+// The heads back into tokens, GPSA's two attentions mixed on the way:
+//   out[b, n, h * d + c] = (1 - gate[h]) * content[b, h, n, c] + positional[h, n, b * d + c],
+// content = softmax(q kᵀ) v [B, H, N, d], positional = (gate P) v [H, N, B * d] (P shared by the
+// batch), gate = σ(λ) [H]. One pass instead of a transpose back, a broadcast product, an add and
+// the heads' transpose. Without positional and gate (MHSA) it is the heads' merge alone.
+std::vector<paddle::Tensor> GatedMergeForward(const paddle::Tensor& content, const paddle::Tensor& positional,
+                                              const paddle::Tensor& gate, int threads) {
+  CheckCpuFloat(content, "content");
+  CheckCpuFloat(positional, "positional");
+  CheckCpuFloat(gate, "gate");
+  PD_CHECK(content.shape().size() == 4, "content must be [batch, heads, tokens, head_dim]");
+  const int64_t batch = content.shape()[0], heads = content.shape()[1], tokens = content.shape()[2],
+                dim = content.shape()[3];
+  PD_CHECK(positional.numel() == content.numel() && gate.numel() == heads, "positional [H, N, B * d], gate [H]");
+  auto out = paddle::empty({batch, tokens, heads * dim}, content.dtype(), content.place());
+  const float* c_in = content.data<float>();
+  const float* p_in = positional.data<float>();
+  const float* g = gate.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, content.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float keep = 1.0f - g[h];
+        const float* cr = c_in + ((b * heads + h) * tokens + n) * dim;
+        const float* pr = p_in + ((h * tokens + n) * batch + b) * dim;
+        float* orow = o + ((b * tokens + n) * heads + h) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) orow[c] = keep * cr[c] + pr[c];
+      }
+    }
+  }
+  return {out};
+}
+
+// grad_content = (1 - gate) * G, grad_positional = G, grad_gate[h] = -sum G * content (per-thread
+// partial sums added in thread order: the result does not depend on scheduling).
+std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, const paddle::Tensor& positional,
+                                               const paddle::Tensor& gate, const paddle::Tensor& grad_out,
+                                               int threads) {
+  CheckCpuFloat(grad_out, "grad_out");
+  const int64_t batch = content.shape()[0], heads = content.shape()[1], tokens = content.shape()[2],
+                dim = content.shape()[3];
+  auto grad_c = paddle::empty(content.shape(), content.dtype(), content.place());
+  auto grad_p = paddle::empty(positional.shape(), content.dtype(), content.place());
+  auto grad_g = paddle::empty(gate.shape(), content.dtype(), content.place());
+  const float* c_in = content.data<float>();
+  const float* g = gate.data<float>();
+  const float* go = grad_out.data<float>();
+  float* dc = grad_c.data<float>();
+  float* dp = grad_p.data<float>();
+  const int team = Threads(threads, content.numel());
+  std::vector<double> partial(static_cast<size_t>(team) * heads, 0.0);
+#pragma omp parallel num_threads(team)
+  {
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * heads;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t n = 0; n < tokens; ++n) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const float keep = 1.0f - g[h];
+          const float* gr = go + ((b * tokens + n) * heads + h) * dim;
+          const float* cr = c_in + ((b * heads + h) * tokens + n) * dim;
+          float* dcr = dc + ((b * heads + h) * tokens + n) * dim;
+          float* dpr = dp + ((h * tokens + n) * batch + b) * dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < dim; ++c) {
+            dcr[c] = keep * gr[c];
+            dpr[c] = gr[c];
+            dot += gr[c] * cr[c];
+          }
+          mine[h] -= dot;
+        }
+      }
+    }
+  }
+  float* dg = grad_g.data<float>();
+  for (int64_t h = 0; h < heads; ++h) {
+    double total = 0.0;
+    for (int t = 0; t < team; ++t) total += partial[static_cast<size_t>(t) * heads + h];
+    dg[h] = static_cast<float>(total);
+  }
+  return {grad_c, grad_p, grad_g};
+}
+
+std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int threads) {
+  CheckCpuFloat(x, "x");
+  PD_CHECK(x.shape().size() == 4, "x must be [batch, heads, tokens, head_dim]");
+  const int64_t batch = x.shape()[0], heads = x.shape()[1], tokens = x.shape()[2], dim = x.shape()[3];
+  auto out = paddle::empty({batch, tokens, heads * dim}, x.dtype(), x.place());
+  const float* src = x.data<float>();
+  float* dst = out.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, x.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t n = 0; n < tokens; ++n) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* from = src + ((b * heads + h) * tokens + n) * dim;
+        float* to = dst + ((b * tokens + n) * heads + h) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+      }
+    }
+  }
+  return {out};
+}
+
+std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out,
+                                               int threads) {
+  CheckCpuFloat(grad_out, "grad_out");
+  const int64_t batch = x.shape()[0], heads = x.shape()[1], tokens = x.shape()[2], dim = x.shape()[3];
+  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* src = grad_out.data<float>();
+  float* dst = grad_x.data<float>();
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, x.numel()))
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t n = 0; n < tokens; ++n) {
+        const float* from = src + ((b * tokens + n) * heads + h) * dim;
+        float* to = dst + ((b * heads + h) * tokens + n) * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
+      }
+    }
+  }
+  return {grad_x};
+}
+
+std::vector<std::vector<int64_t>> ValuesByHeadShapes(const std::vector<int64_t>& v) {
+  return {{v[1], v[2], v[0] < 0 || v[3] < 0 ? -1 : v[0] * v[3]}};
+}
+
+std::vector<std::vector<int64_t>> MergedShape(const std::vector<int64_t>& x) {
+  return {{x[0], x[2], x[1] < 0 || x[3] < 0 ? -1 : x[1] * x[3]}};
+}
+
+std::vector<std::vector<int64_t>> GatedMergeShapes(const std::vector<int64_t>& content,
+                                                   const std::vector<int64_t>& positional,
+                                                   const std::vector<int64_t>& gate) {
+  return MergedShape(content);
+}
+
+std::vector<paddle::DataType> GatedMergeTypes(const paddle::DataType& content, const paddle::DataType& positional,
+                                              const paddle::DataType& gate) {
+  return {content};
+}
+
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& shape) { return {shape}; }
 
 std::vector<paddle::DataType> SameType(const paddle::DataType& dtype) { return {dtype}; }
@@ -381,3 +573,45 @@ PD_BUILD_GRAD_OP(convitlab_split_heads)
     .Outputs({paddle::Grad("QKV")})
     .Attrs({"num_heads: int", "threads: int"})
     .SetKernelFn(PD_KERNEL(SplitHeadsBackward));
+
+PD_BUILD_OP(convitlab_values_by_head)
+    .Inputs({"V"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(ValuesByHeadForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(ValuesByHeadShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
+
+PD_BUILD_GRAD_OP(convitlab_values_by_head)
+    .Inputs({"V", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("V")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(ValuesByHeadBackward));
+
+PD_BUILD_OP(convitlab_gated_merge)
+    .Inputs({"Content", "Positional", "Gate"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(GatedMergeForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(GatedMergeShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(GatedMergeTypes));
+
+PD_BUILD_GRAD_OP(convitlab_gated_merge)
+    .Inputs({"Content", "Positional", "Gate", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Content"), paddle::Grad("Positional"), paddle::Grad("Gate")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(GatedMergeBackward));
+
+PD_BUILD_OP(convitlab_merge_heads)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(MergeHeadsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(MergedShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
+
+PD_BUILD_GRAD_OP(convitlab_merge_heads)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(MergeHeadsBackward));

@@ -123,3 +123,19 @@ def softmax(x, scale):
 def split_heads(qkv, num_heads):
     """[B, N, 3 * H * d] -> q, k, v, each [B, H, N, d]; only when `available()`."""
     return tuple(paddle._C_ops._run_custom_op("convitlab_split_heads", qkv, int(num_heads), _threads()))
+
+
+def values_by_head(v):
+    """[B, H, N, d] -> [H, N, B * d]; only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_values_by_head", v, _threads())[0]
+
+
+def gated_merge(content, positional, gate):
+    """(1 - gate[h]) content [B, H, N, d] + positional [H, N, B * d] as tokens [B, N, H * d];
+    only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_gated_merge", content, positional, gate, _threads())[0]
+
+
+def merge_heads(x):
+    """[B, H, N, d] -> [B, N, H * d]; only when `available()`."""
+    return paddle._C_ops._run_custom_op("convitlab_merge_heads", x, _threads())[0]
