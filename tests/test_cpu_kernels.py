@@ -150,17 +150,6 @@ def test_attention_layers_call_the_kernels_unless_switched_off(kernels, monkeypa
     assert calls == []
 
 
-def ops():
-        attn, v = attention.content_attention(qkv, 4, 0.25)
-        return attn.grad_fn.name(), v.grad_fn.name()
-
-    softmax_op, split_op = ops()
-    assert "convitlab_softmax" in softmax_op and "convitlab_split_heads" in split_op
-
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    assert not any("convitlab" in n for n in ops())
-
-
 def test_layers_use_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):
     x = paddle.randn([64, 65, 192])
     x.stop_gradient = False
