@@ -2,8 +2,8 @@
 // by cpu_kernels.py): GELU (exact, erf form), LayerNorm over the last axis, softmax, and the
 // re-layouts of attention's heads (GPSA's gated mix folded into the last).
 // Paddle's own CPU kernels for these run on one thread; these split the rows
-// between `threads` OpenMP threads and let the compiler vectorise each row (erff/expf through
-// glibc's vector math library, libmvec).
+// between `threads` OpenMP threads and let the compiler vectorise each row (expf through
+// glibc's vector math library, libmvec; erf inlined, see Erf).
 #include <omp.h>
 
 #include <algorithm>
@@ -12,10 +12,8 @@
 
 #include "paddle/extension.h"
 
-// The vector variants of erff and expf in libmvec: declared so the loops below vectorise
-// without -ffast-math (which would also change the rounding of the sums).
-#pragma omp declare simd notinbranch
-extern "C" float erff(float) noexcept;
+// The vector variant of expf in libmvec: declared so the loops below vectorise without
+// -ffast-math (which would also change the rounding of the sums).
 #pragma omp declare simd notinbranch
 extern "C" float expf(float) noexcept;
 
@@ -36,6 +34,28 @@ void CheckCpuFloat(const paddle::Tensor& t, const char* name) {
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
 
+// erf(z) = z P(z²) / Q(z²) for |z| <= 4 (erf(4) rounds to 1 in float32), the coefficients fitted by
+// experiments/perf/fit_erf.py; within 4e-7 of erf in float32 (libmvec's erff: 1e-7), and 1.4x
+// faster for the whole GELU forward pass on the Intel Xeon (12 multiply-adds and a division, inlined).
+#pragma omp declare simd notinbranch
+inline float Erf(float z) {
+  const float c = std::min(std::max(z, -4.0f), 4.0f);
+  const float u = c * c;
+  float p = 1.914187610e-08f;
+  p = p * u - 1.967644832e-06f;
+  p = p * u + 1.519010137e-04f;
+  p = p * u + 4.162460635e-03f;
+  p = p * u + 5.204269067e-02f;
+  p = p * u + 2.110246075e-01f;
+  p = p * u + 1.128378866e+00f;
+  float q = 1.064586661e-03f;
+  q = q * u + 1.529583044e-02f;
+  q = q * u + 1.195866807e-01f;
+  q = q * u + 5.203449205e-01f;
+  q = q * u + 1.0f;
+  return std::min(std::max(c * p / q, -1.0f), 1.0f);
+}
+
 }  // namespace
 
 std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x, int threads) {
@@ -45,7 +65,7 @@ std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x, int threads) {
   float* o = out.data<float>();
   const int64_t n = x.numel();
 #pragma omp parallel for simd schedule(static) num_threads(Threads(threads, n))
-  for (int64_t i = 0; i < n; ++i) o[i] = 0.5f * in[i] * (1.0f + erff(in[i] * kSqrtHalf));
+  for (int64_t i = 0; i < n; ++i) o[i] = 0.5f * in[i] * (1.0f + Erf(in[i] * kSqrtHalf));
   return {out};
 }
 
@@ -61,7 +81,7 @@ std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::
 #pragma omp parallel for simd schedule(static) num_threads(Threads(threads, n))
   for (int64_t i = 0; i < n; ++i) {
     const float v = in[i];
-    const float cdf = 0.5f * (1.0f + erff(v * kSqrtHalf));
+    const float cdf = 0.5f * (1.0f + Erf(v * kSqrtHalf));
     const float pdf = kInvSqrt2Pi * expf(-0.5f * v * v);
     o[i] = g[i] * (cdf + v * pdf);
   }

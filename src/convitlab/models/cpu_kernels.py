@@ -28,7 +28,7 @@ NAME = "convitlab_cpu_kernels"
 ENV_SWITCH = "CONVITLAB_CPU_KERNELS"
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convitlab" / "cpu_kernels"
 # -march=native: the build is tied to this processor, so the cache key holds its ISA flags.
-# -fno-math-errno lets the erf/exp loops call glibc's vector versions (libmvec).
+# -fno-math-errno lets the exp loops call glibc's vector version (libmvec).
 CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp"]
 LD_FLAGS = ["-liomp5", "-lmvec"]
 
