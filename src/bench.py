@@ -52,7 +52,7 @@ MACHINE = ["cpu_kind", "cpu_vendor", "cpu_family", "cpu_model", "cpu_model_name"
            "paddle_version", "paddle_mkl", "paddle_mkl_path"]
 COLUMNS = ["framework", "model", "variant", "to_static", "amp", "device", "threads", "img_size", "patch_size",
            "batch_size", "mode", "img_per_s", "ms_per_batch", "peak_mem_mb", "rss_growth_mb", "gflops_per_img",
-           "achieved_gflops", "framework_version", "peak_gflops", *MACHINE]
+           "achieved_gflops", "framework_version", "cpu_kernels", "peak_gflops", *MACHINE]
 VARIANTS = ["ours", "local0", "baseline", "seed", "seed_defaults", "timm", "timm_local0"]
 
 
@@ -183,6 +183,7 @@ def bench_paddle(name, variant, img, patch, batch, mode, to_static, args):
     memory = peak_memory(baseline)
     return dict(framework="paddle", model=name, variant=variant, to_static=to_static, amp=args.amp,
                 device=paddle.device.get_device(), framework_version=f"paddle {paddle.__version__}",
+                cpu_kernels="on" if cpu_layers.kernel_fits(x) else "off",
                 threads=cpu_threads(), img_size=img, patch_size=patch, batch_size=batch, mode=mode,
                 img_per_s=round(batch / seconds, 2), ms_per_batch=round(1000 * seconds, 1),
                 peak_mem_mb=round(memory[0], 1), rss_growth_mb=round(memory[1], 1),
@@ -342,13 +343,25 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    output.with_suffix(".cmd").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+    output.with_suffix(".cmd").write_text(command_line() + "\n")
     print_table(rows)
     print(f"{machine['cpu_kind']} ({machine['cpu_model_name']}; {machine['cpu_isa']}), {machine['cores']} cores; "
           f"Paddle {machine['paddle_version']}, MKL {machine['paddle_mkl']} ({machine['paddle_mkl_path']})")
     if peak:
         print(f"float32 matrix-product peak (2048x2048): {peak:.1f} GFLOP/s")
     print(f"wrote {output}")
+
+
+# Variables that change what a row measures, written in front of the command when the user set them.
+RESULT_VARIABLES = ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", "CONVITLAB_CPU_KERNELS", "CONVITLAB_PADDLE_DEFAULTS",
+                    "CONVITLAB_MALLOC_DEFAULTS")
+
+
+def command_line():
+    """This run's command as a shell line, with the user's RESULT_VARIABLES in front."""
+    env = user_environment()
+    assignments = [f"{name}={shlex.quote(env[name])}" for name in RESULT_VARIABLES if name in env]
+    return " ".join(assignments + [shlex.join([sys.executable, *sys.argv])])
 
 
 def print_table(rows):

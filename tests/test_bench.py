@@ -1,5 +1,6 @@
 """src/bench.py end to end on the micro model: it runs and writes sane rows (no timing claims)."""
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +42,23 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
         assert r["paddle_version"] == paddle.__version__ == r["framework_version"].split()[1]
         assert r["cpu_isa"] == machine["cpu_isa"] and r["paddle_mkl"] == machine["paddle_mkl"]
         assert bool(r["paddle_mkl_path"]) == bool(machine["paddle_mkl"])  # the child (seed_defaults) reads its own
-    assert output.with_suffix(".cmd").read_text().strip()
+    # the compiled CPU kernels ran for ours (a compiler is here), not in the seed's stock runtime
+    assert {r["cpu_kernels"] for r in timed if r["variant"] == "ours"} == {"on"}
+    assert {r["cpu_kernels"] for r in timed if r["variant"] == "seed_defaults"} == {"off"}
+    assert output.with_suffix(".cmd").read_text().startswith(sys.executable)
+
+
+def test_kernels_off_is_in_the_rows_and_in_the_recorded_command(tmp_path):
+    """An A/B run with CONVITLAB_CPU_KERNELS=0 says so in its rows and in its .cmd, which re-runs it."""
+    output = tmp_path / "off.csv"
+    command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
+               "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--num-classes", "10", "--modes", "infer",
+               "--no-peak", "--output", str(output)]
+    result = run(command, env={**os.environ, "CONVITLAB_CPU_KERNELS": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, newline="") as f:
+        assert [r["cpu_kernels"] for r in csv.DictReader(f)] == ["off"]
+    assert output.with_suffix(".cmd").read_text().startswith(f"CONVITLAB_CPU_KERNELS=0 {sys.executable} ")
 
 
 def test_baseline_formulations_compute_the_same_model():
