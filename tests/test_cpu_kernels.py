@@ -95,6 +95,24 @@ def test_softmax_matches_stock(kernels, shape, scale):
     assert row_sums < 1e-6 * np.abs(got[1]).max() * shape[-1] ** 0.5
 
 
+def test_no_subnormal_numbers_come_out_of_exp(kernels):
+    """Subnormal operands slow the products that follow many times over (GPSA's positional maps at
+    local init hold e^-338 at 224/16): softmax clips its shifted scores at -64 as Paddle's does,
+    GELU's backward writes a subnormal density as 0."""
+    scores = paddle.to_tensor([[0.0, -63.0, -64.0, -70.0, -90.0, -95.0, -400.0]])  # e^-90: subnormal
+    np.testing.assert_allclose(cpu_kernels.softmax(scores, 1.0).numpy(), F.softmax(scores, axis=-1).numpy(),
+                               rtol=1e-6)
+    tiny = np.finfo(np.float32).tiny
+    gate_times_map = 0.01 * cpu_kernels.softmax(scores, 1.0).numpy()  # gated, as GPSA mixes it
+    assert not np.any((gate_times_map != 0) & (np.abs(gate_times_map) < tiny))
+    x = paddle.to_tensor(np.linspace(-20, -12, 801).astype("float32"))
+    x.stop_gradient = False
+    cpu_layers.GELU()(x).sum().backward()
+    grad = x.grad.numpy()
+    assert not np.any((grad != 0) & (np.abs(grad) < tiny))
+    assert np.abs(grad).max() < 1e-30  # what is left of the density there is (nearly) nothing
+
+
 @pytest.mark.parametrize("shape,heads", [([64, 65, 576], 4), ([2, 197, 2304], 12), ([3, 5, 6], 2)])
 def test_split_heads_is_the_transpose(kernels, shape, heads):
     qkv = paddle.to_tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"))

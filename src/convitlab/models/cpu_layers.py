@@ -17,8 +17,9 @@ convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
   better: 7.7 vs 8.5 ms).
 - GELU's backward (9 ms for [6272, 768]) was tried the same way and is not faster: it needs an
   exp, which Paddle runs as a scalar loop (3.4 ms alone).
-GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available;
-LayerNorm's passes here are the fallback. On a GPU build the stock layers run.
+GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available
+(kernel_fits; attention's softmax and head re-layouts use the same test); LayerNorm's passes here
+are the fallback. On a GPU build the stock layers run.
 """
 
 import math
