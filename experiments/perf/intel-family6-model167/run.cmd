@@ -7,10 +7,18 @@ set -e
 D=experiments/perf/intel-family6-model167
 PY=/work/main/.venv/bin/python
 # 1. convit_tiny as a user gets it (src/bench.py calls runtime.setup(), nothing set by hand) against timm 1.0 on torch 2.13,
-#    and both at the same size without GPSA, 224/16 batch 32 and 32/4 batch 64, every core, one process:
+#    and both at the same size without GPSA, 224/16 batch 32 and 32/4 batch 64, every core, one process;
+#    then ours and timm once more (the spread between runs), ours with the compiled kernels off (A/B), and
+#    ours as it was before this session's kernels (commit 309a277, from a worktree):
 $PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
     --variants ours local0 timm timm_local0 --torch-python /tmp/torchenv/bin/python \
     --repeats 5 --warmup 2 --output $D/results.csv
+$PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
+    --variants ours timm --torch-python /tmp/torchenv/bin/python --repeats 5 --warmup 2 --output $D/repeat.csv
+CONVITLAB_CPU_KERNELS=0 $PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
+    --variants ours --repeats 5 --warmup 2 --output $D/kernels_off.csv
+(cd /work/wt/before && $PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
+    --variants ours --repeats 5 --warmup 2 --output /work/main/$D/before_309a277.csv)
 # 2. the demo's micro models as the demo runs them: 8x8 digits (1 channel), patch 2, 10 classes,
 #    batch 32, one thread per job (two jobs share the two cores); timm's ConVit built at the same sizes:
 OMP_NUM_THREADS=1 $PY src/bench.py --models convit_micro deit_micro --resolutions 8/2 --batch-sizes 32 \
@@ -18,6 +26,7 @@ OMP_NUM_THREADS=1 $PY src/bench.py --models convit_micro deit_micro --resolution
     --repeats 50 --warmup 10 --output $D/micro.csv
 # 3. the demo's wall time (make setup first, outside the clock: it reinstalls when pyproject.toml changed)
 make setup
+rm -rf outputs/demo
 /usr/bin/time -f "make demo: %e s wall" -o $D/demo_time.txt make demo
 # 4. where the time goes, one training step each (the profiler adds ~10%)
 for cfg in "224 16 32" "32 4 64"; do set -- $cfg

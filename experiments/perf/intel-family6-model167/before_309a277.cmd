@@ -1,0 +1,1 @@
+/work/main/.venv/bin/python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 --variants ours --repeats 5 --warmup 2 --output /work/main/experiments/perf/intel-family6-model167/before_309a277.csv
