@@ -261,73 +261,82 @@ std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& out, const pad
   return {grad_x};
 }
 
-// The heads of attention's fused q|k|v product: [B, N, 3 * H * d] (columns q, k, v, each head
-// by head) -> q, k, v, each [B, H, N, d]; one pass instead of a transpose and three copies.
+// Attention's head re-layouts move rows of head_dim floats between four layouts of the same
+// (batch b, head h, token n) rows; each names where row (b, h, n) starts:
+//   head-major [B, H, N, d] (for batched products), token-major [B, N, H * d] (tokens),
+//   by-head [H, N, B * d] (GPSA's values beside the batch), and one part p of q|k|v [B, N, 3 * H * d].
+struct Rows {
+  int64_t batch, heads, tokens, dim;
+  int64_t HeadMajor(int64_t b, int64_t h, int64_t n) const { return ((b * heads + h) * tokens + n) * dim; }
+  int64_t TokenMajor(int64_t b, int64_t h, int64_t n) const { return ((b * tokens + n) * heads + h) * dim; }
+  int64_t ByHead(int64_t b, int64_t h, int64_t n) const { return ((h * tokens + n) * batch + b) * dim; }
+  int64_t Qkv(int part, int64_t b, int64_t h, int64_t n) const {
+    return ((b * tokens + n) * 3 * heads + part * heads + h) * dim;
+  }
+  int64_t numel() const { return batch * heads * tokens * dim; }
+};
+
+Rows HeadMajorRows(const paddle::Tensor& x) {
+  PD_CHECK(x.shape().size() == 4, "expected [batch, heads, tokens, head_dim]");
+  return {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]};
+}
+
+// dst[to(b, h, n) + c] = src[from(b, h, n) + c] for every row; src null: zeros.
+template <typename From, typename To>
+void CopyRows(const Rows& rows, const float* src, From from, float* dst, To to, int threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, rows.numel()))
+  for (int64_t b = 0; b < rows.batch; ++b) {
+    for (int64_t n = 0; n < rows.tokens; ++n) {
+      for (int64_t h = 0; h < rows.heads; ++h) {
+        float* out = dst + to(b, h, n);
+        if (src == nullptr) {
+          std::fill(out, out + rows.dim, 0.0f);
+          continue;
+        }
+        const float* in = src + from(b, h, n);
+#pragma omp simd
+        for (int64_t c = 0; c < rows.dim; ++c) out[c] = in[c];
+      }
+    }
+  }
+}
+
+// [B, N, 3 * H * d] (columns q, k, v, each head by head) -> q, k, v, each [B, H, N, d]: one pass
+// instead of a transpose and three copies.
 std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& qkv, int num_heads, int threads) {
   CheckCpuFloat(qkv, "qkv");
   PD_CHECK(qkv.shape().size() == 3, "qkv must be [batch, tokens, 3 * width]");
-  const int64_t batch = qkv.shape()[0], tokens = qkv.shape()[1], width3 = qkv.shape()[2];
-  PD_CHECK(width3 % (3 * num_heads) == 0, "qkv's last axis must be 3 * num_heads * head_dim");
-  const int64_t dim = width3 / (3 * num_heads);
+  PD_CHECK(qkv.shape()[2] % (3 * num_heads) == 0, "qkv's last axis must be 3 * num_heads * head_dim");
+  const Rows rows{qkv.shape()[0], num_heads, qkv.shape()[1], qkv.shape()[2] / (3 * num_heads)};
   std::vector<paddle::Tensor> parts;
-  float* dst[3];
   for (int p = 0; p < 3; ++p) {
-    parts.push_back(paddle::empty({batch, num_heads, tokens, dim}, qkv.dtype(), qkv.place()));
-    dst[p] = parts.back().data<float>();
-  }
-  const float* src = qkv.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, qkv.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      const float* row = src + (b * tokens + n) * width3;
-      for (int p = 0; p < 3; ++p) {
-        for (int64_t h = 0; h < num_heads; ++h) {
-          const float* from = row + (p * num_heads + h) * dim;
-          float* to = dst[p] + ((b * num_heads + h) * tokens + n) * dim;
-#pragma omp simd
-          for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-        }
-      }
-    }
+    parts.push_back(paddle::empty({rows.batch, rows.heads, rows.tokens, rows.dim}, qkv.dtype(), qkv.place()));
+    CopyRows(rows, qkv.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); },
+             parts.back().data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
+             threads);
   }
   return parts;
 }
 
-// The reverse gather; an absent gradient (an output the loss does not use) counts as zero.
+// The reverse; an absent gradient (an output the loss does not use) counts as zero.
 std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& grad_q, const paddle::Tensor& grad_k,
                                                const paddle::Tensor& grad_v, int num_heads, int threads) {
   const paddle::Tensor* grads[3] = {&grad_q, &grad_k, &grad_v};
-  const paddle::Tensor* shape_from = nullptr;
+  const paddle::Tensor* present = nullptr;
   for (auto* g : grads) {
-    if (g->initialized()) shape_from = g;
-  }
-  PD_CHECK(shape_from != nullptr, "split_heads: no gradient reached q, k or v");
-  const int64_t batch = shape_from->shape()[0], tokens = shape_from->shape()[2], dim = shape_from->shape()[3];
-  const int64_t width3 = 3 * num_heads * dim;
-  auto grad_qkv = paddle::empty({batch, tokens, width3}, shape_from->dtype(), shape_from->place());
-  const float* src[3];
-  for (int p = 0; p < 3; ++p) {
-    if (grads[p]->initialized()) CheckCpuFloat(*grads[p], "grad");
-    src[p] = grads[p]->initialized() ? grads[p]->data<float>() : nullptr;
-  }
-  float* dst = grad_qkv.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, grad_qkv.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      float* row = dst + (b * tokens + n) * width3;
-      for (int p = 0; p < 3; ++p) {
-        for (int64_t h = 0; h < num_heads; ++h) {
-          float* to = row + (p * num_heads + h) * dim;
-          if (src[p] == nullptr) {
-            std::fill(to, to + dim, 0.0f);
-            continue;
-          }
-          const float* from = src[p] + ((b * num_heads + h) * tokens + n) * dim;
-#pragma omp simd
-          for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-        }
-      }
+    if (g->initialized()) {
+      CheckCpuFloat(*g, "grad");
+      present = g;
     }
+  }
+  PD_CHECK(present != nullptr, "split_heads: no gradient reached q, k or v");
+  const Rows rows = HeadMajorRows(*present);
+  auto grad_qkv = paddle::empty({rows.batch, rows.tokens, 3 * rows.heads * rows.dim}, present->dtype(),
+                                present->place());
+  for (int p = 0; p < 3; ++p) {
+    CopyRows(rows, grads[p]->initialized() ? grads[p]->data<float>() : nullptr,
+             [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, grad_qkv.data<float>(),
+             [&](int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); }, threads);
   }
   return {grad_qkv};
 }
@@ -344,43 +353,20 @@ std::vector<paddle::DataType> SplitHeadsTypes(const paddle::DataType& dtype) { r
 // the map shared by the batch multiplies them in one [N, N] x [N, B * d] product per head.
 std::vector<paddle::Tensor> ValuesByHeadForward(const paddle::Tensor& v, int threads) {
   CheckCpuFloat(v, "v");
-  PD_CHECK(v.shape().size() == 4, "v must be [batch, heads, tokens, head_dim]");
-  const int64_t batch = v.shape()[0], heads = v.shape()[1], tokens = v.shape()[2], dim = v.shape()[3];
-  auto out = paddle::empty({heads, tokens, batch * dim}, v.dtype(), v.place());
-  const float* src = v.data<float>();
-  float* dst = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, v.numel()))
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      for (int64_t b = 0; b < batch; ++b) {
-        const float* from = src + ((b * heads + h) * tokens + n) * dim;
-        float* to = dst + ((h * tokens + n) * batch + b) * dim;
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-      }
-    }
-  }
+  const Rows rows = HeadMajorRows(v);
+  auto out = paddle::empty({rows.heads, rows.tokens, rows.batch * rows.dim}, v.dtype(), v.place());
+  CopyRows(rows, v.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
+           out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); }, threads);
   return {out};
 }
 
 std::vector<paddle::Tensor> ValuesByHeadBackward(const paddle::Tensor& v, const paddle::Tensor& grad_out,
                                                  int threads) {
   CheckCpuFloat(grad_out, "grad_out");
-  const int64_t batch = v.shape()[0], heads = v.shape()[1], tokens = v.shape()[2], dim = v.shape()[3];
+  const Rows rows = HeadMajorRows(v);
   auto grad_v = paddle::empty(v.shape(), v.dtype(), v.place());
-  const float* src = grad_out.data<float>();
-  float* dst = grad_v.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, v.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t n = 0; n < tokens; ++n) {
-        const float* from = src + ((h * tokens + n) * batch + b) * dim;
-        float* to = dst + ((b * heads + h) * tokens + n) * dim;
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-      }
-    }
-  }
+  CopyRows(rows, grad_out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); },
+           grad_v.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
   return {grad_v};
 }
 
@@ -388,31 +374,29 @@ std::vector<paddle::Tensor> ValuesByHeadBackward(const paddle::Tensor& v, const 
 //   out[b, n, h * d + c] = (1 - gate[h]) * content[b, h, n, c] + positional[h, n, b * d + c],
 // content = softmax(q kᵀ) v [B, H, N, d], positional = (gate P) v [H, N, B * d] (P shared by the
 // batch), gate = σ(λ) [H]. One pass instead of a transpose back, a broadcast product, an add and
-// the heads' transpose. Without positional and gate (MHSA) it is the heads' merge alone.
+// the heads' transpose (MergeHeads below is the merge alone, for MHSA).
 std::vector<paddle::Tensor> GatedMergeForward(const paddle::Tensor& content, const paddle::Tensor& positional,
                                               const paddle::Tensor& gate, int threads) {
   CheckCpuFloat(content, "content");
   CheckCpuFloat(positional, "positional");
   CheckCpuFloat(gate, "gate");
-  PD_CHECK(content.shape().size() == 4, "content must be [batch, heads, tokens, head_dim]");
-  const int64_t batch = content.shape()[0], heads = content.shape()[1], tokens = content.shape()[2],
-                dim = content.shape()[3];
-  PD_CHECK(positional.numel() == content.numel() && gate.numel() == heads, "positional [H, N, B * d], gate [H]");
-  auto out = paddle::empty({batch, tokens, heads * dim}, content.dtype(), content.place());
+  const Rows rows = HeadMajorRows(content);
+  PD_CHECK(positional.numel() == content.numel() && gate.numel() == rows.heads, "positional [H, N, B * d], gate [H]");
+  auto out = paddle::empty({rows.batch, rows.tokens, rows.heads * rows.dim}, content.dtype(), content.place());
   const float* c_in = content.data<float>();
   const float* p_in = positional.data<float>();
   const float* g = gate.data<float>();
   float* o = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, content.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      for (int64_t h = 0; h < heads; ++h) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, rows.numel()))
+  for (int64_t b = 0; b < rows.batch; ++b) {
+    for (int64_t n = 0; n < rows.tokens; ++n) {
+      for (int64_t h = 0; h < rows.heads; ++h) {
         const float keep = 1.0f - g[h];
-        const float* cr = c_in + ((b * heads + h) * tokens + n) * dim;
-        const float* pr = p_in + ((h * tokens + n) * batch + b) * dim;
-        float* orow = o + ((b * tokens + n) * heads + h) * dim;
+        const float* cr = c_in + rows.HeadMajor(b, h, n);
+        const float* pr = p_in + rows.ByHead(b, h, n);
+        float* orow = o + rows.TokenMajor(b, h, n);
 #pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) orow[c] = keep * cr[c] + pr[c];
+        for (int64_t c = 0; c < rows.dim; ++c) orow[c] = keep * cr[c] + pr[c];
       }
     }
   }
@@ -425,8 +409,7 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
                                                const paddle::Tensor& gate, const paddle::Tensor& grad_out,
                                                int threads) {
   CheckCpuFloat(grad_out, "grad_out");
-  const int64_t batch = content.shape()[0], heads = content.shape()[1], tokens = content.shape()[2],
-                dim = content.shape()[3];
+  const Rows rows = HeadMajorRows(content);
   auto grad_c = paddle::empty(content.shape(), content.dtype(), content.place());
   auto grad_p = paddle::empty(positional.shape(), content.dtype(), content.place());
   auto grad_g = paddle::empty(gate.shape(), content.dtype(), content.place());
@@ -435,23 +418,23 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
   const float* go = grad_out.data<float>();
   float* dc = grad_c.data<float>();
   float* dp = grad_p.data<float>();
-  const int team = Threads(threads, content.numel());
-  std::vector<double> partial(static_cast<size_t>(team) * heads, 0.0);
+  const int team = Threads(threads, rows.numel());
+  std::vector<double> partial(static_cast<size_t>(team) * rows.heads, 0.0);
 #pragma omp parallel num_threads(team)
   {
-    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * heads;
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * rows.heads;
 #pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t n = 0; n < tokens; ++n) {
-        for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t b = 0; b < rows.batch; ++b) {
+      for (int64_t n = 0; n < rows.tokens; ++n) {
+        for (int64_t h = 0; h < rows.heads; ++h) {
           const float keep = 1.0f - g[h];
-          const float* gr = go + ((b * tokens + n) * heads + h) * dim;
-          const float* cr = c_in + ((b * heads + h) * tokens + n) * dim;
-          float* dcr = dc + ((b * heads + h) * tokens + n) * dim;
-          float* dpr = dp + ((h * tokens + n) * batch + b) * dim;
+          const float* gr = go + rows.TokenMajor(b, h, n);
+          const float* cr = c_in + rows.HeadMajor(b, h, n);
+          float* dcr = dc + rows.HeadMajor(b, h, n);
+          float* dpr = dp + rows.ByHead(b, h, n);
           float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < dim; ++c) {
+          for (int64_t c = 0; c < rows.dim; ++c) {
             dcr[c] = keep * gr[c];
             dpr[c] = gr[c];
             dot += gr[c] * cr[c];
@@ -462,9 +445,9 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
     }
   }
   float* dg = grad_g.data<float>();
-  for (int64_t h = 0; h < heads; ++h) {
+  for (int64_t h = 0; h < rows.heads; ++h) {
     double total = 0.0;
-    for (int t = 0; t < team; ++t) total += partial[static_cast<size_t>(t) * heads + h];
+    for (int t = 0; t < team; ++t) total += partial[static_cast<size_t>(t) * rows.heads + h];
     dg[h] = static_cast<float>(total);
   }
   return {grad_c, grad_p, grad_g};
@@ -472,43 +455,20 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
 
 std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int threads) {
   CheckCpuFloat(x, "x");
-  PD_CHECK(x.shape().size() == 4, "x must be [batch, heads, tokens, head_dim]");
-  const int64_t batch = x.shape()[0], heads = x.shape()[1], tokens = x.shape()[2], dim = x.shape()[3];
-  auto out = paddle::empty({batch, tokens, heads * dim}, x.dtype(), x.place());
-  const float* src = x.data<float>();
-  float* dst = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, x.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const float* from = src + ((b * heads + h) * tokens + n) * dim;
-        float* to = dst + ((b * tokens + n) * heads + h) * dim;
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-      }
-    }
-  }
+  const Rows rows = HeadMajorRows(x);
+  auto out = paddle::empty({rows.batch, rows.tokens, rows.heads * rows.dim}, x.dtype(), x.place());
+  CopyRows(rows, x.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
+           out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, threads);
   return {out};
 }
 
 std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out,
                                                int threads) {
   CheckCpuFloat(grad_out, "grad_out");
-  const int64_t batch = x.shape()[0], heads = x.shape()[1], tokens = x.shape()[2], dim = x.shape()[3];
+  const Rows rows = HeadMajorRows(x);
   auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
-  const float* src = grad_out.data<float>();
-  float* dst = grad_x.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, x.numel()))
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t n = 0; n < tokens; ++n) {
-        const float* from = src + ((b * tokens + n) * heads + h) * dim;
-        float* to = dst + ((b * heads + h) * tokens + n) * dim;
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) to[c] = from[c];
-      }
-    }
-  }
+  CopyRows(rows, grad_out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); },
+           grad_x.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
   return {grad_x};
 }
 
