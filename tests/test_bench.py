@@ -42,7 +42,7 @@ def test_bench_writes_positive_rows_for_every_variant(tmp_path):
         assert r["paddle_version"] == paddle.__version__ == r["framework_version"].split()[1]
         assert r["cpu_isa"] == machine["cpu_isa"] and r["paddle_mkl"] == machine["paddle_mkl"]
         assert bool(r["paddle_mkl_path"]) == bool(machine["paddle_mkl"])  # the child (seed_defaults) reads its own
-    # the compiled CPU kernels ran for ours (a compiler is here), not in the seed's stock runtime
+    # the compiled CPU kernels ran in ours' timed steps (a compiler is here), not in the seed's stock runtime
     assert {r["cpu_kernels"] for r in timed if r["variant"] == "ours"} == {"on"}
     assert {r["cpu_kernels"] for r in timed if r["variant"] == "seed_defaults"} == {"off"}
     assert f"{sys.executable} {ROOT / 'src' / 'bench.py'} --models convit_micro" in output.with_suffix(".cmd").read_text()
@@ -99,3 +99,16 @@ def test_bench_keeps_each_cpu_kind_in_its_own_folder(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"--output {tmp_path / 'results.csv'}: {tmp_path / 'other.csv'} holds figures from Elsewhere family 0 "
         f"model 0, this processor is {runtime.cpu_kind()}: write to a folder of its own (one per CPU kind)"]
+
+
+def test_a_static_graph_row_says_the_kernels_did_not_run(tmp_path):
+    """paddle.jit.to_static(full_graph=True) builds a static program of Paddle's ops: the column
+    counts the kernels' calls in the timed steps, so it says off."""
+    output = tmp_path / "static.csv"
+    command = [sys.executable, str(ROOT / "src" / "bench.py"), "--models", "convit_micro", "--resolutions", "8/2",
+               "--batch-sizes", "4", "--repeats", "1", "--warmup", "0", "--num-classes", "10", "--modes", "infer",
+               "--variants", "ours", "--to-static", "both", "--no-peak", "--output", str(output)]
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, newline="") as f:
+        assert {(r["to_static"], r["cpu_kernels"]) for r in csv.DictReader(f)} == {("False", "on"), ("True", "off")}

@@ -1,5 +1,6 @@
-"""convitlab's compiled CPU kernels (cpu_kernels) give Paddle's GELU and LayerNorm outputs and
-gradients, and the layers fall back to Paddle's kernels when they are off or cannot be built."""
+"""convitlab's compiled CPU kernels (cpu_kernels: GELU, LayerNorm, softmax, attention's head
+re-layouts) give the outputs and gradients of the Paddle ops they replace, and the layers fall back
+to Paddle's ops when the kernels are off, cannot be built or cannot take the input."""
 import logging
 import math
 
@@ -105,6 +106,12 @@ def test_no_subnormal_numbers_come_out_of_exp(kernels):
     tiny = np.finfo(np.float32).tiny
     gate_times_map = 0.01 * cpu_kernels.softmax(scores, 1.0).numpy()  # gated, as GPSA mixes it
     assert not np.any((gate_times_map != 0) & (np.abs(gate_times_map) < tiny))
+    # GPSA at 224/16 (a 14 x 14 grid) at local init: its gated positional map, what the product reads
+    gpsa = attention.GPSA(192, 4, (14, 14))
+    gpsa.local_init()
+    gated = (F.sigmoid(gpsa.gating_param).reshape([-1, 1, 1]) * gpsa.positional_attention()).numpy()
+    assert gated.min() == 0 or gated[gated > 0].min() >= tiny
+    assert not np.any((gated != 0) & (np.abs(gated) < tiny))
     x = paddle.to_tensor(np.linspace(-20, -12, 801).astype("float32"))
     x.stop_gradient = False
     cpu_layers.GELU()(x).sum().backward()
@@ -182,6 +189,37 @@ def test_attention_layers_call_the_kernels_unless_switched_off(kernels, monkeypa
     for layer, want in zip((gpsa, mhsa), outputs):
         _close(layer(x).numpy(), want)
     assert calls == []
+
+
+def test_inputs_the_kernels_cannot_take_go_to_paddle(kernels):
+    """Empty tensors and 0-d tensors take Paddle's ops (the kernels work on rows of a last axis)."""
+    calls = cpu_kernels.calls
+    for shape in ([3, 0], [0, 5], []):
+        x = paddle.zeros(shape)
+        assert attention.softmax(x).shape == shape and cpu_layers.GELU()(x).shape == shape
+    assert cpu_kernels.calls == calls
+    with pytest.raises(Exception, match="last axis must exist"):  # the kernel itself refuses, no crash
+        cpu_kernels.softmax(paddle.zeros([3, 0]), 1.0)
+
+
+def test_to_static_gradients_match_eager_with_the_kernels(kernels):
+    """Under to_static's default translation (SOT) the kernels are called as in dynamic mode; the
+    gradients are the eager ones."""
+    paddle.seed(0)
+    model = create_model("convit_micro")
+    x = paddle.randn([3, 1, 8, 8])
+
+    def grads(forward):
+        model.clear_gradients()
+        forward(x).sum().backward()
+        return {n: p.grad.numpy() for n, p in model.named_parameters()}
+
+    eager = grads(model)
+    calls = cpu_kernels.calls
+    static = grads(paddle.jit.to_static(model))
+    assert cpu_kernels.calls > calls
+    for name in eager:
+        np.testing.assert_allclose(static[name], eager[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_layers_use_the_kernels_and_the_switch_turns_them_off(kernels, monkeypatch):

@@ -241,21 +241,19 @@ def split_heads(qkv, num_heads):
     return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
 
 
-def softmax(x, scale=1.0):
-    """softmax(scale * x) over the last axis; on the CPU one compiled pass (cpu_kernels: Paddle's
-    CPU softmax is a scalar loop, 3.6 ms for convit_tiny's [64, 4, 65, 65] scores, this 0.7 ms)."""
-    if kernel_fits(x):
-        return cpu_kernels.softmax(x, scale)
-    return F.softmax(x * scale if scale != 1.0 else x, axis=-1)
+def softmax(x):
+    """Softmax over the last axis; on the CPU one compiled pass (cpu_kernels: Paddle's CPU softmax
+    is a scalar loop, 3.6 ms for convit_tiny's [64, 4, 65, 65] scores, this 0.7 ms)."""
+    return cpu_kernels.softmax(x, 1.0) if kernel_fits(x) else F.softmax(x, axis=-1)
 
 
 def content_attention(qkv, num_heads, scale):
     """softmax(q kᵀ · scale) [B, H, N, N] and v [B, H, N, d] from qkv [B, N, 3D]: the explicit
-    path of forward and attention_maps alike. Without the compiled softmax, q is scaled before
-    the product: [B, H, N, d] is 4x smaller than the scores at 224."""
+    path of forward and attention_maps alike. The compiled softmax takes the scale itself;
+    without it, q is scaled before the product ([B, H, N, d] is 4x smaller than the scores at 224)."""
     q, k, v = split_heads(qkv, num_heads)
     if kernel_fits(qkv):
-        return softmax(paddle.matmul(q, k, transpose_y=True), scale), v
+        return cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True), scale), v
     return F.softmax(paddle.matmul(q * scale, k, transpose_y=True), axis=-1), v
 
 

@@ -31,6 +31,11 @@ void CheckCpuFloat(const paddle::Tensor& t, const char* name) {
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, name, " must be float32");
 }
 
+// Softmax and LayerNorm work on rows of the last axis: there must be one, and it must not be empty.
+void CheckRows(const paddle::Tensor& x) {
+  PD_CHECK(!x.shape().empty() && x.shape().back() > 0, "the last axis must exist and be non-empty");
+}
+
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
 
@@ -102,6 +107,7 @@ std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
                                              const paddle::Tensor& bias, float epsilon, int threads) {
   CheckCpuFloat(x, "x");
+  CheckRows(x);
   CheckCpuFloat(weight, "weight");
   CheckCpuFloat(bias, "bias");
   const int64_t cols = x.shape().back();
@@ -207,6 +213,7 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
 // out = exp(scale x - max) / sum. Rows of attention are short (64-197), so threads take rows.
 std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, float scale, int threads) {
   CheckCpuFloat(x, "x");
+  CheckRows(x);
   const int64_t cols = x.shape().back();
   const int64_t rows = x.numel() / cols;
   auto out = paddle::empty(x.shape(), x.dtype(), x.place());
@@ -281,21 +288,25 @@ Rows HeadMajorRows(const paddle::Tensor& x) {
   return {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]};
 }
 
-// dst[to(b, h, n) + c] = src[from(b, h, n) + c] for every row; src null: zeros.
-template <typename From, typename To>
-void CopyRows(const Rows& rows, const float* src, From from, float* dst, To to, int threads) {
-#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, rows.numel()))
+// dst[p][to(p, b, h, n) + c] = src[p][from(p, b, h, n) + c] for every row of every part p, in one
+// pass over (b, n); a null src[p]: zeros.
+template <int kParts, typename From, typename To>
+void CopyRows(const Rows& rows, const float* const (&src)[kParts], From from, float* const (&dst)[kParts], To to,
+              int threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(Threads(threads, kParts * rows.numel()))
   for (int64_t b = 0; b < rows.batch; ++b) {
     for (int64_t n = 0; n < rows.tokens; ++n) {
-      for (int64_t h = 0; h < rows.heads; ++h) {
-        float* out = dst + to(b, h, n);
-        if (src == nullptr) {
-          std::fill(out, out + rows.dim, 0.0f);
-          continue;
-        }
-        const float* in = src + from(b, h, n);
+      for (int p = 0; p < kParts; ++p) {
+        for (int64_t h = 0; h < rows.heads; ++h) {
+          float* out = dst[p] + to(p, b, h, n);
+          if (src[p] == nullptr) {
+            std::fill(out, out + rows.dim, 0.0f);
+            continue;
+          }
+          const float* in = src[p] + from(p, b, h, n);
 #pragma omp simd
-        for (int64_t c = 0; c < rows.dim; ++c) out[c] = in[c];
+          for (int64_t c = 0; c < rows.dim; ++c) out[c] = in[c];
+        }
       }
     }
   }
@@ -309,12 +320,14 @@ std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& qkv, int num
   PD_CHECK(qkv.shape()[2] % (3 * num_heads) == 0, "qkv's last axis must be 3 * num_heads * head_dim");
   const Rows rows{qkv.shape()[0], num_heads, qkv.shape()[1], qkv.shape()[2] / (3 * num_heads)};
   std::vector<paddle::Tensor> parts;
+  float* dst[3];
   for (int p = 0; p < 3; ++p) {
     parts.push_back(paddle::empty({rows.batch, rows.heads, rows.tokens, rows.dim}, qkv.dtype(), qkv.place()));
-    CopyRows(rows, qkv.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); },
-             parts.back().data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
-             threads);
+    dst[p] = parts.back().data<float>();
   }
+  const float* const src[3] = {qkv.data<float>(), qkv.data<float>(), qkv.data<float>()};
+  CopyRows<3>(rows, src, [&](int p, int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); }, dst,
+              [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
   return parts;
 }
 
@@ -333,11 +346,11 @@ std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& grad_q, con
   const Rows rows = HeadMajorRows(*present);
   auto grad_qkv = paddle::empty({rows.batch, rows.tokens, 3 * rows.heads * rows.dim}, present->dtype(),
                                 present->place());
-  for (int p = 0; p < 3; ++p) {
-    CopyRows(rows, grads[p]->initialized() ? grads[p]->data<float>() : nullptr,
-             [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, grad_qkv.data<float>(),
-             [&](int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); }, threads);
-  }
+  const float* src[3];
+  for (int p = 0; p < 3; ++p) src[p] = grads[p]->initialized() ? grads[p]->data<float>() : nullptr;
+  float* const dst[3] = {grad_qkv.data<float>(), grad_qkv.data<float>(), grad_qkv.data<float>()};
+  CopyRows<3>(rows, src, [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, dst,
+              [&](int p, int64_t b, int64_t h, int64_t n) { return rows.Qkv(p, b, h, n); }, threads);
   return {grad_qkv};
 }
 
@@ -355,8 +368,8 @@ std::vector<paddle::Tensor> ValuesByHeadForward(const paddle::Tensor& v, int thr
   CheckCpuFloat(v, "v");
   const Rows rows = HeadMajorRows(v);
   auto out = paddle::empty({rows.heads, rows.tokens, rows.batch * rows.dim}, v.dtype(), v.place());
-  CopyRows(rows, v.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
-           out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); }, threads);
+  CopyRows<1>(rows, {v.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, {out.data<float>()},
+              [&](int, int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); }, threads);
   return {out};
 }
 
@@ -365,8 +378,8 @@ std::vector<paddle::Tensor> ValuesByHeadBackward(const paddle::Tensor& v, const 
   CheckCpuFloat(grad_out, "grad_out");
   const Rows rows = HeadMajorRows(v);
   auto grad_v = paddle::empty(v.shape(), v.dtype(), v.place());
-  CopyRows(rows, grad_out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); },
-           grad_v.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
+  CopyRows<1>(rows, {grad_out.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.ByHead(b, h, n); }, {grad_v.data<float>()},
+              [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
   return {grad_v};
 }
 
@@ -381,7 +394,8 @@ std::vector<paddle::Tensor> GatedMergeForward(const paddle::Tensor& content, con
   CheckCpuFloat(positional, "positional");
   CheckCpuFloat(gate, "gate");
   const Rows rows = HeadMajorRows(content);
-  PD_CHECK(positional.numel() == content.numel() && gate.numel() == rows.heads, "positional [H, N, B * d], gate [H]");
+  const std::vector<int64_t> by_head = {rows.heads, rows.tokens, rows.batch * rows.dim};
+  PD_CHECK(positional.shape() == by_head && gate.numel() == rows.heads, "positional must be [H, N, B * d], gate [H]");
   auto out = paddle::empty({rows.batch, rows.tokens, rows.heads * rows.dim}, content.dtype(), content.place());
   const float* c_in = content.data<float>();
   const float* p_in = positional.data<float>();
@@ -405,13 +419,14 @@ std::vector<paddle::Tensor> GatedMergeForward(const paddle::Tensor& content, con
 
 // grad_content = (1 - gate) * G, grad_positional = G, grad_gate[h] = -sum G * content (per-thread
 // partial sums added in thread order: the result does not depend on scheduling).
-std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, const paddle::Tensor& positional,
-                                               const paddle::Tensor& gate, const paddle::Tensor& grad_out,
-                                               int threads) {
+// positional is not an input here (its gradient is G re-laid, its shape content's by head): it is
+// not kept for backward.
+std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, const paddle::Tensor& gate,
+                                               const paddle::Tensor& grad_out, int threads) {
   CheckCpuFloat(grad_out, "grad_out");
   const Rows rows = HeadMajorRows(content);
   auto grad_c = paddle::empty(content.shape(), content.dtype(), content.place());
-  auto grad_p = paddle::empty(positional.shape(), content.dtype(), content.place());
+  auto grad_p = paddle::empty({rows.heads, rows.tokens, rows.batch * rows.dim}, content.dtype(), content.place());
   auto grad_g = paddle::empty(gate.shape(), content.dtype(), content.place());
   const float* c_in = content.data<float>();
   const float* g = gate.data<float>();
@@ -453,22 +468,23 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
   return {grad_c, grad_p, grad_g};
 }
 
-std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int threads) {
+std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int num_heads, int threads) {
   CheckCpuFloat(x, "x");
   const Rows rows = HeadMajorRows(x);
   auto out = paddle::empty({rows.batch, rows.tokens, rows.heads * rows.dim}, x.dtype(), x.place());
-  CopyRows(rows, x.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); },
-           out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, threads);
+  CopyRows<1>(rows, {x.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, {out.data<float>()},
+              [&](int, int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, threads);
   return {out};
 }
 
-std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out,
-                                               int threads) {
+// From grad_out [B, N, H * d] and the head count alone: the merged input is not kept for backward.
+std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& grad_out, int num_heads, int threads) {
   CheckCpuFloat(grad_out, "grad_out");
-  const Rows rows = HeadMajorRows(x);
-  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
-  CopyRows(rows, grad_out.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); },
-           grad_x.data<float>(), [&](int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
+  PD_CHECK(grad_out.shape().size() == 3, "grad_out must be [batch, tokens, width]");
+  const Rows rows{grad_out.shape()[0], num_heads, grad_out.shape()[1], grad_out.shape()[2] / num_heads};
+  auto grad_x = paddle::empty({rows.batch, rows.heads, rows.tokens, rows.dim}, grad_out.dtype(), grad_out.place());
+  CopyRows<1>(rows, {grad_out.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, {grad_x.data<float>()},
+              [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, threads);
   return {grad_x};
 }
 
@@ -586,7 +602,7 @@ PD_BUILD_OP(convitlab_gated_merge)
     .SetInferDtypeFn(PD_INFER_DTYPE(GatedMergeTypes));
 
 PD_BUILD_GRAD_OP(convitlab_gated_merge)
-    .Inputs({"Content", "Positional", "Gate", paddle::Grad("Out")})
+    .Inputs({"Content", "Gate", paddle::Grad("Out")})
     .Outputs({paddle::Grad("Content"), paddle::Grad("Positional"), paddle::Grad("Gate")})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(GatedMergeBackward));
@@ -594,13 +610,13 @@ PD_BUILD_GRAD_OP(convitlab_gated_merge)
 PD_BUILD_OP(convitlab_merge_heads)
     .Inputs({"X"})
     .Outputs({"Out"})
-    .Attrs({"threads: int"})
+    .Attrs({"num_heads: int", "threads: int"})
     .SetKernelFn(PD_KERNEL(MergeHeadsForward))
     .SetInferShapeFn(PD_INFER_SHAPE(MergedShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(SameType));
 
 PD_BUILD_GRAD_OP(convitlab_merge_heads)
-    .Inputs({"X", paddle::Grad("Out")})
+    .Inputs({paddle::Grad("Out")})
     .Outputs({paddle::Grad("X")})
-    .Attrs({"threads: int"})
+    .Attrs({"num_heads: int", "threads: int"})
     .SetKernelFn(PD_KERNEL(MergeHeadsBackward));

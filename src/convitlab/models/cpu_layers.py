@@ -123,9 +123,10 @@ def _large(x, elements):
 
 
 def kernel_fits(x):
-    """convitlab's own CPU kernels (cpu_kernels) can take x: float32 (a CPU build has only CPU
-    tensors), kernels loaded."""
-    return _CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()
+    """convitlab's own CPU kernels (cpu_kernels) can take x: a non-empty float32 tensor with at
+    least one axis, on the CPU of a CPU build (not a GPU or another accelerator's), kernels loaded."""
+    return (_CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()  # dynamic mode: x has a place
+            and x.ndim > 0 and x.size > 0 and x.place.is_cpu_place())
 
 
 class GELU(nn.GELU):
