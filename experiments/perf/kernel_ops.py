@@ -1,0 +1,115 @@
+"""Single ops of convit_tiny's step with convitlab's compiled CPU kernels against the Paddle ops they
+replace (CONVITLAB_CPU_KERNELS switched at run time), milliseconds per call, median of repeats.
+
+    .venv/bin/python experiments/perf/kernel_ops.py > experiments/perf/<cpu kind>/kernel_ops.txt
+"""
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+from convitlab import runtime  # noqa: E402
+
+runtime.setup()
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+
+from convitlab.models import attention, cpu_kernels, cpu_layers  # noqa: E402
+
+REPEATS, WARMUP = 30, 5
+
+
+def median_ms(fn):
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def forward_backward(fn, *inputs):
+    """fn(*inputs) and its backward to every input, as one call."""
+    for t in inputs:
+        t.stop_gradient = False
+
+    def run():  # paddle.grad: nothing accumulates into the inputs between calls
+        outputs = fn(*inputs)
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        paddle.grad(outputs, list(inputs), [paddle.ones_like(o) for o in outputs])
+    return run
+
+
+def stock_and_ours(fn, *inputs, backward=False):
+    """(ms with Paddle's ops, ms with the kernels) of the same call."""
+    call = forward_backward(fn, *inputs) if backward else (lambda: fn(*inputs))
+    os.environ[cpu_kernels.ENV_SWITCH] = "0"
+    stock = median_ms(call)
+    os.environ[cpu_kernels.ENV_SWITCH] = "1"
+    return stock, median_ms(call)
+
+
+def scaled_softmax(scores, scale=48 ** -0.5):
+    """The content attention's softmax as attention.content_attention computes it on each path."""
+    if cpu_layers.kernel_fits(scores):
+        return cpu_kernels.softmax(scores, scale)
+    return F.softmax(scores * scale, axis=-1)
+
+
+def main():
+    assert cpu_kernels.available(), "the kernels did not build here"
+    rng = np.random.default_rng(0)
+
+    def tensor(*shape):
+        return paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+
+    scores, qkv, hidden = tensor(64, 4, 65, 65), tensor(64, 65, 576), tensor(64, 65, 768)
+    content, v, gate = tensor(64, 4, 64, 48), tensor(64, 4, 64, 48), paddle.full([4, 1, 1], 0.7)
+    positional = F.softmax(tensor(4, 64, 64), axis=-1)
+    rows = [
+        ("softmax(scores / sqrt(d)), [64, 4, 65, 65], forward", stock_and_ours(scaled_softmax, scores)),
+        ("the same, forward + backward", stock_and_ours(scaled_softmax, scores, backward=True)),
+        ("q/k/v head split, [64, 65, 576] -> 3 x [64, 4, 65, 48], forward",
+         stock_and_ours(lambda x: attention.split_heads(x, 4), qkv)),
+        ("the same, forward + backward", stock_and_ours(lambda x: attention.split_heads(x, 4), qkv, backward=True)),
+        ("GPSA's output from C v, P and v, [64, 4, 64, 48], forward + backward",
+         stock_and_ours(lambda c, values: attention.gated_heads(c, gate * positional, values, gate), content, v,
+                        backward=True)),
+        ("GELU, [64, 65, 768], forward", stock_and_ours(cpu_layers.GELU(), hidden)),
+        ("the same, forward + backward", stock_and_ours(cpu_layers.GELU(), hidden, backward=True)),
+    ]
+    print("| op (convit_tiny, 32/4 batch 64 unless said) | Paddle's ops, ms | convitlab's kernels, ms | ratio |")
+    print("|---|---|---|---|")
+    for name, (stock, ours) in rows:
+        print(f"| {name} | {stock:.3f} | {ours:.3f} | {stock / ours:.1f}× |")
+    # Subnormal operands: GPSA's positional maps at local init (224/16, a 14 x 14 grid) as exp
+    # without a clip leaves them, and as the kernels' softmax writes them; the same product.
+    gpsa = attention.GPSA(192, 4, (14, 14))
+    gpsa.local_init()
+    scores = gpsa.pos_proj(gpsa.rel_positions).transpose([2, 0, 1]).numpy().astype(np.float64)
+    unclipped = np.exp(scores - scores.max(-1, keepdims=True)).astype(np.float32)  # subnormals kept
+    unclipped /= unclipped.sum(-1, keepdims=True)
+    tiny = np.finfo(np.float32).tiny
+    values = tensor(4, 196, 32 * 48)
+    with paddle.no_grad():
+        maps = {"with subnormal entries": paddle.to_tensor(0.7 * unclipped),
+                "as the kernels' softmax writes it": 0.7 * attention.softmax(gpsa.pos_proj(gpsa.rel_positions)
+                                                                             .transpose([2, 0, 1]))}
+        print()
+        print("| GPSA's positional product at 224/16 batch 32, [4, 196, 196] x [4, 196, 1536] | subnormal entries | ms |")
+        print("|---|---|---|")
+        for name, gated_map in maps.items():
+            array = gated_map.numpy()
+            count = int(np.sum((array != 0) & (np.abs(array) < tiny)))
+            print(f"| map {name} | {count} | {median_ms(lambda: paddle.matmul(gated_map, values)):.3f} |")
+    print()
+    print(f"{runtime.cpu_kind()}, {runtime.cpu_threads()} threads, Paddle {paddle.__version__}")
+
+
+if __name__ == "__main__":
+    main()
