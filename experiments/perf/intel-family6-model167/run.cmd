@@ -35,7 +35,7 @@ for cfg in "224 16 32" "32 4 64"; do set -- $cfg
   (cd experiments/perf && /tmp/torchenv/bin/python profile_timm_ops.py --img $1 --patch $2 --batch $3 --rows 40) \
       > $D/profile_timm_train_$1.txt
 done
-# 5. single ops with the compiled kernels against the Paddle ops they replace (switched at run time)
-$PY experiments/perf/kernel_ops.py > $D/kernel_ops.txt
 OMP_NUM_THREADS=1 $PY experiments/perf/profile_ops.py --model convit_micro --img 8 --patch 2 --batch 32 \
     --num-classes 10 --mode train > $D/profile_ours_train_micro.txt
+# 5. single ops with the compiled kernels against the Paddle ops they replace (switched at run time)
+$PY experiments/perf/kernel_ops.py > $D/kernel_ops.txt
