@@ -3,8 +3,8 @@ attention's head re-layouts (q/k/v split, GPSA's values by head, the heads' merg
 gated mix folded in), each forward and backward.
 
 Paddle's CPU kernels for GELU, LayerNorm and softmax run on one thread, softmax as a scalar loop
-(3.6 ms for convit_tiny's [64, 4, 65, 65] scores, this 0.7 ms); its transposes and broadcast
-products copy with generic strided loops. These run on the process's threads
+(4.4 ms for convit_tiny's [64, 4, 65, 65] scores, this 1.0 ms: experiments/perf/*/kernel_ops.txt);
+its transposes and broadcast products copy with generic strided loops. These run on the process's threads
 (runtime.cpu_threads). The C++ source beside this file is compiled with the machine's C++
 compiler on first use (paddle.utils.cpp_extension, 20-30 s, once per source / Paddle version /
 processor) into CACHE_ROOT, and loaded from there by every later process. Without a compiler, or
