@@ -9,7 +9,8 @@ PY=/work/main/.venv/bin/python
 # 1. convit_tiny as a user gets it (src/bench.py calls runtime.setup(), nothing set by hand) against timm 1.0 on torch 2.13,
 #    and both at the same size without GPSA, 224/16 batch 32 and 32/4 batch 64, every core, one process;
 #    then ours and timm once more (the spread between runs), ours with the compiled kernels off (A/B), and
-#    ours as it was before this session's kernels (commit 309a277, from a worktree):
+#    ours as it was before this session's kernels (commit 309a277, from a worktree made first with
+#    `git worktree add /work/wt/before 309a277`):
 $PY src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
     --variants ours local0 timm timm_local0 --torch-python /tmp/torchenv/bin/python \
     --repeats 5 --warmup 2 --output $D/results.csv
