@@ -1,6 +1,9 @@
 """Data: digits, CIFAR archives and image folders in their real formats, subsets, transforms, loaders, mixing."""
 import hashlib
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +282,70 @@ def test_batches_are_tensors_and_augmentation_is_reproducible():
     data = build_datasets(data_config("digits", "fraction=0.1", *HEAVY_AUGMENT), seed=1)
     assert np.array_equal(data.train[(2, 5)][0], data.train[(2, 5)][0])
     assert any(not np.array_equal(data.train[(2, i)][0], data.train[(3, i)][0]) for i in range(5))
+
+
+def children() -> set:
+    """The live processes whose parent is this one (Paddle's loader workers among them)."""
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == me and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def state(pid: int) -> str:
+    """The process's state letter (R, S, Z for a zombie, ...), or X when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def wait_until(condition, timeout=30):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_pass_left_early_ends_its_workers_and_ignores_group_stop_signals():
+    cfg = data_config("digits", "fraction=0.5", "batch_size=16", "num_workers=2")
+    loader = build_loaders(build_datasets(cfg, seed=0), cfg, seed=0)[0]
+    before = children()
+    loader.batch_sampler.set_epoch(1)
+    batches = iter(loader)
+    next(batches)
+    workers = children() - before
+    assert len(workers) == 2
+    for pid in workers:  # a stop signal sent to the whole process group is the main process's to act on
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert workers <= children() and not any(state(pid) in "ZX" for pid in workers)  # still alive and working
+    assert all(images.shape == [16, 1, 8, 8] for images, _ in (next(batches) for _ in range(4)))
+    # Left after two batches (a stop at a step boundary): Paddle would keep this pass's workers.
+    # Paddle's private shutdown call, which convitlab.data.loaders.end_workers uses, must still exist.
+    batches.close()
+    assert wait_until(lambda: not children() & workers), children() & workers
+    loader.batch_sampler.set_epoch(2)
+    assert len(list(loader)) == len(loader)  # a whole pass: its workers end with it too
+    assert wait_until(lambda: not children() - before), children() - before
+
+
+def test_a_pass_cut_short_by_max_batches_is_read_to_its_end():
+    cfg = data_config("digits", "fraction=0.5", "batch_size=16")
+    data = build_datasets(cfg, seed=0)
+    full = build_loaders(data, cfg, seed=0)[0]
+    cut = build_loaders(data, cfg, seed=0, max_batches=3)[0]
+    assert len(full) > 3 and len(cut) == 3
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(epoch_batches(cut, 1), epoch_batches(full, 1)))
+    assert len(epoch_batches(cut, 1)) == 3
 
 
 def test_batch_size_larger_than_the_kept_images():

@@ -172,12 +172,19 @@ def test_a_relaunched_sweep_reports_the_job_in_use_and_runs_the_others(tmp_path)
 
 @pytest.mark.timeout(600)  # the straight run, then stop and resume
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_exactly(tmp_path, signum, straight):
+@pytest.mark.parametrize("signum, to_group, workers", [
+    (signal.SIGTERM, False, 0), (signal.SIGINT, False, 0),
+    # What scancel, `kill -- -PGID` and Ctrl-C do: the loader workers get the signal too.
+    (signal.SIGTERM, True, 2), (signal.SIGINT, True, 2)])
+def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_exactly(tmp_path, signum, to_group,
+                                                                                      workers, straight):
     run_dir = tmp_path / "run"
-    with start(LONG + [f"hydra.run.dir={run_dir}"], cwd=tmp_path) as proc:
+    with start(LONG + [f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"], cwd=tmp_path) as proc:
         wait_for(run_dir / "checkpoints" / "epoch_0001", proc)
-        proc.send_signal(signum)
+        if to_group:
+            os.killpg(proc.pid, signum)  # started in a session of its own: the group is the run's
+        else:
+            proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     name = signal.Signals(signum).name
     assert proc.returncode == 128 + signum, err[-2000:]
@@ -199,8 +206,40 @@ def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_e
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
+    # The same numbers whatever data.num_workers is: every random draw comes from (seed, epoch, image).
     assert without_timings(read_csv(run_dir / "metrics.csv")) == without_timings(read_csv(straight / "metrics.csv"))
     assert read_csv(run_dir / "locality.csv") == read_csv(straight / "locality.csv")
+
+
+def group_size(pgid: int) -> int:
+    """The processes in process group `pgid`, read from /proc."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            count += int(stat.rsplit(")", 1)[1].split()[3]) == pgid  # fields after the name: state, ppid, pgrp
+    return count
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_loader_workers_end_with_each_pass_so_a_run_never_holds_more_than_its_workers(tmp_path):
+    workers, passes = 2, 8
+    run_dir = tmp_path / "run"
+    sizes = []
+    with start(["debug=fast", f"schedule.epochs={passes}", f"data.num_workers={workers}",
+                f"hydra.run.dir={run_dir}"], cwd=tmp_path) as proc:
+        while proc.poll() is None:
+            sizes.append(group_size(proc.pid))
+            time.sleep(0.02)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert epochs(run_dir) == list(range(1, passes + 1))
+    # The run and one pass's workers (training and evaluation passes never overlap); no other helper.
+    assert max(sizes) == 1 + workers, sizes
 
 
 def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):

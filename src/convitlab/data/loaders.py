@@ -4,6 +4,7 @@ The training sampler yields (epoch, position) keys, so the epoch reaches the aug
 whichever process reads the image: batches are the same for any num_workers and after a rebuild.
 """
 import shutil
+import signal
 
 import numpy as np
 import paddle
@@ -25,9 +26,10 @@ class TrainBatchSampler:
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, max_batches=None):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.max_batches = max_batches  # a pass cut short (trainer.max_steps_per_epoch), still read to its end
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -49,7 +51,8 @@ class TrainBatchSampler:
     def __len__(self) -> int:
         size = self.batch_size * self.world_size
         full, rest = divmod(self.num_samples, size)
-        return full + (not self.drop_last and rest >= self.world_size)
+        batches = full + (not self.drop_last and rest >= self.world_size)
+        return batches if self.max_batches is None else min(batches, self.max_batches)
 
 
 class EvalBatchSampler:
@@ -71,23 +74,54 @@ class Loader:
 
     Paddle's loader hangs (no workers) or hides the message behind a SystemError (workers) when
     reading an item raises, so a failure travels as a batch of its own and is raised here.
+
+    Each pass starts its workers and ends them when the pass ends, however it ends (use
+    `with closing(iter(loader))` where a pass may be left early): Paddle ends them only when a
+    pass is read to its end, and its loader thread keeps an abandoned pass, with its workers,
+    alive until the process exits. Paddle's persistent_workers would avoid the start-up, but it
+    waits in 0.5 s sleeps at the start of every pass (experiments/perf/loader_workers.md).
     """
 
     def __init__(self, dataset, batch_sampler, num_workers: int, use_shared_memory: bool):
         self.batch_sampler = batch_sampler
         self._loader = paddle.io.DataLoader(_FailuresAsItems(dataset), batch_sampler=batch_sampler,
                                             num_workers=num_workers, collate_fn=_collate,
-                                            use_shared_memory=use_shared_memory, prefetch_factor=PREFETCH_FACTOR)
+                                            use_shared_memory=use_shared_memory, prefetch_factor=PREFETCH_FACTOR,
+                                            worker_init_fn=_leave_stop_signals_to_the_main_process)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        for batch in self._loader:
-            if isinstance(batch, dict):
-                message = bytes(batch["message"].numpy()).decode()
-                raise UserError(message) if batch["user_error"].numpy().item() else RuntimeError(message)
-            yield batch
+        batches = iter(self._loader)
+        try:
+            for batch in batches:
+                if isinstance(batch, dict):
+                    message = bytes(batch["message"].numpy()).decode()
+                    raise UserError(message) if batch["user_error"].numpy().item() else RuntimeError(message)
+                yield batch
+        finally:
+            end_workers(batches)
+
+
+def end_workers(batches) -> None:
+    """End the worker processes of a Paddle loader's pass that was not read to its end.
+
+    Paddle has no public call for it: `_try_shutdown_all` is what its own end of a pass calls
+    (paddle/io/dataloader/dataloader_iter.py, 3.0-3.3); tests/test_data.py fails if it moves.
+    A pass without workers has nothing to end."""
+    shutdown = getattr(batches, "_try_shutdown_all", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """SIGTERM/SIGINT sent to the process group (scancel, kill -- -PGID, Ctrl-C) reach the workers
+    too; a worker killed by one fails the main process with a SystemError before it can stop at a
+    step boundary. Workers ignore them: the main process stops and ends its workers, and a worker
+    whose main process died exits by itself (Paddle's workers watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Failure:
@@ -133,15 +167,16 @@ def _shared_memory_fits(data_cfg, batch_size: int) -> bool:
     return free > 2 * batch_bytes * data_cfg.num_workers * PREFETCH_FACTOR
 
 
-def build_loaders(data, data_cfg, seed: int, rank: int = 0, world_size: int = 1):
-    """(train_loader, val_loader) of this rank; call train_loader.batch_sampler.set_epoch(e) before epoch e."""
+def build_loaders(data, data_cfg, seed: int, rank: int = 0, world_size: int = 1, max_batches=None):
+    """(train_loader, val_loader) of this rank; call train_loader.batch_sampler.set_epoch(e) before epoch e.
+    A training pass holds at most `max_batches` batches (all when None)."""
     kept, batch_size = len(data.train), data_cfg.batch_size
     if data_cfg.drop_last and batch_size * world_size > kept:
         ranks = f" × {world_size} ranks" if world_size > 1 else ""
         raise UserError(f"data.batch_size={batch_size}{ranks} is more than the {kept} training images kept "
                         f"(data.fraction={data_cfg.fraction}), so every batch would be dropped: lower "
                         "data.batch_size or set data.drop_last=false")
-    train = Loader(data.train, TrainBatchSampler(kept, batch_size, seed, rank, world_size, data_cfg.drop_last),
+    train = Loader(data.train, TrainBatchSampler(kept, batch_size, seed, rank, world_size, data_cfg.drop_last, max_batches),
                    data_cfg.num_workers, _shared_memory_fits(data_cfg, batch_size))
     return train, build_eval_loader(data.val, data_cfg, rank, world_size)
 

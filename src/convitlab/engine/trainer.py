@@ -72,15 +72,16 @@ def evaluate(model, loader, amp_dtype=None):
     """Loss, top-1 and top-5 (percent) over a loader, summed across ranks."""
     model.eval()
     totals = Totals()
-    for images, labels in loader:
-        run_deferred_signals()
-        labels = labels.flatten()
-        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
-            logits = model(images)
-        logits = logits.astype("float32")
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        totals.add(labels.shape[0], loss=loss, top1=correct_top_k(logits, labels, 1),
-                   top5=correct_top_k(logits, labels, 5))
+    with contextlib.closing(iter(loader)) as batches:  # a stop between batches ends the loader's workers too
+        for images, labels in batches:
+            run_deferred_signals()
+            labels = labels.flatten()
+            with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
+                logits = model(images)
+            logits = logits.astype("float32")
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            totals.add(labels.shape[0], loss=loss, top1=correct_top_k(logits, labels, 1),
+                       top5=correct_top_k(logits, labels, 5))
     sums, count = totals.reduced()
     count = max(count, 1)
     return {"val_loss": sums.get("loss", math.nan) / count, "val_top1": 100 * sums.get("top1", 0) / count,
@@ -118,49 +119,54 @@ def train_one_epoch(t: Training, cfg, state: LoopState, epoch: int) -> dict:
     steps_per_epoch = t.protocol.steps_per_epoch
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{t.protocol.epochs}", leave=False, dynamic_ncols=True,
                disable=None if cfg.trainer.progress_bar and distributed.is_main() else True)
-    iterator = iter(t.train_loader)
     skipped_steps = 0
-    for batch_index in range(steps_per_epoch):
-        run_deferred_signals(step=state.step)  # a step boundary: a requeue's exit or a stop leaves no op half done
-        tick = time.perf_counter()
-        images, labels = next(iterator)
-        data_wait += time.perf_counter() - tick
-        labels = labels.flatten()
-        lr = learning_rate_at(state.step, t.protocol.total_steps, t.protocol.warmup_steps, t.base_lr, cfg.schedule)
-        t.optimizer.set_lr(lr)
-        if mixing:
-            rng = mix_rng(cfg.seed, epoch, batch_index)
-            images, targets = mix_batch(images, labels, cfg.data.augment, smoothing, t.num_classes, rng)
-        else:
-            targets = smoothed_one_hot(labels, t.num_classes, smoothing)
-        with paddle.amp.auto_cast(enable=t.amp_dtype is not None, dtype=t.amp_dtype or "float16"):
-            logits = t.train_model(images)
-        loss = soft_target_cross_entropy(logits.astype("float32"), targets)
-        count = labels.shape[0]
-        # DataParallel averages the ranks' gradients; weighting each rank's mean by its share
-        # of the global batch makes that the gradient of the global batch's mean loss also
-        # when a last partial batch (data.drop_last=false) splits unevenly across ranks.
-        weight = count * world / t.train_loader.batch_sampler.global_batch_size(batch_index)
-        skipped = backward_and_step(loss * weight if weight != 1 else loss, t.optimizer, t.scaler)
-        if t.ema is not None:
-            t.ema.update(t.model)
-        state.step += 1
-        if skipped:  # its loss (often NaN) trained nothing: kept out of the epoch's loss and top-1
-            skipped_steps += 1
-            state.skipped_steps += 1
-            totals.add(count)
-            if t.scaler.overflow_unexplained():
-                bar.close()
-                raise Diverged(f"float16 overflow at every step down to a loss scale of {t.scaler.loss_scale:g} in "
-                               f"epoch {epoch} ({skipped_steps} steps skipped): the loss or its gradients are "
-                               "not finite whatever the scale")
-        else:
-            totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1),
-                       trained=count)
-        if not bar.disable and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
-            images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")  # syncs: every 10 steps
-        bar.update(1)
+    # A pass read to its end ends its loader workers; closing ends them when a step raises.
+    with contextlib.closing(iter(t.train_loader)) as batches:
+        for batch_index in range(steps_per_epoch):
+            # A step boundary: a requeue's exit or a stop leaves no op half done.
+            run_deferred_signals(step=state.step)
+            tick = time.perf_counter()
+            images, labels = next(batches)
+            data_wait += time.perf_counter() - tick
+            labels = labels.flatten()
+            lr = learning_rate_at(state.step, t.protocol.total_steps, t.protocol.warmup_steps, t.base_lr,
+                                  cfg.schedule)
+            t.optimizer.set_lr(lr)
+            if mixing:
+                rng = mix_rng(cfg.seed, epoch, batch_index)
+                images, targets = mix_batch(images, labels, cfg.data.augment, smoothing, t.num_classes, rng)
+            else:
+                targets = smoothed_one_hot(labels, t.num_classes, smoothing)
+            with paddle.amp.auto_cast(enable=t.amp_dtype is not None, dtype=t.amp_dtype or "float16"):
+                logits = t.train_model(images)
+            loss = soft_target_cross_entropy(logits.astype("float32"), targets)
+            count = labels.shape[0]
+            # DataParallel averages the ranks' gradients; weighting each rank's mean by its share
+            # of the global batch makes that the gradient of the global batch's mean loss also
+            # when a last partial batch (data.drop_last=false) splits unevenly across ranks.
+            weight = count * world / t.train_loader.batch_sampler.global_batch_size(batch_index)
+            skipped = backward_and_step(loss * weight if weight != 1 else loss, t.optimizer, t.scaler)
+            if t.ema is not None:
+                t.ema.update(t.model)
+            state.step += 1
+            if skipped:  # its loss (often NaN) trained nothing: kept out of the epoch's loss and top-1
+                skipped_steps += 1
+                state.skipped_steps += 1
+                totals.add(count)
+                if t.scaler.overflow_unexplained():
+                    bar.close()
+                    raise Diverged(f"float16 overflow at every step down to a loss scale of "
+                                   f"{t.scaler.loss_scale:g} in epoch {epoch} ({skipped_steps} steps skipped): "
+                                   "the loss or its gradients are not finite whatever the scale")
+            else:
+                totals.add(count, loss=loss.detach() * count, top1=correct_top_k(logits.detach(), labels, 1),
+                           trained=count)
+            if not bar.disable and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
+                images_per_s = totals.count / (time.perf_counter() - start)  # this rank's images
+                # float(loss) syncs: every 10 steps only
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+            bar.update(1)
+        next(batches, None)  # the end of the pass (there are steps_per_epoch batches)
     bar.close()
     elapsed = time.perf_counter() - start
     sums, count = totals.reduced()
@@ -219,7 +225,8 @@ def set_up(cfg, folder: RunFolder):
     if data.num_classes != cfg.data.num_classes:
         raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {data.num_classes} "
                         f"classes found in data.name={cfg.data.name}")
-    train_loader, val_loader = build_loaders(data, cfg.data, cfg.seed, distributed.rank(), distributed.world_size())
+    train_loader, val_loader = build_loaders(data, cfg.data, cfg.seed, distributed.rank(), distributed.world_size(),
+                                             cfg.trainer.max_steps_per_epoch)
     if distributed.is_main():
         write_subset_csv(folder.subset, data.subset_indices, data.subset_labels)
 
@@ -234,7 +241,7 @@ def set_up(cfg, folder: RunFolder):
     base_lr = base_learning_rate(cfg.optimizer, global_batch)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.trainer.grad_clip, lr_scale)
     ema = ModelEMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    protocol = plan(cfg, min(len(train_loader), cfg.trainer.max_steps_per_epoch or len(train_loader)))
+    protocol = plan(cfg, len(train_loader))
     checkpoints = Checkpointer(folder.checkpoints, cfg.trainer.keep_checkpoints)
     state = LoopState(world_size=distributed.world_size())
     latest = checkpoints.latest() if cfg.trainer.resume != False else None  # noqa: E712 (auto or true)
