@@ -84,7 +84,7 @@ def test_written_tables_and_left_out_report(tmp_path):
     assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in markdown
     assert "left out 2 of 19 runs: 1 failed, 1 unfinished" in markdown
     assert "RuntimeError: out of memory" in markdown and "seed=3" in markdown
-    assert len(results.read_rows(sweep / "summary.csv")) == 19  # gathered on demand
+    assert not (sweep / "summary.csv").exists()  # gathered in memory: reading writes no summary
 
 
 def test_by_vs_and_baseline_choices(tmp_path):
@@ -174,8 +174,9 @@ def run(args, cwd):
 
 def test_cli_writes_tables_and_plots(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path, locality=True)
-    proc = run([str(sweep), "--out", "out", "--metric", "top1"], cwd=tmp_path)
+    proc = run([str(sweep), "--out", "out", "--metric", "top1", "--write-summary"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {sweep / 'summary.csv'}" in proc.stdout and len(results.read_rows(sweep / "summary.csv")) == 19
     assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in proc.stdout
     out = tmp_path / "out"
     assert (out / "comparison.csv").stat().st_size > 0 and (out / "comparison.md").stat().st_size > 0

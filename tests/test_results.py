@@ -188,10 +188,13 @@ def test_load_results_of_a_sweep_with_a_failed_and_an_unfinished_job(tmp_path):
     assert frame.loc[0, "top1"] == 50.0 and math.isnan(frame.loc[1, "top1"]) and frame.loc[0, "config_hash"] == "0001"
     assert frame.loc[1, "error"] == "RuntimeError: out of memory" and frame.loc[2, "overrides"] == "seed=2 model=deit_micro"
     assert set(frame["source"]) == {str(sweep / "summary.csv")}
-    # Several inputs at once: the sweep again by its summary.csv, and one run directory.
-    more = results.load_results(sweep / "summary.csv", [sweep / "seed=0"])
-    assert len(more) == 4 and list(more["source"])[-1] == str(sweep / "seed=0" / "result.csv")
-    assert more.loc[3, "run_dir"] == "/elsewhere/seed=0"  # what the run recorded; the summary says where it is now
+    assert not (sweep / "summary.csv").exists()  # gathered in memory: reading writes nothing
+    # Several inputs at once: another run directory, and a list of inputs.
+    other = tmp_path / "other"
+    results.write_result(other, {"run_id": "other", "status": "completed", "top1": 40.0, "run_dir": str(other)})
+    more = results.load_results(sweep, [other])
+    assert len(more) == 4 and list(more["source"])[-1] == str(other / "result.csv")
+    assert more.loc[3, "run_dir"] == str(other) and more.loc[0, "run_dir"] == str(sweep / "seed=0")
 
 
 def test_gathering_keeps_each_job_cell_as_written(tmp_path):
