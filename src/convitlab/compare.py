@@ -43,7 +43,7 @@ from convitlab.run_folder import LOCALITY, RunFolder
 from convitlab.sweeps import gather_sweep, job_dirs
 
 # The knobs a table may group by, in the order it shows them; never the seed.
-KNOBS = ["ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
+KNOBS = ["kind", "ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
          "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads", "depth", "img_size",
          "patch_size", "lr", "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "mixup", "cutmix",
          "ema", "batch_size", "epochs", "study"]
@@ -298,6 +298,8 @@ def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None,
     """Group the completed runs of `kind` of a load_results table (see the module docstring);
     by/vs default to the varying knobs."""
     chosen, others = results.select_kind(frame, kind)
+    if "kind" in chosen:  # with --kind all, evaluations and training runs are told apart, never pooled
+        chosen = chosen.assign(kind=results.kinds(chosen))
     notes = results.left_out_kinds(others, "--kind {} compares them")
     completed = status(chosen).eq("completed")
     runs, left_out = chosen[completed], chosen[~completed]

@@ -321,7 +321,8 @@ def left_out_kinds(others: pd.DataFrame, hint: str) -> list:
     """One line per kind of the rows select_kind left out, e.g. "left out 2 eval rows (kind=eval):
     --kind eval compares them" for the hint "--kind {} compares them"."""
     counts = kinds(others).value_counts().sort_index()
-    return [f"left out {n} {name} row{'s' * (n != 1)} (kind={name}): {hint.format(name)}" for name, n in counts.items()]
+    return [f"left out {n} {name} row{'' if n == 1 else 's'} (kind={name}): {hint.format(name)}"
+            for name, n in counts.items()]
 
 
 def load_results(*paths, kind=TRAIN) -> pd.DataFrame:
