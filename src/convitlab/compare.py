@@ -349,14 +349,14 @@ def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None,
 def count_copies_once(runs) -> tuple:
     """(the runs with each config_hash once, the first; a line per config found more than once).
 
-    The config hash covers the seeds, so equal hashes are one config and seed run twice."""
+    The config hash covers the seeds, so equal hashes (of one kind) are one config and seed run twice."""
     if "config_hash" not in runs:  # older tables lack it: nothing to tell copies by
         return runs, []
+    keys = [key for key in ("kind", "config_hash") if key in runs]
     hashed = runs["config_hash"].notna()
-    repeats = hashed & runs["config_hash"].duplicated()
+    repeats = hashed & runs.duplicated(keys)
     notes = []
-    for value, copies in runs[hashed & runs["config_hash"].isin(runs.loc[repeats, "config_hash"])].groupby(
-            "config_hash", sort=False):
+    for (*_, value), copies in runs[hashed & (runs.duplicated(keys, keep=False))].groupby(keys, sort=False):
         where = [str(_first_of(row, "run_dir", SOURCE)) for row in _records(copies)]
         seed = f", seed {_show(copies['seed'].iloc[0])}" if "seed" in copies else ""
         notes.append(f"counted once: {len(copies)} runs of one config (config_hash {value}{seed}): "

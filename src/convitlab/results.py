@@ -64,7 +64,7 @@ RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
 # The columns of each per-epoch table (others may follow: readers keep whatever a file has).
 CURVE_COLUMNS = {METRICS: METRIC_COLUMNS, LOCALITY: LOCALITY_COLUMNS}
 # What reading a CSV may raise when the file is missing, damaged or not a CSV.
-READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError)
+READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError, csv.Error)
 
 
 # ---------- writing ----------
@@ -193,8 +193,12 @@ def result_row(path) -> pd.DataFrame:
     try:
         table = read_checked(path)
         reason = None if len(table) else "it holds no row"
-    except READ_ERRORS as exc:
-        table, reason = pd.DataFrame(), " ".join(str(exc).split())
+    except READ_ERRORS as exc:  # e.g. cut inside a quoted field: the field count says it plainer than pandas
+        try:
+            reason = ", ".join(incomplete_rows(path).values())
+        except READ_ERRORS:
+            reason = ""
+        table, reason = pd.DataFrame(), reason or " ".join(str(exc).split())
     if reason is not None:
         table = pd.DataFrame([{"run_id": path.parent.name, "status": DAMAGED,
                                "error": f"{path} is damaged: {reason}"}], dtype=object)
