@@ -41,9 +41,10 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_to
                   "img_per_s", "data_wait_frac", "skipped_steps"]
 LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_distance"]
 IDENTITY_COLUMNS = ["run_id", "kind", "study", "ablation", "model", "dataset", "fraction", "subset",
-                    "locality_strength", "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
-                    "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
-                    "drop_path_rate", "label_smoothing", "random_crop", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
+                    "locality_strength", "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa",
+                    "embed_dim", "num_heads", "depth", "img_size", "patch_size", "seed", "batch_size", "lr",
+                    "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "random_crop", "mixup",
+                    "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags",
@@ -56,8 +57,8 @@ TRAIN, EVAL = "train", "eval"
 KIND_CHOICES = (TRAIN, EVAL, "all")
 DAMAGED = "damaged"  # the status of a row that is not a complete line of its table
 # Text even when it looks like a number: a config hash of digits must not become an int.
-STRING_COLUMNS = frozenset({"run_id", "kind", "study", "ablation", "model", "dataset", "subset", "optimizer", "status",
-                            "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
+STRING_COLUMNS = frozenset({"run_id", "kind", "study", "ablation", "model", "dataset", "subset", "optimizer",
+                            "status", "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
                             "run_dir", "tags", "pretrained", "pretrained_sha256", SOURCE})
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
 RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
@@ -215,7 +216,7 @@ def read_result(run_dir):
         text = read_checked(RunFolder(run_dir).result)
     except READ_ERRORS:
         return None
-    if text.empty or text.get("status", pd.Series(dtype=object)).eq(DAMAGED).any():
+    if text.empty or ("status" in text and text["status"].eq(DAMAGED).any()):
         return None
     return typed_columns(text).astype(object).where(text.ne(""), None).to_dict("records")[0]
 
@@ -350,9 +351,9 @@ def load_results(*paths, kind=TRAIN) -> pd.DataFrame:
     chosen, others = select_kind(runs, kind)
     for line in left_out_kinds(others, "load_results(..., kind='{}') loads them"):
         log.warning("%s", line)
-    damaged = chosen["status"].eq(DAMAGED).fillna(False) if "status" in chosen else pd.Series(False, index=chosen.index)
-    for error in chosen.loc[damaged, "error"].astype(str) if damaged.any() else []:
-        log.warning("%s: not loaded as a result (status damaged)", error)
+    if "status" in chosen and "error" in chosen:  # a damaged row has both
+        for error in chosen.loc[chosen["status"].eq(DAMAGED).fillna(False).astype(bool), "error"]:
+            log.warning("%s: not loaded as a result (status damaged)", error)
     return chosen.reset_index(drop=True)
 
 
