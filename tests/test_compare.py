@@ -410,6 +410,11 @@ def test_a_read_only_sweep_compares_with_out_elsewhere_and_reading_writes_nothin
         assert TABLE_005 in proc.stdout and (tmp_path / "report" / "gates.png").read_bytes().startswith(PNG)
         assert len(load_results(seen)) == 19 and len(results.load_metrics(seen)) == 0
         assert len(results.load_locality(seen)) == 18 * 3 * 3 * 4
+        if seen != sweep:  # truly read-only: the default --out (the sweep itself) is refused in one line
+            refused = run([str(seen), "--no-plots"], cwd=tmp_path)
+            assert refused.returncode == 2 and refused.stderr == (
+                f"error: cannot write into {seen} (Read-only file system): choose a folder you can write to "
+                "with --out\n")
     assert tree(sweep) == before  # nothing created, changed or removed
     empty = tmp_path / "empty"
     empty.mkdir()

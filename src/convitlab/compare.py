@@ -28,6 +28,7 @@ Fewer than 2 runs (or pairs) in a cell: no interval and no test.
 The Student t distribution is computed here (the regularised incomplete beta function by its
 continued fraction), so scipy is not needed.
 """
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -710,13 +711,26 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     first = Path(inputs[0])
     out = Path(out) if out else (first if first.is_dir() else first.parent)
     markdown = markdown_table(comparison)
-    results.write_table(out / "comparison.csv", comparison.table())
-    write_text(out / "comparison.md", markdown)
-    notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
+    with _writable(f"into {out}", "choose a folder you can write to with --out"):
+        results.write_table(out / "comparison.csv", comparison.table())
+        write_text(out / "comparison.md", markdown)
+        notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
+        if plots:
+            notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
+                                                         plot_nonlocality, plot_gates)]
     if write_summary:
-        sweeps = [Path(p) for p in inputs if Path(p).is_dir() and not RunFolder(p).result.is_file() and job_dirs(p)]
-        notes += [f"wrote {gather_sweep(sweep)}" for sweep in sweeps]
-    if plots:
-        notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
-                                                     plot_nonlocality, plot_gates)]
+        for sweep in [Path(p) for p in inputs if Path(p).is_dir() and not RunFolder(p).result.is_file()
+                      and job_dirs(p)]:
+            with _writable(f"the summary of {sweep}", "compare without --write-summary"):
+                notes.append(f"wrote {gather_sweep(sweep)}")
     return markdown + "\n" + "\n".join(notes)
+
+
+@contextlib.contextmanager
+def _writable(what, way_out):
+    """A write refused inside the block (a read-only folder, no permission) as one line with the
+    way out; a full disk is already one (atomic.DiskFull)."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {what} ({exc.strerror or exc}): {way_out}") from None
