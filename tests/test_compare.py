@@ -360,6 +360,11 @@ def test_inputs_named_twice_give_the_same_table_as_once(tmp_path):
     named_twice = load_results(sweep, sweep / "summary.csv", [job, job / "result.csv"])
     assert len(named_twice) == 19 and named_twice["run_dir"].is_unique
     assert len(load_results(job, job / "result.csv")) == 1
+    # A summary older than its jobs: the run's own result.csv wins, whichever input comes first.
+    results.write_result(job, {**results.read_result(job), "top1": 48.8})
+    for inputs in ([sweep / "summary.csv", sweep], [sweep, sweep / "summary.csv"]):
+        frame = load_results(*inputs).set_index("run_dir")
+        assert len(frame) == 19 and frame.loc[str(job), "top1"] == 48.8
 
 
 def test_one_config_trained_in_two_directories_is_counted_once(tmp_path):

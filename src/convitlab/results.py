@@ -247,7 +247,7 @@ def truncate_after_epoch(path, epoch: int) -> None:
 # ---------- loading runs and sweeps ----------
 
 def _input_tables(paths):
-    """(text table, source) for each input: a run directory's result.csv; a sweep directory
+    """(text table, source, whether its rows were read from the runs' own result.csv) for each input: a run directory's result.csv; a sweep directory
     gathered in memory (or its summary.csv as it is when the folder holds no job); a CSV file
     itself. An input named twice (the same file or folder, resolved) is read once."""
     from convitlab.sweeps import SUMMARY, job_dirs, sweep_table  # sweeps builds on this module
@@ -265,12 +265,12 @@ def _input_tables(paths):
             continue
         seen.add(path.resolve())
         if path.is_dir():
-            yield sweep_table(path), path / SUMMARY
+            yield sweep_table(path), path / SUMMARY, True
         elif path.name == RESULT:
-            yield result_row(path), path
+            yield result_row(path), path, True
         else:
             try:
-                yield read_checked(path), path
+                yield read_checked(path), path, False
             except READ_ERRORS as exc:
                 raise UserError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from None
 
@@ -298,12 +298,17 @@ def run_location(source, run_dir):
 
 def gather_results(*paths) -> pd.DataFrame:
     """Every row the inputs hold, each run once (see load_results), of every kind, typed."""
-    texts = [text.assign(**{SOURCE: str(source)}) for text, source in _input_tables(paths)]
+    texts, own = [], []
+    for text, source, read_from_runs in _input_tables(paths):
+        texts.append(text.assign(**{SOURCE: str(source)}))
+        own += [read_from_runs] * len(text)
     combined = pd.concat(texts, ignore_index=True).fillna("") if texts else pd.DataFrame(columns=[SOURCE])
     run_dirs = combined["run_dir"] if "run_dir" in combined else pd.Series("", index=combined.index)
     locations = pd.Series([run_location(source, run_dir) for source, run_dir in zip(combined[SOURCE], run_dirs)],
                           index=combined.index, dtype=object)
-    repeated = locations.notna() & locations.duplicated()
+    # A run named twice keeps the row of its own result.csv: a summary.csv is a copy, maybe older.
+    preferred = pd.Series(own, index=combined.index, dtype=bool).sort_values(ascending=False, kind="stable").index
+    repeated = locations.notna() & locations[preferred].duplicated().reindex(combined.index)
     return typed_columns(combined[~repeated].reset_index(drop=True))
 
 
@@ -339,8 +344,9 @@ def load_results(*paths, kind=TRAIN) -> pd.DataFrame:
 
     A run is its directory, resolved: where its result.csv is (for a row of a summary, its
     run_dir). A run directory holds one config and one result, so a run named twice (a sweep and
-    its summary.csv, a run directory and its result.csv, two paths to one folder) is one row, the
-    first input's. Two directories are two trainings, even of one config and seed (their results
+    its summary.csv, a run directory and its result.csv, two paths to one folder) is one row: the
+    one read from its result.csv when an input reads it (a summary.csv is a copy, maybe older),
+    else the first input's. Two directories are two trainings, even of one config and seed (their results
     may differ on a GPU): both are rows here, and compare counts them once.
 
     kind: "train" (default: eval.py's rows are left out, with a warning saying how many), "eval"
