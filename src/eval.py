@@ -41,7 +41,7 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
         raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {num_classes} "
                         f"classes found in the validation split of data.name={cfg.data.name}")
     metrics = evaluate(model, build_eval_loader(val, cfg.data))
-    row = {**identity_row(cfg, run_dir, config_hash(cfg), overrides), "status": "completed",
+    row = {**identity_row(cfg, run_dir, config_hash(cfg), overrides), "kind": results.EVAL, "status": "completed",
            "params": count_parameters(model), "flops": count_flops(model), "top1": metrics["val_top1"],
            "top5": metrics["val_top5"], "final_val_loss": metrics["val_loss"]}
     results.write_result(run_dir, row)

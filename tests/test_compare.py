@@ -1,6 +1,10 @@
 """compare: tables (mean, std, n, gain with its interval and test) from known numbers, the t
-distribution against its tables, plots, odd inputs, and the CLI."""
+distribution against its tables, plots, odd inputs, each run counted once, reading that writes
+nothing, evaluation and damaged rows, and the CLI."""
+import contextlib
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +17,7 @@ from convitlab.compare import (compare, compare_results, fieller_interval, gain_
                                     t_upper_tail)
 from convitlab.results import load_results
 from convitlab.errors import UserError
+from convitlab.sweeps import gather_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
@@ -44,7 +49,7 @@ def sample_efficiency_sweep(root, locality=False):
                 "fraction": fraction, "local_up_to_layer": MODELS[model], "locality_strength": 1.0, "seed": seed,
                 "epochs": round(4 / fraction), "status": "failed" if failed else "completed",
                 "top1": None if failed else mean + offset, "error": "RuntimeError: out of memory" if failed else None,
-                "run_dir": str(job)})
+                "run_dir": str(job), "config_hash": f"{model}-{fraction}-{seed}"})
             if locality:
                 write_locality(job, min(MODELS[model], 2))
     killed = sweep / "model=deit_micro,data.fraction=1.0,seed=3"
@@ -84,7 +89,7 @@ def test_written_tables_and_left_out_report(tmp_path):
     assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in markdown
     assert "left out 2 of 19 runs: 1 failed, 1 unfinished" in markdown
     assert "RuntimeError: out of memory" in markdown and "seed=3" in markdown
-    assert len(results.read_rows(sweep / "summary.csv")) == 19  # gathered on demand
+    assert not (sweep / "summary.csv").exists()  # gathered in memory: reading writes no summary
 
 
 def test_by_vs_and_baseline_choices(tmp_path):
@@ -174,8 +179,9 @@ def run(args, cwd):
 
 def test_cli_writes_tables_and_plots(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path, locality=True)
-    proc = run([str(sweep), "--out", "out", "--metric", "top1"], cwd=tmp_path)
+    proc = run([str(sweep), "--out", "out", "--metric", "top1", "--write-summary"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {sweep / 'summary.csv'}" in proc.stdout and len(results.read_rows(sweep / "summary.csv")) == 19
     assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in proc.stdout
     out = tmp_path / "out"
     assert (out / "comparison.csv").stat().st_size > 0 and (out / "comparison.md").stat().st_size > 0
@@ -327,3 +333,131 @@ def test_fieller_interval_edge_cases():
 def markdown_of(comparison):
     from convitlab.compare import markdown_table
     return markdown_table(comparison)
+
+
+# ---------- each run once; reading writes nothing ----------
+
+TABLE_005 = "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |"  # n = 3, paired
+
+
+def report_table(stdout):
+    """The report less its "wrote ..." lines (they name the --out folder)."""
+    return [line for line in stdout.splitlines() if not line.startswith("wrote ")]
+
+
+def test_inputs_named_twice_give_the_same_table_as_once(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    gather_sweep(sweep)  # as the sweep's end writes it
+    job = sweep / "model=convit_micro,data.fraction=0.05,seed=0"
+    once = run([str(sweep), "--out", "once", "--no-plots"], cwd=tmp_path)
+    twice = run(["sweep", str(sweep / "summary.csv"), str(tmp_path / "." / "sweep"), str(job), str(job / "result.csv"),
+                 "--out", "twice", "--no-plots"], cwd=tmp_path)
+    assert once.returncode == twice.returncode == 0, once.stderr[-2000:] + twice.stderr[-2000:]
+    assert TABLE_005 in once.stdout and report_table(twice.stdout) == report_table(once.stdout)
+    assert (tmp_path / "twice" / "comparison.csv").read_bytes() == (tmp_path / "once" / "comparison.csv").read_bytes()
+    assert "left out 2 of 19 runs" in once.stdout
+    # load_results alike: 19 runs, whichever way each is named.
+    named_twice = load_results(sweep, sweep / "summary.csv", [job, job / "result.csv"])
+    assert len(named_twice) == 19 and named_twice["run_dir"].is_unique
+    assert len(load_results(job, job / "result.csv")) == 1
+    # A summary older than its jobs: the run's own result.csv wins, whichever input comes first.
+    results.write_result(job, {**results.read_result(job), "top1": 48.8})
+    for inputs in ([sweep / "summary.csv", sweep], [sweep, sweep / "summary.csv"]):
+        frame = load_results(*inputs).set_index("run_dir")
+        assert len(frame) == 19 and frame.loc[str(job), "top1"] == 48.8
+
+
+def test_one_config_trained_in_two_directories_is_counted_once(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    job = sweep / "model=convit_micro,data.fraction=0.05,seed=0"
+    again = sweep / "data.fraction=0.05,model=convit_micro,seed=0"  # a second sweep, its overrides in another order
+    shutil.copytree(job, again)
+    results.write_result(again, {**results.read_result(job), "run_id": again.name, "run_dir": str(again)})
+    assert len(load_results(sweep)) == 20  # two directories, two trainings
+    proc = run([str(sweep), "--out", "out", "--no-plots"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert TABLE_005 in proc.stdout  # not pooled: n stays 3 and the test paired
+    line = (f"counted once: 2 runs of one config (config_hash convit_micro-0.05-0, seed 0): {again} is counted, "
+            f"not {job}")
+    assert line in proc.stdout.splitlines()
+
+
+def tree(root):
+    """Every path under root with its kind, size, modification time and mode."""
+    return {str(path.relative_to(root)): (path.is_dir(), path.stat().st_size, path.stat().st_mtime_ns,
+                                          path.stat().st_mode) for path in [root, *root.rglob("*")]}
+
+
+@contextlib.contextmanager
+def read_only_view(folder, view):
+    """`folder` seen read-only at `view` (a read-only bind mount, where root may mount one), else
+    `folder` itself: the caller then relies on its before/after comparison of the tree."""
+    view.mkdir()
+    mounted = os.geteuid() == 0 and helpers.run(["mount", "--bind", str(folder), str(view)]).returncode == 0
+    try:
+        if mounted and helpers.run(["mount", "-o", "remount,bind,ro", str(view)]).returncode == 0:
+            with pytest.raises(OSError):
+                (view / "probe").write_text("")
+            yield view
+        else:
+            yield folder
+    finally:
+        if mounted:
+            helpers.run(["umount", str(view)])
+
+
+def test_a_read_only_sweep_compares_with_out_elsewhere_and_reading_writes_nothing(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path, locality=True)
+    before = tree(sweep)
+    with read_only_view(sweep, tmp_path / "read_only") as seen:
+        proc = run([str(seen), "--out", str(tmp_path / "report")], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert TABLE_005 in proc.stdout and (tmp_path / "report" / "gates.png").read_bytes().startswith(PNG)
+        assert len(load_results(seen)) == 19 and len(results.load_metrics(seen)) == 0
+        assert len(results.load_locality(seen)) == 18 * 3 * 3 * 4
+        if seen != sweep:  # truly read-only: the default --out (the sweep itself) is refused in one line
+            refused = run([str(seen), "--no-plots"], cwd=tmp_path)
+            assert refused.returncode == 2 and refused.stderr == (
+                f"error: cannot write into {seen} (Read-only file system): choose a folder you can write to "
+                "with --out\n")
+    assert tree(sweep) == before  # nothing created, changed or removed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_results(empty).empty and run([str(empty), "--out", "report"], cwd=tmp_path).returncode == 2
+    assert list(empty.iterdir()) == []  # no empty summary.csv left behind
+
+
+# ---------- rows that are not training runs, or not complete ----------
+
+def test_evaluation_rows_are_left_out_unless_asked(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    evaluation = tmp_path / "eval" / "best"  # eval.py of a convit checkpoint: same knobs, kind eval
+    results.write_result(evaluation, {**results.read_result(sweep / "model=convit_micro,data.fraction=0.05,seed=0"),
+                                      "kind": "eval", "top1": 90.0, "run_dir": str(evaluation)})
+    proc = run([str(sweep), str(evaluation), "--out", "out", "--no-plots"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert TABLE_005 in proc.stdout
+    assert "left out 1 eval row (kind=eval): --kind eval compares them" in proc.stdout.splitlines()
+    asked = run([str(evaluation), "--kind", "eval", "--out", "out", "--no-plots"], cwd=tmp_path)
+    assert asked.returncode == 0 and "| 90.00 ± – (1) |" in asked.stdout
+    not_asked = run([str(evaluation), "--out", "out", "--no-plots"], cwd=tmp_path)
+    assert not_asked.returncode == 2 and not_asked.stderr == (
+        "error: no completed run to compare: left out 1 eval row (kind=eval): --kind eval compares them\n")
+    every = compare(load_results(sweep, evaluation, kind="all"), kind="all")
+    assert every.by == ["kind", "fraction"] and every.cell(("eval", 0.05), "convit_micro").n == 1
+    assert every.cell(("train", 0.05), "convit_micro").n == 3  # never pooled with the evaluation
+    bad = run([str(sweep), "--kind", "test"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr == "error: kind='test' is not allowed: one of train, eval, all\n"
+
+
+def test_a_damaged_job_is_listed_by_its_file_and_left_out(tmp_path):
+    sweep = sample_efficiency_sweep(tmp_path)
+    result = sweep / "model=convit_micro,data.fraction=0.05,seed=0" / "result.csv"
+    result.write_text(result.read_text()[:-40])  # cut short
+    proc = run([str(sweep), "--out", "out", "--no-plots"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 0.05 | 34.80 ± 2.00 (3) | 48.30 ± 0.71 (2) |" in proc.stdout  # seeds 1 and 2 only
+    damaged = [line for line in proc.stdout.splitlines() if line.startswith("- damaged: ")]
+    assert len(damaged) == 1 and f"({result} is damaged: row 1 has " in damaged[0]
+    assert damaged[0].endswith("fields, row 1 has no line end)")
+    assert "left out 3 of 19 runs: 1 damaged, 1 failed, 1 unfinished" in proc.stdout

@@ -1,11 +1,16 @@
 """Result tables (append, truncate, typed reading, result.csv), gathering a sweep into summary.csv, and the
-DataFrames of load_results, load_metrics and load_locality."""
+DataFrames of load_results, load_metrics and load_locality; damaged rows, the kind column and file modes."""
 import csv
+import logging
 import math
+import re
+import stat
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import EVAL, QUICK, ROOT, TRAIN, run
 from omegaconf import OmegaConf
 
 from convitlab import results
@@ -188,10 +193,13 @@ def test_load_results_of_a_sweep_with_a_failed_and_an_unfinished_job(tmp_path):
     assert frame.loc[0, "top1"] == 50.0 and math.isnan(frame.loc[1, "top1"]) and frame.loc[0, "config_hash"] == "0001"
     assert frame.loc[1, "error"] == "RuntimeError: out of memory" and frame.loc[2, "overrides"] == "seed=2 model=deit_micro"
     assert set(frame["source"]) == {str(sweep / "summary.csv")}
-    # Several inputs at once: the sweep again by its summary.csv, and one run directory.
-    more = results.load_results(sweep / "summary.csv", [sweep / "seed=0"])
-    assert len(more) == 4 and list(more["source"])[-1] == str(sweep / "seed=0" / "result.csv")
-    assert more.loc[3, "run_dir"] == "/elsewhere/seed=0"  # what the run recorded; the summary says where it is now
+    assert not (sweep / "summary.csv").exists()  # gathered in memory: reading writes nothing
+    # Several inputs at once: another run directory, and a list of inputs.
+    other = tmp_path / "other"
+    results.write_result(other, {"run_id": "other", "status": "completed", "top1": 40.0, "run_dir": str(other)})
+    more = results.load_results(sweep, [other])
+    assert len(more) == 4 and list(more["source"])[-1] == str(other / "result.csv")
+    assert more.loc[3, "run_dir"] == str(other) and more.loc[0, "run_dir"] == str(sweep / "seed=0")
 
 
 def test_gathering_keeps_each_job_cell_as_written(tmp_path):
@@ -263,3 +271,126 @@ def test_curves_of_runs_without_any_keep_their_columns(tmp_path):
     metrics = results.load_metrics(fake_sweep(tmp_path))  # no job wrote a metrics.csv
     assert metrics.empty and {"model", "seed", "lr_run", "epoch", "lr", "val_top1", "source"} <= set(metrics.columns)
     assert metrics.groupby("epoch")["val_top1"].mean().empty  # what a notebook does with it still works
+
+
+# ---------- damaged rows ----------
+
+def cut_after_first_digit_of(path, column):
+    """Cut the file after the first character of `column`'s value in its first row, as a copy
+    interrupted there would leave it."""
+    text = path.read_text()
+    header, row = text.split("\n")[:2]
+    position = header.split(",").index(column)
+    start = len(header) + 1 + len(",".join(row.split(",")[:position])) + 1
+    path.write_text(text[:start + 1])
+    return text[start:start + 1]
+
+
+def drop_a_field(path):
+    header, row, rest = path.read_text().split("\n", 2)
+    fields = row.split(",")
+    path.write_text("\n".join([header, ",".join(fields[:3] + fields[4:]), rest]))
+
+
+def cut_in_the_header(path):
+    path.write_text(path.read_text()[:15])
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda path: cut_after_first_digit_of(path, "top1"), r"row 1 has \d+ of \d+ fields, row 1 has no line end"),
+    (drop_a_field, r"row 1 has (\d+) of (?!\1)\d+ fields$"),
+    (cut_in_the_header, "it holds no row"),
+])
+def test_a_result_csv_that_is_not_a_complete_row_is_damaged_never_completed(tmp_path, caplog, damage, reason):
+    sweep = fake_sweep(tmp_path)
+    job, result = sweep / "seed=0", sweep / "seed=0" / "result.csv"
+    assert results.read_result(job)["status"] == "completed"
+    damage(result)
+    assert results.read_result(job) is None  # a run started again is not "already completed"
+    with caplog.at_level(logging.WARNING, logger="convitlab.results"):
+        (row,) = results.load_results(job).to_dict("records")
+    assert row["status"] == "damaged" and pd.isna(row.get("top1"))
+    assert row["error"].startswith(f"{result} is damaged: ") and re.search(reason, row["error"]), row["error"]
+    assert "\n" not in row["error"] and row["run_dir"] == str(job)
+    assert [r.getMessage() for r in caplog.records] == [f"{row['error']}: not loaded as a result (status damaged)"]
+    frame = results.load_results(sweep)  # in a sweep: the job is damaged, the others as they were
+    assert list(frame["status"]) == ["damaged", "failed", "unfinished"] and frame.loc[0, "error"] == row["error"]
+    summary = results.read_rows(gather_sweep(sweep))
+    assert summary[0]["status"] == "damaged" and summary[0]["top1"] is None
+
+
+def test_the_first_digit_of_top1_is_not_a_result_of_1(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    assert cut_after_first_digit_of(sweep / "seed=0" / "result.csv", "top1") == "5"  # 50.0 cut to "5"
+    frame = results.load_results(sweep)
+    assert not frame["status"].eq("completed").any() and frame["top1"].isna().all()
+
+
+def test_complete_tables_of_older_versions_still_load_and_a_cut_summary_row_is_damaged(tmp_path):
+    old = tmp_path / "old.csv"  # no kind, no status: complete, so loaded as written
+    old.write_text("model,seed,top1\nconvit_micro,0,50.5\nconvit_micro,1,51.5\n")
+    assert list(results.load_results(old)["top1"]) == [50.5, 51.5]
+    old.write_text("model,seed,top1\nconvit_micro,0,50.5\nconvit_micro,1,5")
+    frame = results.load_results(old)
+    assert frame.loc[0, "top1"] == 50.5 and pd.isna(frame.loc[0, "status"])
+    assert frame.loc[1, "status"] == "damaged" and math.isnan(frame.loc[1, "top1"])
+    assert frame.loc[1, "error"] == f"{old} is damaged: row 2 has no line end"
+
+
+def test_a_cut_result_csv_is_resumed_not_reported_finished(tiny_run):
+    result = tiny_run / "result.csv"
+    before = results.read_result(tiny_run)
+    cut_after_first_digit_of(result, "top1")
+    proc = run(TRAIN + QUICK + [f"hydra.run.dir={tiny_run}"], cwd=tiny_run.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not retrained" not in proc.stdout + proc.stderr
+    after = results.read_result(tiny_run)
+    assert after["status"] == "completed" and after["top1"] == before["top1"] and after["kind"] == "train"
+
+
+# ---------- kinds and file modes, through the entry points ----------
+
+def modes(folder, *names):
+    """{path relative to folder: permission bits} of every file and folder in it, or of `names`."""
+    paths = [folder / name for name in names] or [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+def test_written_files_honour_the_umask_and_rows_say_their_kind(tmp_path, caplog):
+    run_dir = tmp_path / "sweep" / "seed_0"  # a sweep of one job, trained under umask 027
+    proc = run(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, umask=0o027)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = modes(run_dir)
+    assert {"result.csv", "metrics.csv", "locality.csv", "checkpoints/best.pdparams",
+            "checkpoints/epoch_0002/model.pdparams", "checkpoints/epoch_0002/state.json"} <= set(written)
+    assert {name: oct(mode) for name, mode in written.items()
+            if mode != (0o750 if (run_dir / name).is_dir() else 0o640)} == {}
+    assert results.read_result(run_dir)["kind"] == "train"
+
+    # Under the usual umask 022: an evaluation of its best weights, then compare.py with its plots
+    # and the sweep's summary.
+    eval_dir = tmp_path / "eval"
+    proc = run(EVAL + [f"ckpt={run_dir / 'checkpoints' / 'best.pdparams'}", f"hydra.run.dir={eval_dir}",
+                       "trainer.progress_bar=false"], cwd=tmp_path, umask=0o022)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results.read_result(eval_dir)["kind"] == "eval" and modes(eval_dir, "result.csv") == {"result.csv": 0o644}
+    proc = run([sys.executable, str(ROOT / "src" / "compare.py"), str(tmp_path / "sweep"), str(eval_dir),
+                "--out", str(tmp_path / "report"), "--write-summary"], cwd=tmp_path, umask=0o022)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left out 1 eval row (kind=eval): --kind eval compares them" in proc.stdout
+    assert "| 1 |" not in proc.stdout and "(1) |" in proc.stdout  # the training run alone
+    assert modes(tmp_path / "sweep", "summary.csv") == {"summary.csv": 0o644}
+    report = modes(tmp_path / "report")
+    assert {"comparison.csv", "comparison.md", "nonlocality.png", "gates.png"} <= set(report)
+    assert {name: oct(mode) for name, mode in report.items() if mode != (0o755 if name == "." else 0o644)} == {}
+
+    # load_results: training rows by default, with a line on the evaluation left out.
+    with caplog.at_level(logging.WARNING, logger="convitlab.results"):
+        runs = results.load_results(tmp_path / "sweep", eval_dir)
+    assert list(runs["kind"]) == ["train"] and list(runs["run_dir"]) == [str(run_dir)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "left out 1 eval row (kind=eval): load_results(..., kind='eval') loads them"]
+    assert list(results.load_results(tmp_path / "sweep", eval_dir, kind="eval")["run_dir"]) == [str(eval_dir)]
+    assert len(results.load_results(tmp_path / "sweep", eval_dir, kind="all")) == 2
+    with pytest.raises(UserError, match="kind='evaluation' is not allowed: one of train, eval, all"):
+        results.load_results(eval_dir, kind="evaluation")

@@ -1,5 +1,8 @@
 """Atomic file writing: a reader sees the old file or the new one, never half of one.
 
+Files are created with the permissions the umask allows (0644 under the usual 022), as `open`
+would create them: colleagues on a shared disk read a study as its owner does.
+
 A write that fails for want of space (a full disk, a quota) becomes one line naming the file,
 the space left there and the way out (DiskFull); the temporary file is removed. Temporaries a
 killed process left behind are removed by remove_temporaries, when the run starts again.
@@ -7,8 +10,8 @@ killed process left behind are removed by remove_temporaries, when the run start
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from convitlab.errors import UserError
@@ -85,14 +88,25 @@ def find_disk_full(exc: BaseException, directory="."):
     return disk_full_error(directory, bare, directory=True)
 
 
+def _create_temporary(path: Path) -> str:
+    """A new empty file beside `path`, named as TEMPORARY_GLOB says. Not tempfile.mkstemp: it
+    creates files 0600 whatever the umask, and the rename would carry that mode to `path`."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+            return str(tmp)
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it is renamed over `path`."""
     path = Path(path)
     with reporting_disk_full(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = _create_temporary(path)
         try:
             yield Path(tmp)
             with open(tmp, "rb+") as f:

@@ -1,5 +1,11 @@
 """Comparison tables and plots across runs and sweeps, built on the DataFrames of convitlab.results.
 
+Training runs are compared (evaluation rows, kind "eval", only when asked, and never with them).
+Each run counts once: a run named twice by the inputs is one row (results.load_results), and a
+config found in several directories (the same config and seed trained twice: two sweeps started
+on one folder, a copied sweep) is counted once, the first, with a line naming the others. Its
+copies are not other seeds, and averaging them would shrink the spread and unpair the test.
+
 Completed runs are grouped by the knobs that vary (never the seed); each cell gets the mean, the
 sample std and n of the metric over its runs. With a `vs` key the cells become a pivot, one column
 per value, and every column but the baseline gets its gain over the baseline, mean / mean_baseline
@@ -22,8 +28,9 @@ Fewer than 2 runs (or pairs) in a cell: no interval and no test.
 The Student t distribution is computed here (the regularised incomplete beta function by its
 continued fraction), so scipy is not needed.
 """
+import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +40,11 @@ from convitlab import results
 from convitlab.atomic import atomic_path, write_text
 from convitlab.errors import UserError
 from convitlab.results import SOURCE
-from convitlab.run_folder import LOCALITY
+from convitlab.run_folder import LOCALITY, RunFolder
+from convitlab.sweeps import gather_sweep, job_dirs
 
 # The knobs a table may group by, in the order it shows them; never the seed.
-KNOBS = ["ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
+KNOBS = ["kind", "ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
          "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads", "depth", "img_size",
          "patch_size", "lr", "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "mixup", "cutmix",
          "ema", "batch_size", "epochs", "study"]
@@ -222,6 +230,7 @@ class Comparison:
     gains: pd.DataFrame  # (row, column) positions of the gain columns → the GainTest fields
     runs: pd.DataFrame  # the completed runs, with their table positions (ROW, COLUMN; <NA> without the metric)
     left_out: pd.DataFrame  # the runs that did not complete
+    notes: list = field(default_factory=list)  # lines on the rows counted once or left out (other kinds, copies)
 
     @property
     def keys(self) -> list:
@@ -286,14 +295,21 @@ def status(frame: pd.DataFrame) -> pd.Series:
     return frame["status"].astype("string").fillna("completed")
 
 
-def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None) -> Comparison:
-    """Group the completed runs of a load_results table (see the module docstring); by/vs default
-    to the varying knobs."""
-    completed = status(frame).eq("completed")
-    runs, left_out = frame[completed], frame[~completed]
+def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None, kind=results.TRAIN) -> Comparison:
+    """Group the completed runs of `kind` of a load_results table (see the module docstring);
+    by/vs default to the varying knobs."""
+    chosen, others = results.select_kind(frame, kind)
+    if "kind" in chosen:  # with --kind all, evaluations and training runs are told apart, never pooled
+        chosen = chosen.assign(kind=results.kinds(chosen))
+    notes = results.left_out_kinds(others, "--kind {} compares them")
+    completed = status(chosen).eq("completed")
+    runs, left_out = chosen[completed], chosen[~completed]
     if runs.empty:
-        found = f"only {left_out_summary(left_out)}" if len(left_out) else "the inputs hold no result rows"
-        raise UserError(f"no completed run to compare: {found}")
+        found = [f"only {left_out_summary(left_out)}"] if len(left_out) else []
+        found += notes or ([] if found else ["the inputs hold no result rows"])
+        raise UserError(f"no completed run to compare: {'; '.join(found)}")
+    runs, copies = count_copies_once(runs)
+    notes += copies
     _require_values(runs, metric, "--metric")
     for key in [*(by or []), *([vs] if vs else [])]:
         if key not in runs:  # blank cells are fine: a knob some runs lack
@@ -327,7 +343,26 @@ def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None)
     table_rows = work.drop_duplicates(ROW).set_index(ROW).sort_index()[by]
     gains = _gains(work, metric, table_rows.index, len(columns) if vs else 1)
     runs = runs.join(positions.astype("Int64"))
-    return Comparison(metric, by, vs, baseline if vs else None, columns, table_rows, cells, gains, runs, left_out)
+    return Comparison(metric, by, vs, baseline if vs else None, columns, table_rows, cells, gains, runs, left_out,
+                      notes)
+
+
+def count_copies_once(runs) -> tuple:
+    """(the runs with each config_hash once, the first; a line per config found more than once).
+
+    The config hash covers the seeds, so equal hashes (of one kind) are one config and seed run twice."""
+    if "config_hash" not in runs:  # older tables lack it: nothing to tell copies by
+        return runs, []
+    keys = [key for key in ("kind", "config_hash") if key in runs]
+    hashed = runs["config_hash"].notna()
+    repeats = hashed & runs.duplicated(keys)
+    notes = []
+    for (*_, value), copies in runs[hashed & (runs.duplicated(keys, keep=False))].groupby(keys, sort=False):
+        where = [str(_first_of(row, "run_dir", SOURCE)) for row in _records(copies)]
+        seed = f", seed {_show(copies['seed'].iloc[0])}" if "seed" in copies else ""
+        notes.append(f"counted once: {len(copies)} runs of one config (config_hash {value}{seed}): "
+                     f"{where[0]} is counted, not {', '.join(where[1:])}")
+    return runs[~repeats], notes
 
 
 def _gains(work, metric, rows, ncolumns) -> pd.DataFrame:
@@ -507,6 +542,8 @@ def markdown_table(comparison) -> str:
         where = _first_of(row, "run_dir", "run_id", SOURCE)
         detail = _first_of(row, "error", "overrides")
         lines.append(f"- {state}: {where}" + (f" ({detail})" if detail else ""))
+    if c.notes:
+        lines += ["", *c.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -663,19 +700,37 @@ def plot_gates(comparison, out):
 
 # ---------- the whole command ----------
 
-def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True) -> str:
+def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True,
+                    kind=results.TRAIN, write_summary=False) -> str:
     """Compare the inputs, write comparison.csv/.md (and plots) into `out`; return the report to print.
 
-    `out` defaults to the first input's folder (the input itself when it is a directory).
+    `out` defaults to the first input's folder (the input itself when it is a directory); nothing
+    else is written, unless `write_summary`: then each sweep directory's summary.csv too.
     """
-    comparison = compare(results.load_results(*inputs), metric, by, vs, baseline)
+    comparison = compare(results.gather_results(*inputs), metric, by, vs, baseline, kind)
     first = Path(inputs[0])
     out = Path(out) if out else (first if first.is_dir() else first.parent)
     markdown = markdown_table(comparison)
-    results.write_table(out / "comparison.csv", comparison.table())
-    write_text(out / "comparison.md", markdown)
-    notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
-    if plots:
-        notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
-                                                     plot_nonlocality, plot_gates)]
+    with _writable(f"into {out}", "choose a folder you can write to with --out"):
+        results.write_table(out / "comparison.csv", comparison.table())
+        write_text(out / "comparison.md", markdown)
+        notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
+        if plots:
+            notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
+                                                         plot_nonlocality, plot_gates)]
+    if write_summary:
+        for sweep in [Path(p) for p in inputs if Path(p).is_dir() and not RunFolder(p).result.is_file()
+                      and job_dirs(p)]:
+            with _writable(f"the summary of {sweep}", "compare without --write-summary"):
+                notes.append(f"wrote {gather_sweep(sweep)}")
     return markdown + "\n" + "\n".join(notes)
+
+
+@contextlib.contextmanager
+def _writable(what, way_out):
+    """A write refused inside the block (a read-only folder, no permission) as one line with the
+    way out; a full disk is already one (atomic.DiskFull)."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {what} ({exc.strerror or exc}): {way_out}") from None

@@ -11,11 +11,20 @@ is "Int64"; other numbers are float64; anything else is text ("string"). Blank c
 values (<NA>, or NaN in a float column). Tables from older versions with fewer columns load as
 they are; loading several at once aligns their columns and leaves the missing ones blank.
 
+A row is complete when it has every field of its header and the file ends with the newline the
+writer puts after every line: a result.csv cut short (a copy interrupted, a disk that failed) is
+caught by one or the other, whatever the cut. A row that is not complete is read as status
+"damaged" with the reason, naming the file, in `error`, and its outcome columns blank: never as a
+finished run. (No checksum column: it would also flag the hand edits a CSV invites, and tables of
+older versions have none; those load as they are when complete.)
+
 For notebooks: load_results(...) (one row per run, from run directories, sweeps, summary.csv or
 result.csv files), load_metrics(...) and load_locality(...) (the per-epoch curves of those runs,
-with each run's identity columns joined on).
+with each run's identity columns joined on). Reading never writes: a sweep is gathered in memory.
 """
+import csv
 import io
+import logging
 import numbers
 from pathlib import Path
 
@@ -26,29 +35,37 @@ from convitlab.atomic import write_text
 from convitlab.errors import UserError
 from convitlab.run_folder import LOCALITY, METRICS, RESULT, RunFolder
 
+log = logging.getLogger(__name__)
+
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_s",
                   "img_per_s", "data_wait_frac", "skipped_steps"]
 LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_distance"]
-IDENTITY_COLUMNS = ["run_id", "study", "ablation", "model", "dataset", "fraction", "subset", "locality_strength",
-                    "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa", "embed_dim", "num_heads",
-                    "depth", "img_size", "patch_size", "seed", "batch_size", "lr", "optimizer", "weight_decay",
-                    "drop_path_rate", "label_smoothing", "random_crop", "mixup", "cutmix", "ema", "epochs", "world_size", "threads"]
+IDENTITY_COLUMNS = ["run_id", "kind", "study", "ablation", "model", "dataset", "fraction", "subset",
+                    "locality_strength", "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa",
+                    "embed_dim", "num_heads", "depth", "img_size", "patch_size", "seed", "batch_size", "lr",
+                    "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "random_crop", "mixup",
+                    "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
                    "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
 PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags",
                       "pretrained", "pretrained_sha256"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
-SOURCE = "source"  # added by the loaders: the CSV file a row came from
+SOURCE = "source"  # added by the loaders: the CSV file a row came from (a sweep's: its summary.csv)
+# What wrote a row: a training run (train.py) or an evaluation of a checkpoint (eval.py).
+# Rows without a kind (tables of older versions) are training runs.
+TRAIN, EVAL = "train", "eval"
+KIND_CHOICES = (TRAIN, EVAL, "all")
+DAMAGED = "damaged"  # the status of a row that is not a complete line of its table
 # Text even when it looks like a number: a config hash of digits must not become an int.
-STRING_COLUMNS = frozenset({"run_id", "study", "ablation", "model", "dataset", "subset", "optimizer", "status",
-                            "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
+STRING_COLUMNS = frozenset({"run_id", "kind", "study", "ablation", "model", "dataset", "subset", "optimizer",
+                            "status", "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
                             "run_dir", "tags", "pretrained", "pretrained_sha256", SOURCE})
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
 RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
 # The columns of each per-epoch table (others may follow: readers keep whatever a file has).
 CURVE_COLUMNS = {METRICS: METRIC_COLUMNS, LOCALITY: LOCALITY_COLUMNS}
 # What reading a CSV may raise when the file is missing, damaged or not a CSV.
-READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError)
+READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError, csv.Error)
 
 
 # ---------- writing ----------
@@ -136,13 +153,72 @@ def read_rows(path) -> list:
     return values.to_dict("records")
 
 
-def read_result(run_dir):
-    """The row of run_dir/result.csv, or None when it is missing or unreadable."""
+def incomplete_rows(path) -> dict:
+    """{row position: why} for the rows of a CSV that are not complete lines of it: a field count
+    other than the header's, or the last row when the file does not end with a newline."""
+    content = Path(path).read_bytes()
+    records = [record for record in csv.reader(io.StringIO(content.decode("utf-8"), newline="")) if record]
+    reasons = {}
+    for position, record in enumerate(records[1:]):
+        if len(record) != len(records[0]):
+            reasons[position] = f"row {position + 1} has {len(record)} of {len(records[0])} fields"
+    if len(records) > 1 and not content.endswith(b"\n"):
+        last = len(records) - 2
+        reasons[last] = ", ".join(filter(None, [reasons.get(last), f"row {last + 1} has no line end"]))
+    return reasons
+
+
+def read_checked(path) -> pd.DataFrame:
+    """read_text, with each row that is not complete (incomplete_rows) marked damaged: status
+    DAMAGED, the reason naming the file in `error`, the other outcome columns blank."""
+    text = read_text(path)
+    reasons = incomplete_rows(path)
+    if not reasons:
+        return text
+    text = text.reindex(columns=list(dict.fromkeys([*text.columns, "status", "error"])), fill_value="")
+    damaged = text.index.isin(list(reasons))
+    if max(reasons) >= len(text):  # the CSV reader and pandas do not agree on the rows: trust none
+        damaged[:] = True
+    outcomes = [name for name in OUTCOME_COLUMNS if name in text and name not in ("status", "error")]
+    text.loc[damaged, outcomes] = ""
+    text.loc[damaged, "status"] = DAMAGED
+    text.loc[damaged, "error"] = [f"{path} is damaged: {reasons.get(position, 'cut short')}"
+                                  for position in np.flatnonzero(damaged)]
+    return text
+
+
+def result_row(path) -> pd.DataFrame:
+    """The text of a run's result.csv; one that is not a complete row (cut, fields missing, not a
+    CSV, empty) is one row of status DAMAGED whose error names the file, as read_checked marks it."""
+    path = Path(path)
     try:
-        rows = read_rows(RunFolder(run_dir).result)
+        table = read_checked(path)
+        reason = None if len(table) else "it holds no row"
+    except READ_ERRORS as exc:  # e.g. cut inside a quoted field: the field count says it plainer than pandas
+        try:
+            reason = ", ".join(incomplete_rows(path).values())
+        except READ_ERRORS:
+            reason = ""
+        table, reason = pd.DataFrame(), reason or " ".join(str(exc).split())
+    if reason is not None:
+        table = pd.DataFrame([{"run_id": path.parent.name, "status": DAMAGED,
+                               "error": f"{path} is damaged: {reason}"}], dtype=object)
+    damaged = table["status"].eq(DAMAGED) if "status" in table else pd.Series(False, index=table.index)
+    if damaged.any():  # cut before its run_dir, a damaged row is where its file is
+        table = table.reindex(columns=list(dict.fromkeys([*table.columns, "run_dir"])), fill_value="")
+        table.loc[damaged & table["run_dir"].eq(""), "run_dir"] = str(path.parent)
+    return table
+
+
+def read_result(run_dir):
+    """The row of run_dir/result.csv, or None when it is missing, unreadable or damaged."""
+    try:
+        text = read_checked(RunFolder(run_dir).result)
     except READ_ERRORS:
         return None
-    return rows[0] if rows else None
+    if text.empty or ("status" in text and text["status"].eq(DAMAGED).any()):
+        return None
+    return typed_columns(text).astype(object).where(text.ne(""), None).to_dict("records")[0]
 
 
 # ---------- growing and trimming the per-epoch tables (text in, text out: nothing is re-formatted) ----------
@@ -170,25 +246,33 @@ def truncate_after_epoch(path, epoch: int) -> None:
 
 # ---------- loading runs and sweeps ----------
 
-def result_tables(paths) -> list:
-    """The CSVs the inputs stand for: a run directory's result.csv; a sweep directory's summary.csv
-    (gathered afresh from its jobs, or as it is when the folder holds no job); a CSV file itself."""
-    from convitlab.sweeps import SUMMARY, gather_sweep, job_dirs  # sweeps builds on this module
+def _input_tables(paths):
+    """(text table, source, whether its rows were read from the runs' own result.csv) for each input: a run directory's result.csv; a sweep directory
+    gathered in memory (or its summary.csv as it is when the folder holds no job); a CSV file
+    itself. An input named twice (the same file or folder, resolved) is read once."""
+    from convitlab.sweeps import SUMMARY, job_dirs, sweep_table  # sweeps builds on this module
 
-    tables = []
+    seen = set()
     for path in _flatten(paths):
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: no such file or directory")
         if path.is_dir() and RunFolder(path).result.is_file():
-            tables.append(RunFolder(path).result)
+            path = RunFolder(path).result
         elif path.is_dir() and not job_dirs(path) and (path / SUMMARY).is_file():
-            tables.append(path / SUMMARY)
-        elif path.is_dir():
-            tables.append(gather_sweep(path))
+            path = path / SUMMARY
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if path.is_dir():
+            yield sweep_table(path), path / SUMMARY, True
+        elif path.name == RESULT:
+            yield result_row(path), path, True
         else:
-            tables.append(path)
-    return tables
+            try:
+                yield read_checked(path), path, False
+            except READ_ERRORS as exc:
+                raise UserError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from None
 
 
 def _flatten(paths):
@@ -199,22 +283,84 @@ def _flatten(paths):
             yield from path
 
 
-def load_results(*paths) -> pd.DataFrame:
+def run_location(source, run_dir):
+    """Where a row's run is, resolved: the folder of the result.csv it was read from; else (a row of
+    a summary) its run_dir, or the folder of that name beside the summary when the sweep has moved
+    since; None for a row without a run_dir (a hand-made table)."""
+    source = Path(source)
+    if source.name == RESULT:
+        return str(source.parent.resolve())
+    if not run_dir:
+        return None
+    recorded, beside = Path(run_dir), source.parent / Path(run_dir).name
+    return str((beside if not recorded.is_dir() and beside.is_dir() else recorded).resolve())
+
+
+def gather_results(*paths) -> pd.DataFrame:
+    """Every row the inputs hold, each run once (see load_results), of every kind, typed."""
+    texts, own = [], []
+    for text, source, read_from_runs in _input_tables(paths):
+        texts.append(text.assign(**{SOURCE: str(source)}))
+        own += [read_from_runs] * len(text)
+    combined = pd.concat(texts, ignore_index=True).fillna("") if texts else pd.DataFrame(columns=[SOURCE])
+    run_dirs = combined["run_dir"] if "run_dir" in combined else pd.Series("", index=combined.index)
+    locations = pd.Series([run_location(source, run_dir) for source, run_dir in zip(combined[SOURCE], run_dirs)],
+                          index=combined.index, dtype=object)
+    # A run named twice keeps the row of its own result.csv: a summary.csv is a copy, maybe older.
+    preferred = pd.Series(own, index=combined.index, dtype=bool).sort_values(ascending=False, kind="stable").index
+    repeated = locations.notna() & locations[preferred].duplicated().reindex(combined.index)
+    return typed_columns(combined[~repeated].reset_index(drop=True))
+
+
+def kinds(frame: pd.DataFrame) -> pd.Series:
+    """Each row's kind; rows without one (tables of older versions) are training runs."""
+    if "kind" not in frame:
+        return pd.Series(TRAIN, index=frame.index, dtype="string")
+    return frame["kind"].astype("string").fillna(TRAIN)
+
+
+def select_kind(frame: pd.DataFrame, kind) -> tuple:
+    """(the rows of `kind`, the others); kind "all" keeps every row."""
+    if kind not in KIND_CHOICES:
+        raise UserError(f"kind={kind!r} is not allowed: one of {', '.join(KIND_CHOICES)}")
+    chosen = kinds(frame).eq(kind) if kind != "all" else pd.Series(True, index=frame.index)
+    return frame[chosen], frame[~chosen]
+
+
+def left_out_kinds(others: pd.DataFrame, hint: str) -> list:
+    """One line per kind of the rows select_kind left out, e.g. "left out 2 eval rows (kind=eval):
+    --kind eval compares them" for the hint "--kind {} compares them"."""
+    counts = kinds(others).value_counts().sort_index()
+    return [f"left out {n} {name} row{'' if n == 1 else 's'} (kind={name}): {hint.format(name)}"
+            for name, n in counts.items()]
+
+
+def load_results(*paths, kind=TRAIN) -> pd.DataFrame:
     """Every run the inputs hold, one row each, typed, with a `source` column naming its CSV.
 
-    An input is a run directory or its result.csv, a sweep directory (gathered into its
-    summary.csv first: failed and unfinished jobs are rows too, with their status), a
-    summary.csv, or a list of these.
+    An input is a run directory or its result.csv, a sweep directory (gathered in memory, as its
+    summary.csv would be: failed and unfinished jobs are rows too, with their status), a
+    summary.csv, or a list of these. Nothing is written.
+
+    A run is its directory, resolved: where its result.csv is (for a row of a summary, its
+    run_dir). A run directory holds one config and one result, so a run named twice (a sweep and
+    its summary.csv, a run directory and its result.csv, two paths to one folder) is one row: the
+    one read from its result.csv when an input reads it (a summary.csv is a copy, maybe older),
+    else the first input's. Two directories are two trainings, even of one config and seed (their results
+    may differ on a GPU): both are rows here, and compare counts them once.
+
+    kind: "train" (default: eval.py's rows are left out, with a warning saying how many), "eval"
+    or "all". A damaged row (not a complete line of its file) is kept with status "damaged" and a
+    warning naming the file.
     """
-    texts = []
-    for table in result_tables(paths):
-        try:
-            text = read_text(table)
-        except READ_ERRORS as exc:
-            raise UserError(f"{table}: not a readable CSV ({' '.join(str(exc).split())})") from None
-        texts.append(text.assign(**{SOURCE: str(table)}))
-    combined = pd.concat(texts, ignore_index=True).fillna("") if texts else pd.DataFrame(columns=[SOURCE])
-    return typed_columns(combined)
+    runs = gather_results(*paths)
+    chosen, others = select_kind(runs, kind)
+    for line in left_out_kinds(others, "load_results(..., kind='{}') loads them"):
+        log.warning("%s", line)
+    if "status" in chosen and "error" in chosen:  # a damaged row has both
+        for error in chosen.loc[chosen["status"].eq(DAMAGED).fillna(False).astype(bool), "error"]:
+            log.warning("%s: not loaded as a result (status damaged)", error)
+    return chosen.reset_index(drop=True)
 
 
 def run_directory(row, filename):

@@ -1,4 +1,6 @@
-"""Gathering a sweep: one row per job (finished or not) into the sweep's summary.csv."""
+"""Gathering a sweep: one row per job (finished or not), in memory (sweep_table: what reading a
+sweep uses, so reading writes nothing) or into the sweep's summary.csv (gather_sweep: at the
+sweep's end, or on request)."""
 import logging
 import os
 from pathlib import Path
@@ -28,46 +30,47 @@ def job_dirs(sweep_dir) -> list:
 
 
 def job_table(job_dir: Path) -> pd.DataFrame:
-    """The job's result.csv as written (one row), or a row with status "unfinished" when it has none.
+    """The job's result.csv as written (one row; status "damaged" when it is not a complete row),
+    or a row with status "unfinished" when it has none.
 
     Cells are kept as text: the summary holds exactly what each job wrote.
     """
-    try:
-        table = results.read_text(RunFolder(job_dir).result).head(1)
-    except results.READ_ERRORS:
-        table = None
-    if table is None or table.empty:
+    if RunFolder(job_dir).result.exists():
+        table = results.result_row(RunFolder(job_dir).result).head(1)
+    else:
         try:  # the overrides Hydra recorded for the job, if readable
             overrides = yaml.safe_load(RunFolder(job_dir).hydra_overrides.read_text())
         except (OSError, yaml.YAMLError):
             overrides = []
         overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-        row = {"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(overrides)}
-        if RunFolder(job_dir).result.exists():
-            row["error"] = "result.csv is unreadable"
-        table = pd.DataFrame([row], dtype=object)
+        table = pd.DataFrame([{"run_id": job_dir.name, "status": "unfinished", "overrides": " ".join(overrides)}],
+                             dtype=object)
     # Where the job is now: the sweep may have been moved since it ran.
     return table.assign(run_dir=str(job_dir))
 
 
-def gather_sweep(sweep_dir) -> Path:
-    """Write sweep_dir/summary.csv, one row per job sorted by run_dir, and return its path."""
+def sweep_table(sweep_dir) -> pd.DataFrame:
+    """The sweep's summary as text, one row per job sorted by run_dir (absolute), written nowhere."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UserError(f"{sweep_dir}: no such directory")
-    tables = [job_table(job) for job in job_dirs(sweep_dir)]
+    tables = [job_table(job) for job in job_dirs(sweep_dir.resolve())]
     summary = pd.concat(tables, ignore_index=True).fillna("") if tables else pd.DataFrame()
-    if len(summary):
-        summary = summary.sort_values("run_dir", kind="stable")
-    path = sweep_dir / SUMMARY
-    results.write_table(path, summary, results.RESULT_COLUMNS)
+    return summary.sort_values("run_dir", kind="stable", ignore_index=True) if len(summary) else summary
+
+
+def gather_sweep(sweep_dir) -> Path:
+    """Write sweep_dir/summary.csv (sweep_table, in RESULT_COLUMNS order) and return its path."""
+    path = Path(sweep_dir) / SUMMARY
+    results.write_table(path, sweep_table(sweep_dir), results.RESULT_COLUMNS)
     return path
 
 
 class GatherSweep(Callback):
     """Hydra callback: after a sweep, gather its jobs into summary.csv.
 
-    Hydra skips on_multirun_end when a job raises, so compare.py gathers on demand too.
+    Hydra skips on_multirun_end when a job raises: reading a sweep gathers it afresh anyway, and
+    `compare.py --write-summary` writes the file.
     """
 
     def on_multirun_end(self, config, **kwargs) -> None:

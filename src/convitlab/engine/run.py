@@ -60,7 +60,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
     main = distributed.is_main()
     folder = RunFolder(run_dir)
     record = RunRecord(run_dir)
-    row = {"run_id": run_dir.name, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
+    row = {"run_id": run_dir.name, "kind": results.TRAIN, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
     try:
         from convitlab.engine.checkpoint import Checkpointer  # inside: an import failure is a failed run too
