@@ -1,9 +1,11 @@
 """Evaluate a checkpoint: `python src/eval.py model=<name> ckpt=<file> data=<set> [data.root=<dir>]`.
 
-Writes result.csv (top-1, top-5 on the validation split) in the run directory.
+Writes result.csv (top-1, top-5 on the validation split; kind "eval") in outputs/eval/<time>/, or
+a result.csv with status "failed" and the error when it fails.
 """
 import logging
 import sys
+from pathlib import Path
 
 from convitlab import runtime
 
@@ -11,6 +13,7 @@ runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, P
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab import results  # noqa: E402
 from convitlab.config import register_configs, validate  # noqa: E402
@@ -24,7 +27,8 @@ register_configs()
 report_composition_errors_in_one_line()
 
 
-def evaluate_checkpoint(cfg, run_dir, overrides=()):
+def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
+    """Evaluate cfg.ckpt into `row` (result.csv's columns, filled as they become known) and write it."""
     # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.data import build_eval_dataset, build_eval_loader
@@ -33,6 +37,7 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
     from convitlab.weights import load_pretrained
 
     validate(cfg)
+    row.update(identity_row(cfg, run_dir, config_hash(cfg), overrides))
     select_device(cfg.trainer.device)
     model = load_pretrained(build_model(cfg), cfg.ckpt)  # model.num_classes = data.num_classes, checked
     # The validation split alone: an image folder needs only val/, and nothing about training applies.
@@ -41,9 +46,8 @@ def evaluate_checkpoint(cfg, run_dir, overrides=()):
         raise UserError(f"data.num_classes={cfg.data.num_classes} does not match the {num_classes} "
                         f"classes found in the validation split of data.name={cfg.data.name}")
     metrics = evaluate(model, build_eval_loader(val, cfg.data))
-    row = {**identity_row(cfg, run_dir, config_hash(cfg), overrides), "kind": results.EVAL, "status": "completed",
-           "params": count_parameters(model), "flops": count_flops(model), "top1": metrics["val_top1"],
-           "top5": metrics["val_top5"], "final_val_loss": metrics["val_loss"]}
+    row.update(status="completed", params=count_parameters(model), flops=count_flops(model),
+               top1=metrics["val_top1"], top5=metrics["val_top5"], final_val_loss=metrics["val_loss"])
     results.write_result(run_dir, row)
     log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%% (%s)", cfg.model.name, cfg.data.name,
              metrics["val_top1"], metrics["val_top5"], cfg.ckpt)
@@ -56,14 +60,22 @@ def main(cfg):
 
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    overrides = list(hydra_cfg.overrides.task)
+    row = {"run_id": Path(run_dir).name, "kind": results.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides),
+           "pretrained": OmegaConf.select(cfg, "ckpt", default=None)}
     try:
-        row = evaluate_checkpoint(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
-    except Interrupted as exc:
-        print(f"interrupted by {signal_name(exc.signum)}: nothing evaluated", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        row = evaluate_checkpoint(cfg, run_dir, row, overrides)
+    except (Exception, Interrupted) as exc:  # noqa: BLE001  (every failure is reported in one line)
+        stopped = isinstance(exc, Interrupted)
+        message = f"interrupted by {signal_name(exc.signum)}: nothing evaluated" if stopped else describe_error(exc)
+        try:  # the evaluation's own record of how it ended
+            results.write_result(run_dir, {**row, "status": "interrupted" if stopped else "failed", "error": message})
+        except OSError as write_error:  # the first error is the one to report
+            log.error("result.csv not written: %s", write_error)
+        print(message if stopped else f"error: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code if stopped else 2)
+    log.info("result: %s", Path(run_dir) / "result.csv")
     print(f"top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%")
     return row["top1"]
 

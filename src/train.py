@@ -5,6 +5,8 @@ config (Hydra composes conf/) → validation → data → model → training loo
 import logging
 import shlex
 import sys
+import time
+from pathlib import Path
 
 from convitlab import runtime
 
@@ -29,6 +31,32 @@ def resume_command(run_dir) -> str:
     """This command again, on the same run directory (the default one is named by the time)."""
     args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith(("hydra.run.dir=", "trainer.resume="))]
     return shlex.join(["python", sys.argv[0], *args, f"hydra.run.dir={run_dir}"])
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def closing_lines(cfg, row, run_dir, wall_s) -> str:
+    """What a single run prints last: its outcome, where it is, and what to run next."""
+    top1, best, best_epoch = row.get("top1"), row.get("best_top1"), row.get("best_epoch")
+    outcome = (f"top-1 {top1:.2f}% at the end, best {best:.2f}% after epoch {best_epoch} of {row.get('epochs')}"
+               if top1 is not None and best is not None else "no evaluation")
+    # The model and data as this run had them: eval.py takes the same model and data keys.
+    picked = [a for a in sys.argv[1:] if a.lstrip("+").startswith(("model.", "data."))
+              and not a.lstrip("+").startswith("model.pretrained=")]
+    named = [f"model={cfg.model.name}", f"data={cfg.data.name}"]
+    if cfg.data.get("root") and not any(a.lstrip("+").startswith("data.root=") for a in picked):
+        named.append(f"data.root={cfg.data.root}")
+    best_weights = Path(run_dir) / "checkpoints" / "best.pdparams"
+    evaluate = shlex.join(["python", "src/eval.py", *named, *picked, f"ckpt={best_weights}"])
+    return "\n".join([f"{row.get('status')}: {cfg.model.name} on {cfg.data.name} (data.fraction={cfg.data.fraction}), "
+                      f"{outcome}; {duration(wall_s)}",
+                      f"run directory: {run_dir}",
+                      f"compare: python src/compare.py {shlex.quote(str(run_dir))} <other runs or sweeps>",
+                      f"evaluate its best weights: {evaluate}"])
 
 
 def interrupted(exc) -> str:
@@ -56,6 +84,7 @@ def main(cfg):
             print(f"job {run_dir} not started: the sweep was stopped by {signal_name(stop_signal())}",
                   file=sys.stderr)
             return None
+    started = time.monotonic()
     try:
         row = run_training(cfg, run_dir, list(hydra_cfg.overrides.task))
     except RunDirInUse as exc:  # nothing was written
@@ -77,6 +106,8 @@ def main(cfg):
             return None
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if not multirun:
+        print(closing_lines(cfg, row, run_dir, time.monotonic() - started))
     return row.get("top1")
 
 

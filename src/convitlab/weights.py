@@ -67,9 +67,9 @@ def linear_weight_names(model):
 def load_state_dict(model, state, layout="paddle"):
     """Assign a NumPy state dict to `model` after checking every name and shape.
 
-    A classifier head of another size is skipped with a warning (fine-tuning); a position
-    embedding of another grid is interpolated. Anything else that does not fit is an error
-    that lists the missing, unexpected and mis-shaped keys.
+    A position embedding of another grid is interpolated; a classifier head of another size is
+    refused (fine-tuning re-initialises it first: convitlab/finetune.py). Anything else that does
+    not fit is an error that lists the missing, unexpected and mis-shaped keys.
     """
     linear = linear_weight_names(model) if layout == "reference" else set()
     targets = model.state_dict()
@@ -85,9 +85,11 @@ def load_state_dict(model, state, layout="paddle"):
             if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
                 value = resize_pos_embed_array(value, model.grid_size)
             elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
-                log.warning("skipping %s: checkpoint shape %s, model %s (new num_classes)",
-                            name, list(value.shape), want)
-                continue
+                # A head that is not the checkpoint's would score random outputs as its classes.
+                raise UserError(f"checkpoint's head is for {value.shape[-1]} classes ({name} {list(value.shape)}), "
+                                f"the model's for {want[-1]} (data.num_classes): evaluate it on data of "
+                                f"{value.shape[-1]} classes, or fine-tune a new head with train.py "
+                                "model.pretrained=<file>")
             else:
                 misshaped.append(f"{name} {list(value.shape)} vs model {want}")
                 continue
