@@ -25,8 +25,8 @@ variances, Satterthwaite's degrees of freedom; for the interval at the estimated
 bootstrap: 3 seeds give 10 distinct resamples, and its intervals are too narrow at such n.
 Fewer than 2 runs (or pairs) in a cell: no interval and no test.
 
-The Student t distribution is computed here (the regularised incomplete beta function by its
-continued fraction), so scipy is not needed.
+Accuracies are not negative, so neither is the ratio: the interval is Fieller's set of ratios
+cut at 0, and a gain's lower bound is never below −100%.
 """
 import contextlib
 import math
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from convitlab import results
 from convitlab.atomic import atomic_path, write_text
@@ -58,90 +59,21 @@ GAIN_FIELDS = {"gain": "gain %", "low": "gain CI low %", "high": "gain CI high %
                "p": "gain p", "n": "gain n", "test": "gain test"}
 
 
-# ---------- the Student t distribution ----------
-
-def _beta_continued_fraction(a, b, x) -> float:
-    """1 + d1/(1 + d2/(1 + ...)), the continued fraction of I_x(a, b), by the modified Lentz method.
-
-    d(2m+1) = −(a+m)(a+b+m)x / ((a+2m)(a+2m+1)), d(2m) = m(b−m)x / ((a+2m−1)(a+2m)); it
-    converges quickly for x < (a+1)/(a+b+2).
-    """
-    tiny = 1e-300
-    value, c, d = 1.0, 1.0, 0.0
-    for j in range(1, 10_000):
-        m = j // 2
-        if j % 2:
-            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:
-            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + term * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + term / c
-        c = c if abs(c) > tiny else tiny
-        value *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return value
-
-
-def regularized_beta(a, b, x, y) -> float:
-    """I_x(a, b), the regularised incomplete beta function; y = 1 − x, given as computed exactly by the caller."""
-    if x <= 0.0:
-        return 0.0
-    if y <= 0.0:
-        return 1.0
-    front = math.exp(a * math.log(x) + b * math.log(y) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front / (a * _beta_continued_fraction(a, b, x))
-    return 1.0 - front / (b * _beta_continued_fraction(b, a, y))
-
-
-def t_upper_tail(t, dof) -> float:
-    """P(T > t) for Student's t with `dof` > 0 degrees of freedom (not necessarily an integer)."""
-    if math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    if t == 0.0:
-        return 0.5
-    half = 0.5 * regularized_beta(dof / 2.0, 0.5, dof / (dof + t * t), t * t / (dof + t * t))
-    return half if t > 0 else 1.0 - half
-
-
-def t_quantile(p, dof) -> float:
-    """The t with P(T ≤ t) = p, by bisection on the upper tail (monotone: no starting guess needed)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p={p} is not in (0, 1)")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, dof)
-    tail, low, high = 1.0 - p, 0.0, 1.0
-    while t_upper_tail(high, dof) > tail:
-        low, high = high, 2.0 * high
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if t_upper_tail(middle, dof) > tail:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-14 * high:
-            break
-    return 0.5 * (low + high)
-
-
 # ---------- how sure a gain is ----------
 
 def fieller_interval(mean_a, mean_b, var_a, var_b, cov_ab, t) -> tuple:
-    """The ratios ρ with (mean_a − ρ·mean_b)² ≤ t²·(var_a − 2ρ·cov_ab + ρ²·var_b), where var_a,
-    var_b, cov_ab are the (co)variances of the two means: Fieller's interval for mean_a / mean_b.
-    (−inf, inf) when mean_b is not clear of 0 at this t (the set is then unbounded)."""
+    """The ratios ρ ≥ 0 with (mean_a − ρ·mean_b)² ≤ t²·(var_a − 2ρ·cov_ab + ρ²·var_b), where
+    var_a, var_b, cov_ab are the (co)variances of the two means: Fieller's interval for
+    mean_a / mean_b, a ratio of accuracies (never negative). (0, inf) when mean_b is not clear of
+    0 at this t (the set is then unbounded)."""
     q = t * t
     a = mean_b * mean_b - q * var_b
     b = mean_a * mean_b - q * cov_ab
     c = mean_a * mean_a - q * var_a
     if a <= 0.0:
-        return -math.inf, math.inf
+        return 0.0, math.inf
     root = math.sqrt(max(b * b - a * c, 0.0))
-    return (b - root) / a, (b + root) / a
+    return max((b - root) / a, 0.0), max((b + root) / a, 0.0)
 
 
 def welch_dof(var_a, var_b, n_a, n_b) -> float:
@@ -190,9 +122,9 @@ def gain_test(values, baseline, paired: bool) -> GainTest:
         t = _t_statistic(mean_a - mean_b, math.sqrt(var_a + var_b))
         dof = welch_dof(var_a, var_b, len(a), len(b))
         ci_dof = welch_dof(var_a, (mean_a / mean_b) ** 2 * var_b, len(a), len(b))
-    quantile = t_quantile((1.0 + CONFIDENCE) / 2.0, ci_dof) if math.isfinite(ci_dof) else 0.0  # inf: no spread
+    quantile = float(stats.t.ppf((1.0 + CONFIDENCE) / 2.0, ci_dof)) if math.isfinite(ci_dof) else 0.0  # inf: no spread
     low, high = fieller_interval(mean_a, mean_b, var_a, var_b, cov_ab, quantile)
-    return GainTest(gain, 100.0 * (low - 1.0), 100.0 * (high - 1.0), t, dof, t_upper_tail(t, dof), n,
+    return GainTest(gain, 100.0 * (low - 1.0), 100.0 * (high - 1.0), t, dof, float(stats.t.sf(t, dof)), n,
                     "paired" if paired else "Welch")
 
 
