@@ -9,7 +9,9 @@ its transposes and broadcast products copy with generic strided loops. These run
 compiler on first use (paddle.utils.cpp_extension, 20-30 s, once per source / Paddle version /
 processor) into CACHE_ROOT, and loaded from there by every later process. Without a compiler, or
 if the build fails, `available()` is False (said once in the log) and the layers (cpu_layers,
-attention) keep Paddle's ops. CONVITLAB_CPU_KERNELS=0 turns them off.
+attention) keep Paddle's ops. CONVITLAB_CPU_KERNELS=0 turns them off. Inputs they cannot take
+raise ValueError; they have no second derivative (nor have Paddle's gelu, softmax and layer_norm):
+a second backward pass through them raises.
 """
 import contextlib
 import fcntl
@@ -113,9 +115,15 @@ calls = 0  # kernel calls made by this process: what src/bench.py reads to say w
 
 
 def _run(name, *inputs_and_attrs):
+    """The op's outputs; an input it refuses (the kernels check shapes, dtypes and head counts
+    before any division) raises ValueError with the kernel's reason in one line."""
     global calls
     calls += 1
-    return paddle._C_ops._run_custom_op(name, *inputs_and_attrs, _threads())
+    try:
+        return paddle._C_ops._run_custom_op(name, *inputs_and_attrs, _threads())
+    except (OSError, ValueError, RuntimeError) as error:  # Paddle adds the C++ source line below the reason
+        lines = str(error).strip().splitlines()
+        raise ValueError(f"{name}: {lines[0] if lines else type(error).__name__}") from None
 
 
 def gelu(x):
