@@ -3,6 +3,8 @@ user's compiler and flags, parallel builds), with the compiler faked where a rea
 is not what is checked."""
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,3 +156,65 @@ def test_leftover_build_folders_are_removed(monkeypatch, fresh_cache):
     assert cpu_kernels.available()
     assert sorted(p.name for p in root.glob("build-*")) == sorted(
         ["build-othernode-78-fr3sh", f"build-{host}-{os.getpid()}-l1ve"])
+
+
+def simd_loops(source_lines):
+    """(first line, last line) of every loop under an `omp ... simd` pragma, 1-based, the pragma's
+    line included (GCC reports a loop at its pragma, its `for` or its first statement)."""
+    loops = []
+    for index, line in enumerate(source_lines):
+        if not (line.strip().startswith("#pragma omp") and "simd" in line and "declare" not in line):
+            continue
+        end, depth = index + 1, 0
+        for end in range(index + 1, len(source_lines)):
+            depth += source_lines[end].count("{") - source_lines[end].count("}")
+            if depth <= 0:
+                break
+        loops.append((index + 1, end + 1))
+    return loops
+
+
+def test_every_simd_loop_is_vectorised(tmp_path):
+    """The compiler's own report, for the flags and target of this machine's build: every loop
+    under an `omp simd` pragma is vectorised (GELU's were not on AVX2: "control flow in loop").
+    Fails when a change to the source or the flags makes one scalar again."""
+    if "Free Software Foundation" not in cpu_kernels._output([cpu_kernels.compiler(), "--version"]):
+        pytest.skip(f"the vectorisation report (-fopt-info) is GCC's; $CXX is {cpu_kernels.compiler()}")
+    report = tmp_path / "vectorised.txt"
+    command = cpu_kernels.compile_command(tmp_path / "kernels.o", link=False,
+                                          flags=[*cpu_kernels.compile_flags(), f"-fopt-info-vec-optimized={report}"])
+    out = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-2000:]
+    vectorised = {}
+    for line in report.read_text().splitlines():
+        found = re.match(rf".*{cpu_kernels.SOURCE.name}:(\d+):\d+: optimized: loop vectorized using (\d+) byte", line)
+        if found:
+            vectorised.setdefault(int(found.group(1)), set()).add(int(found.group(2)))
+    source = cpu_kernels.SOURCE.read_text().splitlines()
+    loops = simd_loops(source)
+    assert len(loops) >= 15  # GELU 2, LayerNorm 5, softmax 5, re-layouts 3
+    scalar = [f"line {first}: {source[first].strip()}" for first, last in loops
+              if not any(first <= n <= last for n in vectorised)]
+    assert not scalar, "not vectorised:\n" + "\n".join(scalar)
+    if "avx2" in runtime._cpu_info()["flags"]:  # a native build here: at least 256-bit vectors
+        widths = {n: widths for n, widths in vectorised.items() if max(widths) >= 32}
+        assert all(any(first <= n <= last for n in widths) for first, last in loops)
+
+
+def test_gelu_loops_hold_vector_instructions_in_the_built_library():
+    """The loaded library's GELU loops (OpenMP's outlined functions) use the processor's widest
+    vectors (ymm on AVX2, zmm with AVX-512), and the backward calls libmvec's vector expf."""
+    flags = runtime._cpu_info()["flags"]
+    if "avx2" not in flags or not shutil.which("objdump"):
+        pytest.skip("needs an AVX2 processor and objdump")
+    assert cpu_kernels.available(), "the kernels should build on this machine (g++ present)"
+    library = cpu_kernels.CACHE_ROOT / cpu_kernels._cache_key() / (cpu_kernels.NAME + ".so")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)], capture_output=True,
+                             text=True, timeout=120).stdout
+    functions = {name: body for name, body in re.findall(r"<([^>]*)>:\n(.*?)(?:\n\n|\Z)", listing, re.S)}
+    register = "zmm" if "avx512f" in flags else "ymm"
+    for kernel in ("GeluForward", "GeluBackward"):
+        loops = [body for name, body in functions.items() if name.startswith(kernel) and "omp_fn" in name]
+        assert loops and any(register in body for body in loops), f"{kernel}: no {register} instruction"
+    backward = "\n".join(body for name, body in functions.items() if name.startswith("GeluBackward"))
+    assert re.search(r"call.*_ZGV\w+_expf", backward), "GELU's backward calls no vector expf"

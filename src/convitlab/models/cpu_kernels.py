@@ -37,10 +37,15 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 NAME = "convitlab_cpu_kernels"
 ENV_SWITCH = "CONVITLAB_CPU_KERNELS"
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convitlab" / "cpu_kernels"
-# -fno-math-errno lets the exp loops call glibc's vector version (libmvec). What Paddle's own
-# build of a custom op adds: C++17, the C++11 ABI of libpaddle.so, its custom-kernel headers.
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-fPIC", "-std=c++17", "-D_GLIBCXX_USE_CXX11_ABI=1",
-             "-DPADDLE_WITH_CUSTOM_KERNEL", "-w"]
+# -fno-math-errno lets the exp loops call glibc's vector version (libmvec). -fno-trapping-math:
+# GCC 12 otherwise duplicates the arithmetic after GELU's clamps into branches (jump threading)
+# and then may not merge them back into selects, since a floating-point operation might trap:
+# "not vectorized: control flow in loop" on AVX2 (AVX-512's masked operations hid it). Neither
+# changes a result: no rounding is altered, and Paddle never enables floating-point traps.
+# What Paddle's own build of a custom op adds: C++17, the C++11 ABI of libpaddle.so, its
+# custom-kernel headers.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-std=c++17",
+             "-D_GLIBCXX_USE_CXX11_ABI=1", "-DPADDLE_WITH_CUSTOM_KERNEL", "-w"]
 LD_FLAGS = ["-liomp5", "-lmvec"]
 # Without the processor's ISA flags (an unreadable /proc/cpuinfo) every such host would share one
 # key: a -march=native build made on one could then run on another that lacks its instructions.
