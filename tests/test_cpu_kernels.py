@@ -35,7 +35,10 @@ def _weights(out):
 
 
 @pytest.fixture
-def kernels():
+def kernels(monkeypatch):
+    """Every kernel on (whatever the measured choice of this CPU kind), built and loaded. Chosen
+    without setting CONVITLAB_CPU_KERNELS: with it set, Paddle 3.3's to_static (SOT) fails."""
+    monkeypatch.setitem(cpu_kernels._chosen, "1", cpu_kernels.KERNELS)
     assert cpu_kernels.available(), "the kernels should build on this machine (g++ present)"
 
 
@@ -346,3 +349,36 @@ def test_second_derivatives_raise(kernels, ours, stock):
     y = ours(x)
     (plain,) = paddle.grad((y * y).sum(), x)
     np.testing.assert_array_equal(plain.numpy(), gradient.numpy())
+
+
+def test_each_kernel_runs_where_it_was_measured_faster(kernels, monkeypatch):
+    """CONVITLAB_CPU_KERNELS=1 (the default) takes the kernels measured faster than Paddle's op on
+    this CPU kind (cpu_kernels.MEASURED_SPEEDUP); a kind not measured takes them all; a list chooses."""
+    from convitlab import runtime
+    from convitlab.errors import UserError
+
+    x = paddle.randn([8, 16, 64])
+    x.stop_gradient = False
+
+    def used():
+        return {"gelu": "convitlab" in cpu_layers.GELU()(x).grad_fn.name(),
+                "layer_norm": "convitlab" in cpu_layers.LayerNorm(64)(x).grad_fn.name(),
+                "softmax": "convitlab" in attention.softmax(x).grad_fn.name(),
+                "head_layouts": "convitlab" in attention.merge_heads(x.reshape([8, 4, 16, 16])).grad_fn.name()}
+
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    monkeypatch.setitem(cpu_kernels.MEASURED_SPEEDUP, runtime.cpu_kind(),
+                        {"gelu": 0.8, "layer_norm": 1.2, "softmax": 3.0, "head_layouts": 1.1})
+    assert used() == {"gelu": False, "layer_norm": True, "softmax": True, "head_layouts": True}
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})
+    monkeypatch.setattr(runtime, "cpu_kind", lambda info=None: "a processor nobody measured")
+    assert all(used().values())
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "gelu,softmax")
+    assert used() == {"gelu": True, "layer_norm": False, "softmax": True, "head_layouts": False}
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not any(used().values())
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "gelu,erf")
+    with pytest.raises(UserError, match="CONVITLAB_CPU_KERNELS='gelu,erf' is not allowed: .*unknown: erf"):
+        used()
+

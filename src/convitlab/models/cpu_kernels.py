@@ -9,9 +9,11 @@ threads (runtime.cpu_threads). The C++ source beside this file is compiled with 
 compiler ($CXX, else c++; $CXXFLAGS appended) on first use (20-30 s, once per cache key: source,
 Paddle, Python ABI, compiler, flags, target, processor) into CACHE_ROOT, and loaded from there by
 every later process. Without a compiler, or if the build fails, `available()` is False (said once
-in the log) and the layers (cpu_layers, attention) keep Paddle's ops. CONVITLAB_CPU_KERNELS=0 turns them off. Inputs they cannot take
-raise ValueError; they have no second derivative (nor have Paddle's gelu, softmax and layer_norm):
-a second backward pass through them raises.
+in the log) and the layers (cpu_layers, attention) keep Paddle's ops. Each kernel runs only on the
+CPU kinds where it was measured faster than the Paddle op it replaces (`wanted`, MEASURED_SPEEDUP);
+CONVITLAB_CPU_KERNELS=0 turns them all off, =all on, =gelu,softmax chooses. Inputs they cannot
+take raise ValueError; they have no second derivative (nor have Paddle's gelu, softmax and
+layer_norm): a second backward pass through them raises.
 """
 import fcntl
 import hashlib
@@ -54,6 +56,47 @@ NATIVE_X86 = ["-march=native", "-mprefer-vector-width=512"]
 STALE_BUILD_S = 24 * 3600  # a build folder of another host this old is a killed build's
 
 _state = {"loaded": False, "failed": False}
+
+# The kernels, each switched as one: what replaces one Paddle op (or, head_layouts, a group of
+# transposes and products that only move data).
+KERNELS = ("gelu", "layer_norm", "softmax", "head_layouts")
+# Each kernel's slowest speed-up over the Paddle op it replaces, over the rows of
+# experiments/perf/<folder>/kernel_ops*.txt (convit_tiny's shapes at 32/4 and 224/16, the demo's
+# micro model), at 1 and 2 threads. A kernel runs only where it was faster; on a CPU kind not
+# measured every kernel runs (each was faster on every kind measured so far).
+MEASURED_SPEEDUP = {
+    "AMD family 25 (Zen 3)":  # amd-family25-model1/
+        {"gelu": 2.30, "layer_norm": 1.09, "softmax": 1.68, "head_layouts": 1.11},
+    "Intel family 6 model 167": {"gelu": 3.5, "softmax": 3.2, "head_layouts": 1.9},  # intel-family6-model167/
+}
+_chosen = {}  # CONVITLAB_CPU_KERNELS's value -> the kernels it selects
+
+
+def _select(setting: str) -> tuple:
+    if setting == "0":
+        return ()
+    if setting == "all":
+        return KERNELS
+    if setting in ("", "1"):
+        from convitlab.runtime import cpu_kind
+        measured = MEASURED_SPEEDUP.get(cpu_kind(), {})
+        return tuple(k for k in KERNELS if measured.get(k, float("inf")) > 1.0)
+    names = tuple(name.strip() for name in setting.split(","))
+    unknown = sorted(set(names) - set(KERNELS))
+    if unknown:
+        from convitlab.errors import UserError
+        raise UserError(f"{ENV_SWITCH}={setting!r} is not allowed: 0, 1 (the measured choice), all, or a "
+                        f"comma list of {', '.join(KERNELS)} (unknown: {', '.join(unknown)})")
+    return names
+
+
+def wanted(kernel: str) -> bool:
+    """Whether `kernel` (one of KERNELS) runs here, by CONVITLAB_CPU_KERNELS: 1 or unset, the kernels
+    measured faster on this CPU kind (MEASURED_SPEEDUP); all; 0, none; or a comma list of them."""
+    setting = os.environ.get(ENV_SWITCH, "1")
+    if setting not in _chosen:
+        _chosen[setting] = _select(setting)
+    return kernel in _chosen[setting]
 
 
 def enabled() -> bool:
