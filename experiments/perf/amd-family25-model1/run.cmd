@@ -23,3 +23,7 @@ CONVITLAB_CPU_KERNELS=0 $PY src/bench.py --models convit_tiny --resolutions 224/
 OMP_NUM_THREADS=1 $PY src/bench.py --models convit_micro deit_micro --resolutions 8/2 --batch-sizes 32 \
     --num-classes 10 --variants ours timm --torch-python /tmp/torchenv/bin/python \
     --repeats 50 --warmup 10 --output $D/micro.csv
+# 3. the micro models once more, after kernel_fits' cheaper emptiness test (commit 67f20da)
+OMP_NUM_THREADS=1 $PY src/bench.py --models convit_micro deit_micro --resolutions 8/2 --batch-sizes 32 \
+    --num-classes 10 --variants ours timm --torch-python /tmp/torchenv/bin/python \
+    --repeats 50 --warmup 10 --output $D/micro_repeat.csv
