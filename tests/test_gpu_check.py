@@ -33,7 +33,8 @@ def test_each_gpu_with_capability_driver_and_cuda():
     assert usable
     assert lines == ["GPU 0: NVIDIA A100-SXM4-40GB, compute capability 8.0, NVIDIA driver 550.54.14, "
                      "Paddle 3.3.1 built with CUDA 12.6",
-                     "GPU 1: Tesla T4, compute capability 7.5, NVIDIA driver 550.54.14, Paddle 3.3.1 built with CUDA 12.6"]
+                     "GPU 1: Tesla T4, compute capability 7.5, NVIDIA driver 550.54.14, "
+                     "Paddle 3.3.1 built with CUDA 12.6"]
 
 
 @pytest.mark.parametrize("paddle_module, driver, says", [

@@ -54,7 +54,8 @@ def mkl_state(paddle, runtime):
     fused = bool(np.all(paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy() != 0))
     return [runtime.paddle_mkl()[1], fused]
 """
-MKL_STATE = MKL_PROBE + "from convitlab import runtime; runtime.setup(); import paddle; print(json.dumps(mkl_state(paddle, runtime)))"
+MKL_STATE = MKL_PROBE + ("from convitlab import runtime; runtime.setup(); import paddle; "
+                         "print(json.dumps(mkl_state(paddle, runtime)))")
 
 
 @functools.lru_cache

@@ -121,7 +121,8 @@ def main():
          stock_and_ours(lambda x, weight, bias: micro_norm(x), micro_tokens, micro_norm.weight, micro_norm.bias,
                         backward=True)),
     ]
-    print("| kernel | op (convit_tiny, 32/4 batch 64 unless said) | Paddle's ops, ms | convitlab's kernels, ms | ratio |")
+    print("| kernel | op (convit_tiny, 32/4 batch 64 unless said) | Paddle's ops, ms | convitlab's kernels, ms "
+          "| ratio |")
     print("|---|---|---|---|---|")
     for kernel, name, (stock, ours) in rows:
         print(f"| {kernel} | {name} | {stock:.3f} | {ours:.3f} | {stock / ours:.2f}× |")

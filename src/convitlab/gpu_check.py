@@ -52,7 +52,8 @@ def report(paddle, driver):
                else f"Paddle {paddle.__version__} (CUDA {cuda}) sees no GPU")
         too_old = version_tuple(driver) is not None and version_tuple(driver) < MIN_DRIVER
         return [f"no GPU visible: {why}; {driver_text}{' (too old)' if too_old else ''}: the cu126 wheels need "
-                f"{MIN_DRIVER_TEXT}; install the GPU build (make setup EXTRAS=gpu,cluster,dev) and check nvidia-smi"], False
+                f"{MIN_DRIVER_TEXT}; install the GPU build (make setup EXTRAS=gpu,cluster,dev) and check "
+                f"nvidia-smi"], False
     lines = []
     for index in range(count):
         major, minor = tuple(paddle.device.cuda.get_device_capability(index))[:2]
