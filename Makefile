@@ -47,12 +47,11 @@ test-fast: setup
 test-gpu: setup
 	$(BIN)/python -m pytest -q -rs -m gpu
 
-# A new GPU machine, in one command: a GPU must be visible, the GPU tests pass, then a short
-# benchmark (convit_tiny 224/16, fp16, eager; results in outputs/bench/gpu_check.csv).
+# A new GPU machine, in one command: first each GPU, its compute capability, the NVIDIA driver and
+# Paddle's CUDA (or why no GPU is visible), then the GPU tests, then a short benchmark (convit_tiny
+# 224/16, fp16, eager; results in outputs/bench/gpu_check.csv).
 check-gpu: setup
-	$(BIN)/python -c "import sys, paddle; n = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0; \
-	  sys.exit(0 if n else 'no GPU visible to Paddle ' + paddle.__version__ + ': install the GPU build (make setup EXTRAS=gpu,cluster,dev) and check nvidia-smi'); \
-	  print(n, 'GPU(s):', paddle.device.cuda.get_device_name(), 'compute capability', paddle.device.cuda.get_device_capability(), 'CUDA', paddle.version.cuda(), 'Paddle', paddle.__version__)"
+	$(BIN)/python -m convitlab.gpu_check
 	$(BIN)/python -m pytest -q -rs -m gpu
 	$(BIN)/python src/bench.py --models convit_tiny --resolutions 224/16 --batch-sizes 64 --variants ours local0 \
 	  --amp fp16 --repeats 10 --output outputs/bench/gpu_check.csv

@@ -35,7 +35,10 @@ def _weights(out):
 
 
 @pytest.fixture
-def kernels():
+def kernels(monkeypatch):
+    """Every kernel on (whatever the measured choice of this CPU kind), built and loaded. Chosen
+    without setting CONVITLAB_CPU_KERNELS: with it set, Paddle 3.3's to_static (SOT) fails."""
+    monkeypatch.setitem(cpu_kernels._chosen, "1", cpu_kernels.KERNELS)
     assert cpu_kernels.available(), "the kernels should build on this machine (g++ present)"
 
 
@@ -277,3 +280,105 @@ def test_failed_build_falls_back_with_one_log_line(monkeypatch, tmp_path, caplog
     np.testing.assert_array_equal(gelu.numpy(), F.gelu(x).numpy())
     np.testing.assert_array_equal(norm.numpy(), F.layer_norm(x, [16], None, None, 1e-5).numpy())
     assert not list((tmp_path / "cache").glob("*/*.so"))
+
+
+@pytest.mark.parametrize("call, reason", [
+    (lambda: cpu_kernels.split_heads(paddle.zeros([2, 3, 12]), 0), "num_heads must be positive, got 0"),
+    (lambda: cpu_kernels.split_heads(paddle.zeros([2, 3, 12]), -2), "num_heads must be positive, got -2"),
+    (lambda: cpu_kernels.split_heads(paddle.zeros([2, 3, 12]), 5), "not a multiple of num_heads 5"),
+    (lambda: cpu_kernels.split_heads(paddle.zeros([3, 12]), 2), r"qkv must be \[batch, tokens, 3 \* width\]"),
+    (lambda: cpu_kernels._run("convitlab_merge_heads", paddle.zeros([2, 3, 4, 5]), 0), "num_heads 0 is not"),
+    (lambda: cpu_kernels.merge_heads(paddle.zeros([2, 3, 4])), "expected \\[batch, heads, tokens, head_dim\\]"),
+    (lambda: cpu_kernels.values_by_head(paddle.zeros([2, 3, 4])), "expected \\[batch, heads, tokens, head_dim\\]"),
+    (lambda: cpu_kernels.gated_merge(paddle.zeros([2, 3, 4, 5]), paddle.zeros([3, 4, 9]), paddle.zeros([3])),
+     "positional must be"),
+    (lambda: cpu_kernels.layer_norm(paddle.zeros([2, 8]), paddle.ones([7]), paddle.zeros([8]), 1e-5),
+     "weight and bias must have the last axis' size"),
+    (lambda: cpu_kernels.softmax(paddle.zeros([]), 1.0), "last axis must exist"),
+    (lambda: cpu_kernels.gelu(paddle.zeros([4], dtype="float64")), "x must be float32"),
+])
+def test_bad_shapes_raise_one_line(kernels, call, reason):
+    """A shape, dtype or head count the kernels cannot take raises (num_heads=0 used to end the
+    process with SIGFPE at a division), with the kernel's reason in one line."""
+    with pytest.raises(ValueError, match=reason) as raised:
+        call()
+    assert len(str(raised.value).splitlines()) == 1 and str(raised.value).startswith("convitlab_")
+
+
+def _gelu(x):
+    return cpu_kernels.gelu(x)
+
+
+def _softmax(x):
+    return cpu_kernels.softmax(x, 0.5)
+
+
+def _layer_norm(x):
+    weight, bias = paddle.full([x.shape[-1]], 1.5), paddle.zeros([x.shape[-1]])
+    return cpu_kernels.layer_norm(x, weight, bias, 1e-5)
+
+
+def _heads(x):
+    qkv = paddle.concat([x, x * 2, x * 3], axis=-1).reshape([1, 4, 24])
+    q, k, v = cpu_kernels.split_heads(qkv, 2)
+    shared = cpu_kernels.values_by_head(v)
+    return cpu_kernels.gated_merge(q * k, shared, paddle.full([2], 0.25))
+
+
+@pytest.mark.parametrize("ours, stock", [(_gelu, F.gelu), (_softmax, lambda x: F.softmax(x * 0.5)),
+                                         (_layer_norm, lambda x: F.layer_norm(x, x.shape[-1:])), (_heads, None)])
+def test_second_derivatives_raise(kernels, ours, stock):
+    """A second derivative through a kernel raises, as through Paddle's gelu, softmax and
+    layer_norm (which refuse already at paddle.grad(create_graph=True)); it never comes out as a
+    gradient silently cut from the graph."""
+    def first_gradient(fn):
+        x = paddle.to_tensor(np.random.default_rng(0).standard_normal([4, 8]).astype("float32"))
+        x.stop_gradient = False
+        y = fn(x)
+        return x, paddle.grad((y * y).sum(), x, create_graph=True)[0]
+
+    if stock is not None:
+        with pytest.raises(Exception, match="doesn't have any grad op"):
+            first_gradient(stock)
+    for second in (lambda x, g: (g * g).sum().backward(), lambda x, g: paddle.grad((g * g).sum(), x)):
+        x, gradient = first_gradient(ours)  # a failed backward pass leaves its graph half freed
+        assert not gradient.stop_gradient
+        with pytest.raises(OSError, match="have no second derivative"):
+            second(x, gradient)
+    # the first derivative alone is unaffected
+    y = ours(x)
+    (plain,) = paddle.grad((y * y).sum(), x)
+    np.testing.assert_array_equal(plain.numpy(), gradient.numpy())
+
+
+def test_each_kernel_runs_where_it_was_measured_faster(kernels, monkeypatch):
+    """CONVITLAB_CPU_KERNELS=1 (the default) takes the kernels measured faster than Paddle's op on
+    this CPU kind (cpu_kernels.MEASURED_SPEEDUP); a kind not measured takes them all; a list chooses."""
+    from convitlab import runtime
+    from convitlab.errors import UserError
+
+    x = paddle.randn([8, 16, 64])
+    x.stop_gradient = False
+
+    def used():
+        return {"gelu": "convitlab" in cpu_layers.GELU()(x).grad_fn.name(),
+                "layer_norm": "convitlab" in cpu_layers.LayerNorm(64)(x).grad_fn.name(),
+                "softmax": "convitlab" in attention.softmax(x).grad_fn.name(),
+                "head_layouts": "convitlab" in attention.merge_heads(x.reshape([8, 4, 16, 16])).grad_fn.name()}
+
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    monkeypatch.setitem(cpu_kernels.MEASURED_SPEEDUP, runtime.cpu_kind(),
+                        {"gelu": 0.8, "layer_norm": 1.2, "softmax": 3.0, "head_layouts": 1.1})
+    assert used() == {"gelu": False, "layer_norm": True, "softmax": True, "head_layouts": True}
+    monkeypatch.setattr(cpu_kernels, "_chosen", {})
+    monkeypatch.setattr(runtime, "cpu_kind", lambda info=None: "a processor nobody measured")
+    assert all(used().values())
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "gelu,softmax")
+    assert used() == {"gelu": True, "layer_norm": False, "softmax": True, "head_layouts": False}
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not any(used().values())
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "gelu,erf")
+    with pytest.raises(UserError, match="CONVITLAB_CPU_KERNELS='gelu,erf' is not allowed: .*unknown: erf"):
+        used()
+

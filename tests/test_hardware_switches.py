@@ -40,13 +40,29 @@ def needs_isa(cpu_type):
         pytest.skip(f"this processor lacks {sorted(needed - REAL_FLAGS)}: MKL_DEBUG_CPU_TYPE={cpu_type} cannot run here")
 
 
-MKL_PATH = "import json; from convitlab import runtime; runtime.setup(); print(json.dumps(runtime.paddle_mkl()[1]))"
+# What MKL runs, seen without a clock: the code path it names (MKL_Get_Version's Processor) and
+# whether its products fuse multiply-adds. Each row of this product is e² - e·e, e = 1 + 2^-12: e²
+# is not a float32, so unfused it is 0, fused (one rounding, AVX2 and AVX-512 kernels; the generic
+# and AVX kernels have no FMA) it is ±2^-24. At 256³ MKL runs its sgemm kernels (below 64 it may not).
+MKL_PROBE = """
+import json
+import numpy as np
+e = np.float32(1 + 2 ** -12)
+a, b = np.zeros((256, 256), np.float32), np.zeros((256, 256), np.float32)
+a[:, 0], a[:, 1], b[0], b[1] = e, -e, e, e
+def mkl_state(paddle, runtime):
+    fused = bool(np.all(paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy() != 0))
+    return [runtime.paddle_mkl()[1], fused]
+"""
+MKL_STATE = MKL_PROBE + ("from convitlab import runtime; runtime.setup(); import paddle; "
+                         "print(json.dumps(mkl_state(paddle, runtime)))")
 
 
 @functools.lru_cache
-def mkl_path(cpu_type):
-    """The code path MKL reports when the user sets MKL_DEBUG_CPU_TYPE (None: Paddle as it comes)."""
-    return python(MKL_PATH, env={"MKL_DEBUG_CPU_TYPE": cpu_type} if cpu_type else {"CONVITLAB_PADDLE_DEFAULTS": "1"})
+def mkl_state(cpu_type):
+    """[the code path MKL names, whether its products fuse multiply-adds] when the user sets
+    MKL_DEBUG_CPU_TYPE (None: Paddle as it comes)."""
+    return python(MKL_STATE, env={"MKL_DEBUG_CPU_TYPE": cpu_type} if cpu_type else {"CONVITLAB_PADDLE_DEFAULTS": "1"})
 
 
 def test_paddle_bundles_the_mkl_the_switch_was_measured_with():
@@ -59,12 +75,19 @@ def test_paddle_bundles_the_mkl_the_switch_was_measured_with():
 
 @pytest.mark.parametrize("cpu_type", ["5", "7"])
 def test_mkl_debug_cpu_type_selects_the_code_path(cpu_type):
+    """The switch is relied on for MKL's AVX2 (5) or AVX-512 (7) kernels, which fuse multiply-adds.
+    Where MKL names that path (Intel, Zen 5) the name must say so; MKL 2019.0.5 on Zen 3 names its
+    generic path whatever it runs, and there the kernels must differ from those it picks itself."""
     needs_isa(cpu_type)
-    assert mkl_path(cpu_type).endswith(MKL_PATHS[cpu_type]), mkl_path(cpu_type)
+    path, fused = mkl_state(cpu_type)
+    assert fused, f"MKL_DEBUG_CPU_TYPE={cpu_type}: MKL's products do not fuse multiply-adds ({path})"
+    if not path.endswith(MKL_PATHS[cpu_type]):
+        default_path, default_fused = mkl_state(None)
+        assert path == default_path and not default_fused, (path, default_path, default_fused)
 
 
-CONFIGURE = """
-import importlib.util, json, os, sys
+CONFIGURE = MKL_PROBE + """
+import importlib.util, os, sys
 # runtime.py loaded as its own module, so its CPUINFO can point at a simulated processor before setup()
 spec = importlib.util.spec_from_file_location("rt", sys.argv[1])
 rt = importlib.util.module_from_spec(spec)
@@ -72,7 +95,8 @@ spec.loader.exec_module(rt)
 rt.CPUINFO = sys.argv[2]
 assert "paddle" not in sys.modules
 rt.setup()
-print(json.dumps([os.environ.get("MKL_DEBUG_CPU_TYPE"), rt.paddle_mkl()[1]]))
+import paddle
+print(json.dumps([os.environ.get("MKL_DEBUG_CPU_TYPE"), *mkl_state(paddle, rt)]))
 """
 
 
@@ -88,12 +112,13 @@ def cpuinfo(vendor, family, model, flags):
 ])
 def test_mkl_switch_is_set_before_paddle_loads_on_amd_only(tmp_path, vendor, family, flags, expected):
     """With /proc/cpuinfo saying AMD, configuring Paddle sets the switch and MKL then runs that path
-    (the same as when the user sets it); saying Intel, MKL is left to pick its path itself."""
+    (the same name and kernels as when the user sets it); saying Intel, MKL is left to pick its
+    path itself."""
     needs_isa(expected or "5")
     (tmp_path / "cpuinfo").write_text(cpuinfo(vendor, family, 1, flags))
-    chosen, path = python(CONFIGURE, args=(str(ROOT / "src" / "convitlab" / "runtime.py"), str(tmp_path / "cpuinfo")))
+    chosen, *state = python(CONFIGURE, args=(str(ROOT / "src" / "convitlab" / "runtime.py"), str(tmp_path / "cpuinfo")))
     assert chosen == expected
-    assert path == mkl_path(expected)
+    assert state == mkl_state(expected)
 
 
 FLAGS = ("import json; from convitlab import runtime; runtime.setup(); import paddle; from convitlab.runtime import CPU_FLAGS; "

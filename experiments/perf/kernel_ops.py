@@ -1,7 +1,11 @@
 """Single ops of convit_tiny's step with convitlab's compiled CPU kernels against the Paddle ops they
-replace (CONVITLAB_CPU_KERNELS switched at run time), milliseconds per call, median of repeats.
+replace (CONVITLAB_CPU_KERNELS switched at run time), milliseconds per call, median of repeats;
+the two are timed in alternation, so a load that comes and goes reaches both alike.
 
     .venv/bin/python experiments/perf/kernel_ops.py > experiments/perf/<cpu kind>/kernel_ops.txt
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/perf/kernel_ops.py > .../kernel_ops_1thread.txt
+
+The `kernel` column names the switch (cpu_kernels.KERNELS) each row decides.
 """
 import os
 import statistics
@@ -45,18 +49,22 @@ def forward_backward(fn, *inputs):
     return run
 
 
-def stock_and_ours(fn, *inputs, backward=False):
-    """(ms with Paddle's ops, ms with the kernels) of the same call."""
+def stock_and_ours(fn, *inputs, backward=False, rounds=3):
+    """(ms with Paddle's ops, ms with the kernels) of the same call: the medians of `rounds`
+    alternating measurements of each."""
     call = forward_backward(fn, *inputs) if backward else (lambda: fn(*inputs))
-    os.environ[cpu_kernels.ENV_SWITCH] = "0"
-    stock = median_ms(call)
-    os.environ[cpu_kernels.ENV_SWITCH] = "1"
-    return stock, median_ms(call)
+    times = {"0": [], "all": []}
+    for _ in range(rounds):
+        for switch in times:
+            os.environ[cpu_kernels.ENV_SWITCH] = switch
+            times[switch].append(median_ms(call))
+    os.environ[cpu_kernels.ENV_SWITCH] = "all"
+    return statistics.median(times["0"]), statistics.median(times["all"])
 
 
 def scaled_softmax(scores, scale=48 ** -0.5):
     """The content attention's softmax as attention.content_attention computes it on each path."""
-    if cpu_layers.kernel_fits(scores):
+    if cpu_layers.kernel_fits(scores, "softmax"):
         return cpu_kernels.softmax(scores, scale)
     return F.softmax(scores * scale, axis=-1)
 
@@ -71,22 +79,58 @@ def main():
     scores, qkv, hidden = tensor(64, 4, 65, 65), tensor(64, 65, 576), tensor(64, 65, 768)
     content, v, gate = tensor(64, 4, 64, 48), tensor(64, 4, 64, 48), paddle.full([4, 1, 1], 0.7)
     positional = F.softmax(tensor(4, 64, 64), axis=-1)
+    hidden_224, tokens, tokens_224 = tensor(6272, 768), tensor(64, 65, 192), tensor(6272, 192)
+    norm = cpu_layers.LayerNorm(192)
     rows = [
-        ("softmax(scores / sqrt(d)), [64, 4, 65, 65], forward", stock_and_ours(scaled_softmax, scores)),
-        ("the same, forward + backward", stock_and_ours(scaled_softmax, scores, backward=True)),
-        ("q/k/v head split, [64, 65, 576] -> 3 x [64, 4, 65, 48], forward",
+        ("softmax", "softmax(scores / sqrt(d)), [64, 4, 65, 65], forward", stock_and_ours(scaled_softmax, scores)),
+        ("softmax", "the same, forward + backward", stock_and_ours(scaled_softmax, scores, backward=True)),
+        ("head_layouts", "q/k/v head split, [64, 65, 576] -> 3 x [64, 4, 65, 48], forward",
          stock_and_ours(lambda x: attention.split_heads(x, 4), qkv)),
-        ("the same, forward + backward", stock_and_ours(lambda x: attention.split_heads(x, 4), qkv, backward=True)),
-        ("GPSA's output from C v, P and v, [64, 4, 64, 48], forward + backward",
+        ("head_layouts", "the same, forward + backward",
+         stock_and_ours(lambda x: attention.split_heads(x, 4), qkv, backward=True)),
+        ("head_layouts", "GPSA's output from C v, P and v, [64, 4, 64, 48], forward + backward",
          stock_and_ours(lambda c, values: attention.gated_heads(c, gate * positional, values, gate), content, v,
                         backward=True)),
-        ("GELU, [64, 65, 768], forward", stock_and_ours(cpu_layers.GELU(), hidden)),
-        ("the same, forward + backward", stock_and_ours(cpu_layers.GELU(), hidden, backward=True)),
+        ("gelu", "GELU, [64, 65, 768], forward", stock_and_ours(cpu_layers.GELU(), hidden)),
+        ("gelu", "the same, forward + backward", stock_and_ours(cpu_layers.GELU(), hidden, backward=True)),
+        ("gelu", "GELU, [6272, 768] (224/16 batch 32), forward", stock_and_ours(cpu_layers.GELU(), hidden_224)),
+        ("gelu", "the same, forward + backward", stock_and_ours(cpu_layers.GELU(), hidden_224, backward=True)),
+        ("layer_norm", "LayerNorm, [64, 65, 192], forward", stock_and_ours(norm, tokens)),
+        ("layer_norm", "the same, forward + backward",
+         stock_and_ours(lambda x, weight, bias: norm(x), tokens, norm.weight, norm.bias, backward=True)),
+        ("layer_norm", "LayerNorm, [6272, 192] (224/16 batch 32), forward", stock_and_ours(norm, tokens_224)),
+        ("layer_norm", "the same, forward + backward",
+         stock_and_ours(lambda x, weight, bias: norm(x), tokens_224, norm.weight, norm.bias, backward=True)),
     ]
-    print("| op (convit_tiny, 32/4 batch 64 unless said) | Paddle's ops, ms | convitlab's kernels, ms | ratio |")
-    print("|---|---|---|---|")
-    for name, (stock, ours) in rows:
-        print(f"| {name} | {stock:.3f} | {ours:.3f} | {stock / ours:.1f}× |")
+    # the demo's convit_micro (8/2 digits, width 64, 4 heads, batch 32): 16 patch tokens, 17 with the class token
+    micro_scores, micro_qkv, micro_tokens = tensor(32, 4, 16, 16), tensor(32, 16, 192), tensor(32, 17, 64)
+    micro_content, micro_v = tensor(32, 4, 16, 16), tensor(32, 4, 16, 16)
+    micro_positional, micro_hidden, micro_norm = F.softmax(tensor(4, 16, 16), axis=-1), tensor(32, 17, 256), \
+        cpu_layers.LayerNorm(64)
+    rows += [
+        ("softmax", "micro: softmax, [32, 4, 16, 16], forward + backward",
+         stock_and_ours(scaled_softmax, micro_scores, backward=True)),
+        ("head_layouts", "micro: q/k/v head split, [32, 16, 192], forward + backward",
+         stock_and_ours(lambda x: attention.split_heads(x, 4), micro_qkv, backward=True)),
+        ("head_layouts", "micro: GPSA's output, [32, 4, 16, 16], forward + backward",
+         stock_and_ours(lambda c, values: attention.gated_heads(c, gate * micro_positional, values, gate),
+                        micro_content, micro_v, backward=True)),
+        ("gelu", "micro: GELU, [32, 17, 256], forward + backward",
+         stock_and_ours(cpu_layers.GELU(), micro_hidden, backward=True)),
+        ("layer_norm", "micro: LayerNorm, [32, 17, 64], forward + backward",
+         stock_and_ours(lambda x, weight, bias: micro_norm(x), micro_tokens, micro_norm.weight, micro_norm.bias,
+                        backward=True)),
+    ]
+    print("| kernel | op (convit_tiny, 32/4 batch 64 unless said) | Paddle's ops, ms | convitlab's kernels, ms "
+          "| ratio |")
+    print("|---|---|---|---|---|")
+    for kernel, name, (stock, ours) in rows:
+        print(f"| {kernel} | {name} | {stock:.3f} | {ours:.3f} | {stock / ours:.2f}× |")
+    print()
+    print("| kernel | slowest ratio over its rows |")
+    print("|---|---|")
+    for kernel in cpu_kernels.KERNELS:
+        print(f"| {kernel} | {min(stock / ours for k, _, (stock, ours) in rows if k == kernel):.2f} |")
     # Subnormal operands: GPSA's positional maps at local init (224/16, a 14 x 14 grid) as exp
     # without a clip leaves them, and as the kernels' softmax writes them; the same product.
     gpsa = attention.GPSA(192, 4, (14, 14))
@@ -108,7 +152,9 @@ def main():
             count = int(np.sum((array != 0) & (np.abs(array) < tiny)))
             print(f"| map {name} | {count} | {median_ms(lambda: paddle.matmul(gated_map, values)):.3f} |")
     print()
-    print(f"{runtime.cpu_kind()}, {runtime.cpu_threads()} threads, Paddle {paddle.__version__}")
+    print(f"{runtime.cpu_kind()}, {runtime.cpu_threads()} threads, Paddle {paddle.__version__}, "
+          f"kernels built with {' '.join(cpu_kernels.compile_flags())} "
+          f"(-march resolved to {cpu_kernels.resolved_target(cpu_kernels.compile_flags())})")
 
 
 if __name__ == "__main__":

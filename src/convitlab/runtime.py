@@ -119,7 +119,9 @@ def mkl_cpu_type():
     chooses instead (sgemm kernels seen with `perf`): 0-1 def, 2 mc, 3 mc3, 4 avx, 5 avx2,
     6 avx512_mic (Xeon Phi, whose AVX-512ER instructions AMD processors lack), 7 avx512
     (Skylake-X: F/CD/BW/DQ/VL). On a Zen 5 core, 2048² float32 products: def 30, avx2 230,
-    avx512 460 GFLOP/s (2 threads).
+    avx512 460 GFLOP/s (2 threads). On a Zen 3 (family 25 model 1): def 23, avx2 69-81 GFLOP/s
+    (1 thread, other jobs running); there MKL names its path "Intel(R) Architecture processors"
+    whichever it runs (tests/test_hardware_switches.py tells the kernels apart by their rounding).
     """
     info = _cpu_info()
     if info["vendor"] != "AuthenticAMD":

@@ -236,7 +236,7 @@ def split_heads(qkv, num_heads):
     transpose: a split into q, k, v and three head transposes cost 3.2 ms per block (convit_tiny
     at 224, batch 32), this 1.8 ms.
     """
-    if kernel_fits(qkv):
+    if kernel_fits(qkv, "head_layouts"):
         return cpu_kernels.split_heads(qkv, num_heads)
     return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
 
@@ -244,7 +244,7 @@ def split_heads(qkv, num_heads):
 def softmax(x):
     """Softmax over the last axis; on the CPU one compiled pass (cpu_kernels: Paddle's CPU softmax
     is a scalar loop: 4.4 ms for convit_tiny's [64, 4, 65, 65] scores, this 1.0 ms; experiments/perf)."""
-    return cpu_kernels.softmax(x, 1.0) if kernel_fits(x) else F.softmax(x, axis=-1)
+    return cpu_kernels.softmax(x, 1.0) if kernel_fits(x, "softmax") else F.softmax(x, axis=-1)
 
 
 def content_attention(qkv, num_heads, scale):
@@ -252,7 +252,7 @@ def content_attention(qkv, num_heads, scale):
     path of forward and attention_maps alike. The compiled softmax takes the scale itself;
     without it, q is scaled before the product ([B, H, N, d] is 4x smaller than the scores at 224)."""
     q, k, v = split_heads(qkv, num_heads)
-    if kernel_fits(qkv):
+    if kernel_fits(qkv, "softmax"):
         return cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True), scale), v
     return F.softmax(paddle.matmul(q * scale, k, transpose_y=True), axis=-1), v
 
@@ -265,7 +265,7 @@ def split_tokens(qkv, num_heads):
 
 def merge_heads(x):
     """[B, H, N, d] -> [B, N, H*d]."""
-    if kernel_fits(x):
+    if kernel_fits(x, "head_layouts"):
         return cpu_kernels.merge_heads(x)
     return x.transpose([0, 2, 1, 3]).flatten(2)
 
@@ -279,7 +279,7 @@ def gated_heads(content_values, positional, v, gate):
     transposes, a broadcast product, an add and the heads' transpose (with their backward passes,
     ~3 ms per block at convit_tiny 32/4 batch 64).
     """
-    if kernel_fits(v):
+    if kernel_fits(v, "head_layouts"):
         shared = paddle.matmul(positional, cpu_kernels.values_by_head(v))  # [H, N, B*d]
         return cpu_kernels.gated_merge(content_values, shared, gate.reshape([-1]))
     return merge_heads((1.0 - gate) * content_values + batch_shared_matmul(positional, v))

@@ -36,6 +36,12 @@ void CheckRows(const paddle::Tensor& x) {
   PD_CHECK(!x.shape().empty() && x.shape().back() > 0, "the last axis must exist and be non-empty");
 }
 
+// The head count divides a width: checked before any division by it (0 would end the process with SIGFPE).
+void CheckHeads(int num_heads, int64_t width) {
+  PD_CHECK(num_heads > 0, "num_heads must be positive, got ", num_heads);
+  PD_CHECK(width < 0 || width % num_heads == 0, "the width ", width, " is not a multiple of num_heads ", num_heads);
+}
+
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
 
@@ -50,6 +56,8 @@ constexpr float kExpFloor = -87.0f;
 // erf(z) = z P(z²) / Q(z²) for |z| <= 4 (erf(4) rounds to 1 in float32), the coefficients fitted by
 // experiments/perf/fit_erf.py; within 4e-7 of erf in float32 (libmvec's erff: 1e-7), and 1.4x
 // faster for the whole GELU forward pass on the Intel Xeon (12 multiply-adds and a division, inlined).
+// The clamps are selects, no branch: the loops calling this vectorise on AVX2 as on AVX-512 as long
+// as the build has -fno-trapping-math (cpu_kernels.py says why).
 #pragma omp declare simd notinbranch
 inline float Erf(float z) {
   const float c = std::min(std::max(z, -4.0f), 4.0f);
@@ -96,7 +104,9 @@ std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::
     const float v = in[i];
     const float cdf = 0.5f * (1.0f + Erf(v * kSqrtHalf));
     const float half_square = -0.5f * v * v;
-    const float pdf = half_square < kExpFloor ? 0.0f : kInvSqrt2Pi * expf(half_square);
+    // exp on every lane (libmvec's vector expf), then 0 where it would be subnormal: no call under a branch
+    const float density = kInvSqrt2Pi * expf(std::max(half_square, kExpFloor));
+    const float pdf = half_square < kExpFloor ? 0.0f : density;
     o[i] = g[i] * (cdf + v * pdf);
   }
   return {grad_x};
@@ -317,6 +327,7 @@ void CopyRows(const Rows& rows, const float* const (&src)[kParts], From from, fl
 std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& qkv, int num_heads, int threads) {
   CheckCpuFloat(qkv, "qkv");
   PD_CHECK(qkv.shape().size() == 3, "qkv must be [batch, tokens, 3 * width]");
+  CheckHeads(num_heads, qkv.shape()[2]);
   PD_CHECK(qkv.shape()[2] % (3 * num_heads) == 0, "qkv's last axis must be 3 * num_heads * head_dim");
   const Rows rows{qkv.shape()[0], num_heads, qkv.shape()[1], qkv.shape()[2] / (3 * num_heads)};
   std::vector<paddle::Tensor> parts;
@@ -355,6 +366,8 @@ std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& grad_q, con
 }
 
 std::vector<std::vector<int64_t>> SplitHeadsShapes(const std::vector<int64_t>& qkv, int num_heads) {
+  PD_CHECK(qkv.size() == 3, "qkv must be [batch, tokens, 3 * width]");
+  CheckHeads(num_heads, qkv[2]);
   const int64_t dim = qkv[2] < 0 ? -1 : qkv[2] / (3 * num_heads);
   std::vector<int64_t> part = {qkv[0], num_heads, qkv[1], dim};
   return {part, part, part};
@@ -471,6 +484,8 @@ std::vector<paddle::Tensor> GatedMergeBackward(const paddle::Tensor& content, co
 std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int num_heads, int threads) {
   CheckCpuFloat(x, "x");
   const Rows rows = HeadMajorRows(x);
+  PD_CHECK(num_heads == rows.heads, "num_heads ", num_heads, " is not x's head axis ", rows.heads);
+  CheckHeads(num_heads, rows.heads * rows.dim);
   auto out = paddle::empty({rows.batch, rows.tokens, rows.heads * rows.dim}, x.dtype(), x.place());
   CopyRows<1>(rows, {x.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.HeadMajor(b, h, n); }, {out.data<float>()},
               [&](int, int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, threads);
@@ -481,6 +496,7 @@ std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x, int num_h
 std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& grad_out, int num_heads, int threads) {
   CheckCpuFloat(grad_out, "grad_out");
   PD_CHECK(grad_out.shape().size() == 3, "grad_out must be [batch, tokens, width]");
+  CheckHeads(num_heads, grad_out.shape()[2]);
   const Rows rows{grad_out.shape()[0], num_heads, grad_out.shape()[1], grad_out.shape()[2] / num_heads};
   auto grad_x = paddle::empty({rows.batch, rows.heads, rows.tokens, rows.dim}, grad_out.dtype(), grad_out.place());
   CopyRows<1>(rows, {grad_out.data<float>()}, [&](int, int64_t b, int64_t h, int64_t n) { return rows.TokenMajor(b, h, n); }, {grad_x.data<float>()},
@@ -620,3 +636,31 @@ PD_BUILD_GRAD_OP(convitlab_merge_heads)
     .Outputs({paddle::Grad("X")})
     .Attrs({"num_heads: int", "threads: int"})
     .SetKernelFn(PD_KERNEL(MergeHeadsBackward));
+
+// Second derivatives. Paddle gives a custom op without one a first-order gradient cut from the
+// graph: paddle.grad(..., create_graph=True) then left x.grad None, silently. These refuse instead,
+// when the second backward pass reaches them (Paddle does not tell a custom op's grad kernel that a
+// graph is being created, so it cannot refuse at paddle.grad itself as Paddle's ops do). Falling
+// back to Paddle's ops would buy nothing: its gelu, softmax and layer_norm have no second
+// derivative either.
+std::vector<paddle::Tensor> NoSecondDerivative(const paddle::Tensor& grad_of_grad) {
+  PD_THROW("convitlab's CPU kernels (GELU, LayerNorm, softmax, attention's head re-layouts) have no second "
+           "derivative, nor have Paddle's gelu, softmax and layer_norm: take gradients with create_graph=False");
+}
+
+std::vector<std::vector<int64_t>> NoSecondDerivativeShape(const std::vector<int64_t>& shape) { return {shape}; }
+
+#define CONVITLAB_NO_SECOND_DERIVATIVE(op, grad_input, grad_output) \
+  PD_BUILD_DOUBLE_GRAD_OP(op)                                        \
+      .Inputs({paddle::Grad(paddle::Grad(grad_input))})              \
+      .Outputs({paddle::Grad(paddle::Grad(grad_output))})            \
+      .SetKernelFn(PD_KERNEL(NoSecondDerivative))                    \
+      .SetInferShapeFn(PD_INFER_SHAPE(NoSecondDerivativeShape))
+
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_gelu, "X", "Out");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_layer_norm, "X", "Out");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_softmax, "X", "Out");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_split_heads, "QKV", "Q");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_values_by_head, "V", "Out");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_gated_merge, "Content", "Out");
+CONVITLAB_NO_SECOND_DERIVATIVE(convitlab_merge_heads, "X", "Out");

@@ -1,0 +1,1 @@
+CONVITLAB_CPU_KERNELS=0 /work/main/.venv/bin/python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 --variants ours --repeats 5 --warmup 2 --output experiments/perf/amd-family25-model1/kernels_off.csv

@@ -1,0 +1,1 @@
+OMP_NUM_THREADS=1 /work/main/.venv/bin/python src/bench.py --models convit_micro deit_micro --resolutions 8/2 --batch-sizes 32 --num-classes 10 --variants ours timm --torch-python /tmp/torchenv/bin/python --repeats 50 --warmup 10 --output experiments/perf/amd-family25-model1/micro.csv

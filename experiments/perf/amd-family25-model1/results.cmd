@@ -1,0 +1,1 @@
+/work/main/.venv/bin/python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 --variants ours timm --torch-python /tmp/torchenv/bin/python --repeats 5 --warmup 2 --output experiments/perf/amd-family25-model1/results.csv
