@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: `python src/eval.py model=<name> ckpt=<file> data=<set> [data.root=<dir>]`.
+"""Evaluate a checkpoint: `python src/eval.py model=<name> ckpt=<file> data=<set> [data.root=<dir>]`,
+or a training run's best weights with its model and data: `python src/eval.py run=<run dir>`.
 
 Writes result.csv (top-1, top-5 on the validation split; kind "eval") in outputs/eval/<time>/, or
 a result.csv with status "failed" and the error when it fails.
@@ -19,12 +20,35 @@ from convitlab import results  # noqa: E402
 from convitlab.config import register_configs, validate  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
 from convitlab.errors import UserError  # noqa: E402
+from convitlab.run_folder import RunFolder  # noqa: E402
 from convitlab.run_record import config_hash  # noqa: E402
 from convitlab.runtime import Interrupted, select_device, signal_name, stop_at_step_boundaries  # noqa: E402
 
 log = logging.getLogger("convitlab.eval")
 register_configs()
 report_composition_errors_in_one_line()
+
+
+def with_training_run(cfg, overrides):
+    """cfg with the model and data of the training run in cfg.run (its resolved config.yaml), the
+    command line's model.* and data.* keys on top (e.g. data.root), and ckpt, when not given,
+    that run's best weights."""
+    from convitlab.engine.checkpoint import BEST  # here, as below
+
+    folder = RunFolder(cfg.run)
+    if not folder.config.is_file():
+        raise UserError(f"run={cfg.run!r} is not a training run's folder: it holds no {folder.config.name} "
+                        "(give the folder train.py printed as its run directory)")
+    saved = OmegaConf.load(folder.config)
+    given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith(("model.", "data."))]
+    cfg = OmegaConf.merge(cfg, {"model": saved.model, "data": saved.data}, OmegaConf.from_dotlist(given))
+    if not cfg.ckpt:
+        best = folder.checkpoints / BEST
+        if not best.is_file():
+            raise UserError(f"run={cfg.run!r} has no {best.relative_to(folder.path)} (trained with "
+                            "trainer.save_best=false, or not evaluated yet): give ckpt=<file>")
+        cfg.ckpt = str(best)
+    return cfg
 
 
 def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
@@ -36,6 +60,12 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
     from convitlab.engine.trainer import build_model, evaluate
     from convitlab.weights import load_pretrained
 
+    if cfg.run:
+        cfg = with_training_run(cfg, overrides)
+    if not cfg.ckpt:
+        raise UserError("ckpt=<file> is required: the weights to evaluate (or run=<a training run's folder> for "
+                        "its best weights)")
+    row["pretrained"] = cfg.ckpt
     validate(cfg)
     row.update(identity_row(cfg, run_dir, config_hash(cfg), overrides))
     select_device(cfg.trainer.device)
@@ -62,8 +92,7 @@ def main(cfg):
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
-    row = {"run_id": Path(run_dir).name, "kind": results.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides),
-           "pretrained": OmegaConf.select(cfg, "ckpt", default=None)}
+    row = {"run_id": Path(run_dir).name, "kind": results.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides)}
     try:
         row = evaluate_checkpoint(cfg, run_dir, row, overrides)
     except (Exception, Interrupted) as exc:  # noqa: BLE001  (every failure is reported in one line)

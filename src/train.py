@@ -39,24 +39,22 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def closing_lines(cfg, row, run_dir, wall_s) -> str:
+def closing_lines(cfg, row, run_dir, wall_s, best_weights) -> str:
     """What a single run prints last: its outcome, where it is, and what to run next."""
     top1, best, best_epoch = row.get("top1"), row.get("best_top1"), row.get("best_epoch")
     outcome = (f"top-1 {top1:.2f}% at the end, best {best:.2f}% after epoch {best_epoch} of {row.get('epochs')}"
                if top1 is not None and best is not None else "no evaluation")
-    # The model and data as this run had them: eval.py takes the same model and data keys.
-    picked = [a for a in sys.argv[1:] if a.lstrip("+").startswith(("model.", "data."))
-              and not a.lstrip("+").startswith("model.pretrained=")]
-    named = [f"model={cfg.model.name}", f"data={cfg.data.name}"]
-    if cfg.data.get("root") and not any(a.lstrip("+").startswith("data.root=") for a in picked):
-        named.append(f"data.root={cfg.data.root}")
-    best_weights = Path(run_dir) / "checkpoints" / "best.pdparams"
-    evaluate = shlex.join(["python", "src/eval.py", *named, *picked, f"ckpt={best_weights}"])
-    return "\n".join([f"{row.get('status')}: {cfg.model.name} on {cfg.data.name} (data.fraction={cfg.data.fraction}), "
-                      f"{outcome}; {duration(wall_s)}",
-                      f"run directory: {run_dir}",
-                      f"compare: python src/compare.py {shlex.quote(str(run_dir))} <other runs or sweeps>",
-                      f"evaluate its best weights: {evaluate}"])
+    trained = row.get("train_time_s")
+    times = (f"trained for {duration(trained)}, this command took {duration(wall_s)}" if trained is not None
+             else f"this command took {duration(wall_s)}")
+    lines = [f"{row.get('status')}: {cfg.model.name} on {cfg.data.name} (data.fraction={cfg.data.fraction}), "
+             f"{outcome}; {times}",
+             f"run directory: {run_dir}",
+             f"compare: python src/compare.py {shlex.quote(str(run_dir))} <other runs or sweeps>"]
+    if Path(best_weights).is_file():  # not with trainer.save_best=false
+        lines.append(f"evaluate its best weights: python src/eval.py run={shlex.quote(str(run_dir))} "
+                     "[data.root=<elsewhere>]")
+    return "\n".join(lines)
 
 
 def interrupted(exc) -> str:
@@ -70,7 +68,10 @@ def interrupted(exc) -> str:
 def main(cfg):
     # Imported here: a launcher's job process unpickles main, and what main's globals name it
     # imports then, before RunGuard.on_job_start sets the runtime up there; this loads Paddle.
+    from convitlab import distributed
+    from convitlab.engine.checkpoint import BEST
     from convitlab.engine.run import describe_error, run_training
+    from convitlab.run_folder import RunFolder
 
     logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop at the next step boundary, result.csv says interrupted
@@ -106,8 +107,9 @@ def main(cfg):
             return None
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    if not multirun:
-        print(closing_lines(cfg, row, run_dir, time.monotonic() - started))
+    if not multirun and distributed.is_main():
+        best_weights = RunFolder(run_dir).checkpoints / BEST
+        print(closing_lines(cfg, row, run_dir, time.monotonic() - started, best_weights))
     return row.get("top1")
 
 

@@ -152,8 +152,14 @@ def test_non_square_grid_and_resolution_change(tmp_path):
 def test_a_head_of_another_size_is_refused_and_wrong_shapes_are_listed(tmp_path):
     path = save_pdparams(create_model("convit_micro"), tmp_path / "w.pdparams")
     with pytest.raises(UserError, match=r"^checkpoint's head is for 10 classes .*the model's for 3 "
-                                        r"\(data.num_classes\).*model.pretrained=<file>$"):
+                                        r"\(data.num_classes\): use data.num_classes=10, .*model.pretrained=<file>$"):
         load_pretrained(create_model("convit_micro", num_classes=3), path)
+    # Another width as well: the head is one of the mis-shaped tensors, not the reason given.
+    with pytest.raises(UserError, match=r"^checkpoint does not fit the model \(mis-shaped: blocks\.0\."):
+        load_pretrained(create_model("convit_micro", embed_dim=8, num_classes=3), path)
+    with pytest.raises(UserError, match=r"^checkpoint does not fit the model \(missing: blocks\.6\..*mis-shaped: "
+                                        r"head\.bias \[10\] vs model \[3\], head\.weight"):
+        load_pretrained(create_model("convit_micro", depth=7, num_classes=3), path)
     with pytest.raises(UserError, match=r"mis-shaped: .*blocks\.0\.attn\.qk\.weight"):
         load_pretrained(create_model("convit_micro", embed_dim=8), path)
     with pytest.raises(UserError, match=r"missing: .*blocks\.6\..*"):

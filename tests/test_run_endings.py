@@ -2,7 +2,6 @@
 work, a warm-up as long as the run is named, a single run closes with its outcome and what to
 run next, and eval.py refuses a head that does not fit, writes under outputs/eval/ and leaves a
 failed result.csv when it fails."""
-import shlex
 
 import pytest
 from helpers import EVAL, QUICK, TRAIN, read_csv, run
@@ -30,6 +29,7 @@ def test_a_plan_of_more_passes_than_allowed_is_refused_before_any_work(tmp_path)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
     (row,) = read_csv(run_dir / "result.csv")
     assert row["status"] == "failed" and "1,000,000,000 passes" in row["error"]
+    assert (row["model"], row["fraction"], row["seed"]) == ("convit_micro", "1e-09", "0") and row["config_hash"]
     # Counting passes instead: the same plan is 1 pass, and runs.
     proc = run(TRAIN + ["debug=fast", "data.fraction=1e-9", "data.batch_size=4", "schedule.scale_epochs=false",
                         f"hydra.run.dir={tmp_path / 'passes'}"], cwd=tmp_path, timeout=120)
@@ -50,19 +50,39 @@ def test_a_single_run_closes_with_its_outcome_and_the_commands_that_apply(tmp_pa
     closing = proc.stdout.strip().splitlines()[-4:]
     assert closing[0] == (f"completed: convit_micro on digits (data.fraction=0.5), top-1 {float(row['top1']):.2f}% "
                           f"at the end, best {float(row['best_top1']):.2f}% after epoch {row['best_epoch']} of "
-                          f"{row['epochs']}; " + closing[0].rsplit("; ", 1)[1])
-    assert closing[0].endswith(" s")
+                          f"{row['epochs']}; trained for " + closing[0].split("; trained for ", 1)[1])
+    assert ", this command took " in closing[0] and closing[0].endswith(" s")
     assert closing[1] == f"run directory: {run_dir}"
     assert closing[2].startswith(f"compare: python src/compare.py {run_dir} ")
-    evaluate = closing[3].split(": ", 1)[1]
-    # The printed evaluation runs as printed (from the project's root) and scores the run's best weights.
-    args = shlex.split(evaluate)
-    assert args[:2] == ["python", "src/eval.py"] and "model.locality_strength=0.5" in args
+    assert closing[3] == f"evaluate its best weights: python src/eval.py run={run_dir} [data.root=<elsewhere>]"
+    # The printed evaluation scores the run's best weights with its model and data (its
+    # locality_strength, which eval's defaults do not have); a model.*/data.* key given wins.
     out = tmp_path / "evaluated"
-    proc = run(EVAL + args[2:] + [f"hydra.run.dir={out}"], cwd=tmp_path)
+    proc = run(EVAL + [f"run={run_dir}", f"hydra.run.dir={out}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (evaluated,) = read_csv(out / "result.csv")
     assert evaluated["kind"] == "eval" and float(evaluated["top1"]) == float(row["best_top1"])
+    assert (evaluated["locality_strength"], evaluated["fraction"]) == ("0.5", "0.5")
+    assert evaluated["pretrained"] == str(run_dir / "checkpoints" / "best.pdparams")
+    proc = run(EVAL + [f"run={run_dir}", "data.eval_batch_size=7", f"hydra.run.dir={tmp_path / 'again'}"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_csv(tmp_path / "again" / "result.csv")[0]["top1"] == evaluated["top1"]
+    # Started again, the finished run is not retrained, and says how long it trained.
+    again = run(TRAIN + QUICK + ["data.fraction=0.5", "model.locality_strength=0.5", f"hydra.run.dir={run_dir}"],
+                cwd=tmp_path)
+    assert again.returncode == 0 and "not retrained" in again.stdout + again.stderr
+    assert again.stdout.strip().splitlines()[-4].split("; trained for ")[1].startswith(
+        closing[0].split("; trained for ")[1].split(",")[0])
+
+
+def test_eval_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+    proc = run(EVAL + [f"run={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (f"error: run='{tmp_path}' is not a training run's folder: it holds no "
+                                      "config.yaml (give the folder train.py printed as its run directory)")
+    proc = run(EVAL + [f"hydra.run.dir={tmp_path / 'out2'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and last_line(proc.stderr).startswith("error: ckpt=<file> is required")
 
 
 def test_eval_refuses_a_head_that_does_not_fit_and_records_the_failure_under_outputs_eval(tmp_path):

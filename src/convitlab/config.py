@@ -216,7 +216,8 @@ class EvalConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
-    ckpt: str = MISSING                # .safetensors, .pth or .pdparams
+    ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
+    run: Optional[str] = None          # a training run's folder: its model and data (src/eval.py)
     seed: int = 0
 
 

@@ -75,7 +75,7 @@ def load_state_dict(model, state, layout="paddle"):
     targets = model.state_dict()
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
-    misshaped, values = [], {}
+    misshaped, values, head_classes = [], {}, []  # head_classes: the head's tensors of another class count
     for name in sorted(set(targets) & set(state)):
         value = np.asarray(state[name], dtype=np.float32)
         if name in linear:
@@ -85,15 +85,20 @@ def load_state_dict(model, state, layout="paddle"):
             if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
                 value = resize_pos_embed_array(value, model.grid_size)
             elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
-                # A head that is not the checkpoint's would score random outputs as its classes.
-                raise UserError(f"checkpoint's head is for {value.shape[-1]} classes ({name} {list(value.shape)}), "
-                                f"the model's for {want[-1]} (data.num_classes): evaluate it on data of "
-                                f"{value.shape[-1]} classes, or fine-tune a new head with train.py "
-                                "model.pretrained=<file>")
+                head_classes.append((name, list(value.shape), want))
+                continue
             else:
                 misshaped.append(f"{name} {list(value.shape)} vs model {want}")
                 continue
         values[name] = value
+    if head_classes and not (missing or unexpected or misshaped):
+        # The rest fits: only the classes differ. A head that is not the checkpoint's would
+        # score random outputs as its classes, so it is refused rather than left as initialised.
+        name, have, want = head_classes[0]
+        raise UserError(f"checkpoint's head is for {have[-1]} classes ({name} {have}), the model's for {want[-1]} "
+                        f"(data.num_classes): use data.num_classes={have[-1]}, or fine-tune a new head with "
+                        "train.py model.pretrained=<file>")
+    misshaped += [f"{name} {have} vs model {want}" for name, have, want in head_classes]
     if missing or unexpected or misshaped:
         parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected),

@@ -3,6 +3,7 @@
 The training sampler yields (epoch, position) keys, so the epoch reaches the augmentation in
 whichever process reads the image: batches are the same for any num_workers and after a rebuild.
 """
+import multiprocessing
 import shutil
 import signal
 
@@ -14,6 +15,7 @@ from convitlab.data.seeds import shuffle_rng
 from convitlab.errors import UserError
 
 PREFETCH_FACTOR = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainBatchSampler:
@@ -84,6 +86,8 @@ class Loader:
 
     def __init__(self, dataset, batch_sampler, num_workers: int, use_shared_memory: bool):
         self.batch_sampler = batch_sampler
+        if num_workers:
+            _plain_start_method()
         self._loader = paddle.io.DataLoader(_FailuresAsItems(dataset), batch_sampler=batch_sampler,
                                             num_workers=num_workers, collate_fn=_collate,
                                             use_shared_memory=use_shared_memory, prefetch_factor=PREFETCH_FACTOR,
@@ -93,7 +97,15 @@ class Loader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        batches = iter(self._loader)
+        # Stop signals wait while the workers are forked: a worker takes Paddle's handlers before
+        # its init function ignores them, and one that got a group's SIGTERM in between would die.
+        # Blocked, the signal waits: the workers drop it once they ignore it, the main process
+        # takes it when the mask is restored (and Paddle's reader thread never takes it).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            batches = iter(self._loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             for batch in batches:
                 if isinstance(batch, dict):
@@ -105,14 +117,24 @@ class Loader:
 
 
 def end_workers(batches) -> None:
-    """End the worker processes of a Paddle loader's pass that was not read to its end.
+    """End the worker processes (and the reader thread) of a Paddle loader's pass that was not
+    read to its end; a pass read to its end has ended them already.
 
     Paddle has no public call for it: `_try_shutdown_all` is what its own end of a pass calls
     (paddle/io/dataloader/dataloader_iter.py, 3.0-3.3); tests/test_data.py fails if it moves.
-    A pass without workers has nothing to end."""
+    Every pass must end here or at its end: its workers ignore SIGTERM, so multiprocessing's
+    terminate() at exit could not end a forgotten one."""
     shutdown = getattr(batches, "_try_shutdown_all", None)
     if shutdown is not None:
         shutdown()
+
+
+def _plain_start_method() -> None:
+    """Paddle starts its workers with multiprocessing's default start method. A joblib job (Hydra's
+    joblib launcher) runs in a loky process, which makes that loky's own, whose Popen cannot start
+    Paddle's workers ("'Process' object has no attribute 'env'"): go back to the platform's."""
+    if "loky" in (multiprocessing.get_start_method(allow_none=True) or ""):
+        multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
@@ -120,8 +142,9 @@ def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
     too; a worker killed by one fails the main process with a SystemError before it can stop at a
     step boundary. Workers ignore them: the main process stops and ends its workers, and a worker
     whose main process died exits by itself (Paddle's workers watch their parent)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by Loader.__iter__ while forking
 
 
 class _Failure:

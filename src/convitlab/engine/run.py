@@ -74,7 +74,8 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
                          ", ".join(str(p.relative_to(run_dir)) for p in removed))
         validate(cfg)
         cfg_hash = config_hash(cfg)
-        row.update(identity_row(cfg, run_dir, cfg_hash, overrides), epochs=total_epochs(cfg))
+        row.update(identity_row(cfg, run_dir, cfg_hash, overrides))
+        row["epochs"] = total_epochs(cfg)  # after the identity: a refused plan's failed row still says which run
         fresh = cfg.trainer.resume is False
         if not fresh:
             previous = results.read_result(run_dir)
