@@ -89,3 +89,40 @@ def test_a_resume_with_another_number_of_ranks_is_one_line(tmp_path):
     assert_one_line(proc, "checkpoints/epoch_0001 was written by 2 rank(s), this run has 1",
                     "resume with the same number of ranks", "trainer.resume=false")
     assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
+
+
+# --- issue 24: inputs and faults that once ended in a traceback, a misleading line or wrong data ----
+
+def only_line(proc) -> str:
+    """The one line of stderr, after asserting the contract: exit 2, one line, no traceback."""
+    assert_one_line(proc)
+    return proc.stderr.strip()
+
+
+@pytest.mark.parametrize("override, key", [("seed=-1", "seed"), ("seed=4294967296", "seed"),
+                                           ("data.subset_seed=-3", "data.subset_seed"),
+                                           ("data.split_seed=-1", "data.split_seed")])
+def test_seeds_are_range_checked_in_the_schema(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}", override], cwd=tmp_path)
+    value = override.split("=")[1]
+    allowed = "an int in 0..4294967295" + (" or null" if key == "data.subset_seed" else "")
+    assert only_line(proc) == f"error: {key}={value} is not allowed: {allowed}"
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "failed"
+    assert not (run_dir / "run.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["seed=-1"], "error: seed=-1 is not allowed: an int in 0..4294967295"),
+    # found while the data is built, after the directory was marked as this config's
+    (["data.fraction=0.01", "data.batch_size=64"], "error: data.batch_size=64 is more than the ")])
+def test_a_run_that_fails_its_checks_leaves_its_directory_to_the_corrected_command(tmp_path, bad, expected):
+    run_dir = tmp_path / "run"
+    quick = [o for o in QUICK if not o.startswith("data.batch_size=")]
+    proc = run_without_gpu(TRAIN + quick + [f"hydra.run.dir={run_dir}", *bad], cwd=tmp_path)
+    assert only_line(proc).startswith(expected)
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "failed" and not (run_dir / "checkpoints").exists()
+    corrected = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert corrected.returncode == 0, corrected.stderr[-2000:]
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
+    assert [row["epoch"] for row in read_csv(run_dir / "metrics.csv")] == ["1"]
