@@ -126,3 +126,19 @@ def test_a_run_that_fails_its_checks_leaves_its_directory_to_the_corrected_comma
     assert corrected.returncode == 0, corrected.stderr[-2000:]
     assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
     assert [row["epoch"] for row in read_csv(run_dir / "metrics.csv")] == ["1"]
+
+
+def test_a_diverged_run_exits_2_with_one_line_and_so_does_its_report(tmp_path):
+    """optimizer.lr=1e8 makes the tiny model's loss NaN in its second epoch (the sweep case, which
+    carries on: test_checkpoint_integrity.py)."""
+    run_dir = tmp_path / "run"
+    command = TRAIN + ["debug=fast", "schedule.epochs=2", "optimizer.lr=1e8", f"hydra.run.dir={run_dir}"]
+    for attempt in ("trained", "reported"):
+        proc = run_without_gpu(command, cwd=tmp_path)
+        line = only_line(proc)
+        assert line.startswith(f"error: run in {run_dir} diverged (training loss became nan in epoch 2"), line
+        assert line.endswith("lower optimizer.lr or set trainer.grad_clip, then run again in another hydra.run.dir "
+                             "or with trainer.resume=false"), line
+        assert read_csv(run_dir / "result.csv")[0]["status"] == "diverged"
+        assert [row["epoch"] for row in read_csv(run_dir / "metrics.csv")] == ["1"]
+    assert "not retrained" in proc.stdout
