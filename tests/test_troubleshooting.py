@@ -3,6 +3,7 @@ input ends with exactly one line on stderr naming it and what is allowed, exit c
 traceback (the value rows are in test_train.py's BAD_INPUT, the data files in test_data.py)."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import EVAL, ROOT, TRAIN, read_csv, run
@@ -142,3 +143,89 @@ def test_a_diverged_run_exits_2_with_one_line_and_so_does_its_report(tmp_path):
         assert read_csv(run_dir / "result.csv")[0]["status"] == "diverged"
         assert [row["epoch"] for row in read_csv(run_dir / "metrics.csv")] == ["1"]
     assert "not retrained" in proc.stdout
+
+
+def _not_a_folder(tmp_path, kind):
+    """A path where a run directory cannot be: (the path, what the line says about it)."""
+    if kind == "file":
+        (tmp_path / "taken").write_text("mine")
+        return tmp_path / "taken", f"{tmp_path / 'taken'} is a file"
+    if kind == "file as a parent":
+        (tmp_path / "taken").write_text("mine")
+        return tmp_path / "taken" / "run", f"{tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file"
+    if kind == "dangling symlink":
+        (tmp_path / "link").symlink_to(tmp_path / "gone")
+        return tmp_path / "link", f"{tmp_path / 'link'} is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    return tmp_path / "a", f"{tmp_path / 'a'} is a symbolic link loop (-> {tmp_path / 'b'})"
+
+
+@pytest.mark.parametrize("kind", ["file", "file as a parent", "dangling symlink", "symlink loop"])
+def test_a_run_directory_that_cannot_be_a_folder_is_one_line(tmp_path, kind):
+    run_dir, says = _not_a_folder(tmp_path, kind)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    way_out = {"dangling symlink": "create that folder, or choose another hydra.run.dir",
+               "symlink loop": "choose another hydra.run.dir, or replace the link"}.get(
+                   kind, "choose another hydra.run.dir, or move it away")
+    assert only_line(proc) == f"error: run directory {says}: {way_out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created, nothing changed
+    if "file" in kind:
+        assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("too_long", ["name", "path"])
+def test_a_run_directory_name_or_path_too_long_is_refused_before_training(tmp_path, too_long):
+    if too_long == "name":
+        run_dir = tmp_path / ("n" * 256)
+        expected = "has a folder name of 256 bytes ("
+        allowed = "): at most 255 are allowed there: choose another hydra.run.dir, with shorter names"
+    else:  # short enough to be created, too long for the files of a checkpoint inside it
+        run_dir = tmp_path.joinpath(*["d" * 200] * 20)
+        run_dir = Path(str(run_dir)[:4060].rstrip("/"))
+        expected = f"is a path of {len(str(run_dir))} bytes: at most 3995 are allowed"
+        allowed = "choose another hydra.run.dir, shorter"
+    proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    line = only_line(proc)
+    assert line.startswith("error: run directory /") and expected in line and line.endswith(allowed), line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_disk(tmp_path, tiny_run):
+    """tmp_path/disk: a real read-only file system (a tmpfs remounted ro: needs root) holding a copy
+    of the finished tiny run as disk/done."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], timeout=30).returncode:
+        pytest.skip("mounting a file system needs root (and a kernel that lets this process mount)")
+    try:
+        shutil.copytree(tiny_run, disk / "done", symlinks=True)
+        assert run(["mount", "-o", "remount,ro", str(disk)], timeout=30).returncode == 0
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], timeout=30, check=False)
+
+
+def files_under(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["new run", "finished run again", "eval"])
+def test_a_run_directory_on_a_read_only_file_system_is_one_line(tmp_path, read_only_disk, tiny_run, case):
+    before = files_under(read_only_disk)
+    if case == "eval":
+        run_dir = read_only_disk / "eval"
+        proc = run_without_gpu(EVAL + [f"ckpt={tiny_run / 'checkpoints' / 'best.pdparams'}",
+                                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    else:
+        run_dir = read_only_disk / ("new" if case == "new run" else "done")
+        proc = run_without_gpu(TRAIN + QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    kept = " (its result.csv says completed: read it where it is)" if case == "finished run again" else ""
+    assert only_line(proc) == (f"error: cannot write in run directory {run_dir} (Read-only file system){kept}: "
+                               "choose a hydra.run.dir on a file system you can write to")
+    assert files_under(read_only_disk) == before

@@ -33,14 +33,20 @@ from pathlib import Path
 from convitlab import distributed
 from convitlab.atomic import reporting_disk_full
 from convitlab.errors import UserError
-from convitlab.run_folder import RunFolder
+from convitlab.run_folder import RunFolder, check_run_dir
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30
 STALE_AFTER_S = 180
 RANK_WAIT_S = 600  # how long ranks r > 0 wait for rank 0 of their launch to take the lock
 _NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _held = {}  # resolved run dir -> the RunLock this process holds (or shares) on it
+
+
+def _key(run_dir) -> str:
+    """The run directory as _held knows it (os.path.realpath: a symbolic link loop is check_run_dir's to report)."""
+    return os.path.realpath(run_dir)
 
 
 class RunDirInUse(UserError):
@@ -137,7 +143,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Hold the run directory for this process until it exits (or release()); RunDirInUse if
         another process holds it. Held already by this process: that same lock."""
-        key = self.run_dir.resolve()
+        check_run_dir(self.run_dir)
+        key = _key(self.run_dir)
         if key in _held:
             return _held[key]
         if distributed.rank() > 0 and launch_id() is not None:
@@ -149,10 +156,11 @@ class RunLock:
         return self
 
     def _take(self) -> None:
-        with reporting_disk_full(self.path):
+        with self._writable():
             self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # another process may remove the file between our open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with self._writable():
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             locking = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,6 +201,23 @@ class RunLock:
         raise RunDirInUse(f"run directory {self.run_dir}: its lock file keeps changing; another process is "
                           "starting there")
 
+    @contextlib.contextmanager
+    def _writable(self):
+        """Turn a run directory that cannot be written (a read-only file system, no permission) into
+        one line; nothing can have been written there."""
+        try:
+            with reporting_disk_full(self.path):
+                yield
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            from convitlab import results
+
+            previous = results.read_result(self.run_dir)
+            kept = f" (its result.csv says {previous.get('status')}: read it where it is)" if previous else ""
+            raise UserError(f"cannot write in run directory {self.run_dir} ({os.strerror(exc.errno)}){kept}: "
+                            "choose a hydra.run.dir on a file system you can write to") from None
+
     def _write_holder(self) -> None:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "start": process_start(os.getpid()), "launch": launch_id(),
@@ -227,7 +252,7 @@ class RunLock:
             return
         self._stop.set()
         atexit.unregister(self.release)
-        _held.pop(self.run_dir.resolve(), None)
+        _held.pop(_key(self.run_dir), None)
         if self.fd is None:
             return
         with contextlib.suppress(OSError):  # removed while still locked: a newcomer locks a new file
@@ -241,7 +266,7 @@ class RunLock:
 def hold(run_dir):
     """Hold `run_dir` for the block (unless this process holds it already, e.g. since the entry
     point started); RunDirInUse if another process does."""
-    key = Path(run_dir).resolve()
+    key = _key(run_dir)
     if key in _held:
         yield _held[key]
         return
