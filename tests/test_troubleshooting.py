@@ -5,8 +5,10 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import EVAL, ROOT, TRAIN, read_csv, run
+from PIL import Image
 
 QUICK = ["schedule.epochs=1", "trainer.max_steps_per_epoch=1", "data.batch_size=16", "trainer.locality_batch_size=8",
          "trainer.progress_bar=false"]
@@ -229,3 +231,157 @@ def test_a_run_directory_on_a_read_only_file_system_is_one_line(tmp_path, read_o
     assert only_line(proc) == (f"error: cannot write in run directory {run_dir} (Read-only file system){kept}: "
                                "choose a hydra.run.dir on a file system you can write to")
     assert files_under(read_only_disk) == before
+
+
+COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
+CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]
+DIGITS_IMAGE = ["data.img_size=8", "data.patch_size=2", "data.in_chans=1", "data.num_classes=10"]
+
+
+def test_compare_out_an_existing_file_is_one_line(tmp_path, tiny_run):
+    out = tmp_path / "table.csv"
+    out.write_text("mine")
+    proc = run(COMPARE + [str(tiny_run), "--out", str(out)], cwd=tmp_path)
+    assert only_line(proc) == (f"error: --out {out} is a file, not a folder: give a folder for comparison.csv, "
+                               "comparison.md and the plots (it is created if missing)")
+    assert out.read_text() == "mine" and not list(tiny_run.glob("comparison*"))
+
+
+def weights_file(tiny_run, path, name=None, value=None):
+    """The tiny run's best weights at `path`, with `name` set to `value` (as paddle.save would pickle them)."""
+    import pickle
+
+    from convitlab.safe_pickle import load_arrays
+
+    state = load_arrays(tiny_run / "checkpoints" / "best.pdparams")
+    if name is not None:
+        state[name] = value(state[name]) if callable(value) else value
+    with open(path, "wb") as f:
+        pickle.dump(state, f, protocol=4)
+    return path
+
+
+@pytest.mark.parametrize("target", ["folder", "read-only"])
+def test_convert_to_a_target_it_cannot_write_is_one_line(tmp_path, tiny_run, target, request):
+    if target == "folder":
+        out = tmp_path / "out.pdparams"
+        out.mkdir()
+        expected = (f"error: target={str(out)!r} is not allowed: it is a folder (or not a regular file); give the "
+                    "path of the .pdparams file to write")
+    else:
+        out = request.getfixturevalue("read_only_disk") / "out.pdparams"
+        expected = (f"error: cannot write target={str(out)!r} (Read-only file system): give a target on a file "
+                    "system you can write to")
+    before = files_under(out.parent)
+    proc = run(CONVERT + ["model=convit_micro", *DIGITS_IMAGE, f"source={tiny_run / 'checkpoints' / 'best.pdparams'}",
+                          f"target={out}"], cwd=tmp_path)
+    assert only_line(proc) == expected
+    assert files_under(out.parent) == before  # no temporary left beside it
+
+
+def test_convert_of_a_pdparams_holding_text_is_one_line(tmp_path, tiny_run):
+    source = weights_file(tiny_run, tmp_path / "text.pdparams", "head.bias", "ten classes")
+    proc = run(CONVERT + ["model=convit_micro", *DIGITS_IMAGE, f"source={source}",
+                          f"target={tmp_path / 'out.pdparams'}"], cwd=tmp_path)
+    assert only_line(proc) == (f"error: checkpoint {str(source)!r}: head.bias holds a str, not floating-point weights: "
+                               "give a file of the model's weights (float16, float32 or float64 arrays)")
+    assert not (tmp_path / "out.pdparams").exists()
+
+
+def eval_failed(tmp_path, ckpt):
+    """eval.py on ckpt: its one line, after checking its result.csv says failed with that line."""
+    run_dir = tmp_path / "eval"
+    proc = run_without_gpu(EVAL + [f"ckpt={ckpt}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    line = only_line(proc)
+    result = read_csv(run_dir / "result.csv")[0]
+    assert result["status"] == "failed" and result["error"] == line[len("error: "):] and not result["top1"]
+    return line
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink loop", "dangling symlink"])
+def test_eval_ckpt_that_is_not_a_file_says_what_it_is(tmp_path, tiny_run, kind):
+    ckpt = tmp_path / "weights.pdparams"
+    if kind == "folder":
+        ckpt.mkdir()
+        says = ("is a folder, not a file: give a .safetensors, .pth, .pdparams file (a run's weights: "
+                "<run dir>/checkpoints/best.pdparams)")
+    elif kind == "symlink loop":
+        ckpt.symlink_to(tmp_path / "other.pdparams")
+        (tmp_path / "other.pdparams").symlink_to(ckpt)
+        says = "is a symbolic link loop: give a .safetensors, .pth, .pdparams file"
+    else:
+        ckpt.symlink_to(tmp_path / "gone.pdparams")
+        says = f"is a symbolic link to {tmp_path / 'gone.pdparams'}, which does not exist: give a .safetensors, .pth, .pdparams file"
+    assert eval_failed(tmp_path, ckpt) == f"error: checkpoint {str(ckpt)!r} {says}"
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("head.weight", lambda w: w.astype("int64"), "holds dtype int64, not floating-point weights"),
+    ("head.bias", lambda b: b > 0, "holds dtype bool, not floating-point weights"),
+    ("pos_embed", lambda p: np.where(np.arange(p.size).reshape(p.shape) % 7 == 0, np.nan, p).astype(p.dtype),
+     "holds 147 NaN or infinite value(s) of 1024"),
+    ("head.bias", lambda b: np.full_like(b, np.inf), "holds 10 NaN or infinite value(s) of 10")])
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_path, tiny_run, name, value, says):
+    ckpt = weights_file(tiny_run, tmp_path / "bad.pdparams", name, value)
+    line = eval_failed(tmp_path, ckpt)
+    assert line.startswith(f"error: checkpoint {str(ckpt)!r}: {name} {says}"), line
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_saturated(tmp_path):
+    """Real 16-bit PNGs (tests/builders.write_png_16): grey scaled by 1/257, RGB read by Pillow as
+    each channel's high byte; Pillow's convert("RGB") alone made every grey pixel 255."""
+    from builders import write_png_16
+
+    from convitlab.data.sources import FileImages
+
+    grey = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], np.uint16)
+    rgb = np.stack([grey, grey[::-1], 65535 - grey], axis=-1)
+    paths = [write_png_16(tmp_path / "grey.png", grey), write_png_16(tmp_path / "rgb.png", rgb)]
+    assert Image.open(paths[0]).mode == "I;16" and Image.open(paths[1]).mode == "RGB"  # what Pillow makes of them
+    images = FileImages(paths, [0, 0], "RGB")
+    scaled = np.rint(grey / 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(images.load(0)), np.stack([scaled] * 3, axis=-1))
+    assert np.array_equal(np.asarray(FileImages(paths, [0, 0], "L").load(0)), scaled)
+    assert np.array_equal(np.asarray(images.load(1)), (rgb >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode, make, expected_rgb", [
+    ("I", lambda: Image.fromarray(np.array([[0, 257, 65535, 70000]], np.int32)), [0, 1, 255, 255]),
+    ("F", lambda: Image.fromarray(np.array([[0, 0.5, 1, 2]], np.float32)), [0, 128, 255, 255]),
+    ("P", lambda: _palette_with_transparency(), [0, 255, 0, 0]),
+    ("LA", lambda: Image.fromarray(np.array([[[10, 0], [20, 255], [30, 9], [40, 0]]], np.uint8), "LA"),
+     [10, 20, 30, 40]),
+    ("RGBA", lambda: Image.fromarray(np.array([[[10, 0, 0, 0], [20, 0, 0, 255], [30, 0, 0, 1], [40, 0, 0, 7]]],
+                                              np.uint8), "RGBA"), [10, 20, 30, 40]),
+    ("CMYK", lambda: Image.fromarray(np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255], [0, 255, 0, 0]]],
+                                              np.uint8), "CMYK"), [255, 0, 0, 255])])
+def test_every_pillow_mode_is_converted_by_one_rule(tmp_path, mode, make, expected_rgb):
+    """Files of each mode, saved and read back (TIFF keeps I and F), first channel of RGB compared."""
+    from convitlab.data.sources import FileImages
+
+    image = make()
+    path = tmp_path / f"image.{'tif' if mode in ('I', 'F', 'CMYK') else 'png'}"
+    image.save(path, **({"transparency": image.info["transparency"]} if "transparency" in image.info else {}))
+    assert Image.open(path).mode == mode
+    assert np.asarray(FileImages([path], [0], "RGB").load(0))[0, :, 0].tolist() == expected_rgb
+    assert FileImages([path], [0], "L").load(0).mode == "L"
+
+
+def _palette_with_transparency():
+    image = Image.fromarray(np.array([[0, 1, 2, 3]], np.uint8), "P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    image.info["transparency"] = b"\x00\xff\xff\xff"  # index 0 transparent: Pillow warns when this goes to RGB
+    return image
+
+
+def test_a_run_on_16_bit_pngs_trains_through_train_py(tmp_path):
+    from builders import make_16_bit_folder
+
+    root = make_16_bit_folder(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    proc = run_without_gpu(TRAIN + QUICK + ["data=imagefolder", f"data.root={root}", "data.img_size=8",
+                                            "data.patch_size=2", "data.num_classes=2", "data.batch_size=2",
+                                            "data.num_workers=0", f"hydra.run.dir={run_dir}"],
+                           cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr[-2000:]
+    assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
