@@ -385,3 +385,36 @@ def test_a_run_on_16_bit_pngs_trains_through_train_py(tmp_path):
                            cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr[-2000:]
     assert read_csv(run_dir / "result.csv")[0]["status"] == "completed"
+
+
+# Each changes what a run computes (none is a neutral key), and each keeps its default's effect.
+LONG_NAME = ["model.drop_rate=0.0", "model.attn_drop_rate=0.0", "model.drop_path_rate=0.0",
+             "optimizer.weight_decay=0.05", "optimizer.eps=1e-8", "schedule.warmup_lr=1e-6", "schedule.min_lr=1e-5",
+             "trainer.label_smoothing=0.1", "trainer.ema_decay=0.999", "data.augment.random_erasing=0.0",
+             "data.augment.mix_prob=1.0", "data.augment.mix_switch_prob=0.5", "data.augment.crop_padding=1",
+             "trainer.locality_batch_size=8"]
+
+
+def test_a_sweep_job_whose_name_is_too_long_is_named_by_a_hash_and_resumes(tmp_path):
+    from convitlab.run_folder import job_folder_name
+
+    sweep = tmp_path / "sweep"
+    command = TRAIN + ["-m", "debug=fast", *LONG_NAME, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    first = run_without_gpu(command, cwd=tmp_path)
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    names = {p.name: (p / "overrides.txt").read_text().strip() for p in jobs}
+    for name, overrides in names.items():  # the name each would have had, kept inside
+        assert len(overrides) > 255 and job_folder_name(overrides) == name
+        assert {o.split("=")[0] for o in overrides.split(",")} == {o.split("=")[0] for o in [*LONG_NAME, "debug", "seed"]}
+    assert sorted(o for overrides in names.values() for o in overrides.split(",") if o.startswith("seed=")) == \
+        ["seed=0", "seed=1"]
+    assert all(name.startswith("overrides-") and len(name) == 26 for name in names)
+    rows = read_csv(sweep / "summary.csv")
+    assert sorted((row["seed"], row["status"]) for row in rows) == [("0", "completed"), ("1", "completed")]
+    before = {p.name: (p / "metrics.csv").read_text() for p in jobs}
+    again = run_without_gpu(command, cwd=tmp_path)  # the same folders: finished jobs are reported
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("not retrained") == 2
+    assert {p.name: (p / "metrics.csv").read_text() for p in jobs} == before
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(names)

@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from convitlab.config_errors import check_known_keys
 from convitlab.errors import bad_value, check
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
+from convitlab.run_folder import job_folder_name
 from convitlab.run_record import sweep_exclude_keys
 
 
@@ -269,6 +270,7 @@ def rank_suffix() -> str:
 
 def register_configs() -> None:
     resolvers = {"run_stamp": run_stamp, "sweep_exclude_keys": sweep_exclude_keys, "rank_suffix": rank_suffix,
+                 "job_folder": job_folder_name,
                  # ${published:<model name>,<knob>}: the size's own value
                  "published": lambda name, knob: model_defaults(name)[knob]}
     for name, resolver in resolvers.items():

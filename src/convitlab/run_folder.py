@@ -12,8 +12,10 @@
       locality.csv     one row per epoch, layer and head
       vdl/             VisualDL's logs            }
       result.csv       the run's one row (results.py)
+      overrides.txt    a sweep job whose folder is named by a hash: its overrides (job_folder_name)
 """
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +33,7 @@ METRICS = "metrics.csv"
 LOCALITY = "locality.csv"
 VDL = "vdl"
 RESULT = "result.csv"
+JOB_OVERRIDES = "overrides.txt"  # a sweep job named by a hash: the folder name it would have had
 # The kernel's limits on a path (Linux): PATH_MAX bytes in all, NAME_MAX in one name unless the
 # file system says otherwise. INSIDE is room for the longest path a run writes below its directory
 # (checkpoints/.tmp-epoch_NNNN/optimizer.pdopt, .hydra/overrides.yaml, vdl/vdlrecords.<time>.log, ...),
@@ -58,6 +61,7 @@ class RunFolder:
     locality = property(lambda self: self.path / LOCALITY)
     vdl = property(lambda self: self.path / VDL)
     result = property(lambda self: self.path / RESULT)
+    job_overrides = property(lambda self: self.path / JOB_OVERRIDES)
 
     def clear_outputs(self) -> None:
         for name in OUTPUTS:
@@ -66,6 +70,15 @@ class RunFolder:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+
+def job_folder_name(overrides: str) -> str:
+    """A sweep job's folder name: its overrides (Hydra's override_dirname), or, when that would pass
+    NAME_MAX, `overrides-` and a hash of them (the same overrides, the same folder: a sweep started
+    again finds its jobs), the overrides then kept in the folder's overrides.txt (RunGuard)."""
+    if len(os.fsencode(overrides)) <= NAME_MAX:
+        return overrides
+    return f"overrides-{hashlib.sha256(overrides.encode()).hexdigest()[:16]}"
 
 
 def check_run_dir(path) -> None:
