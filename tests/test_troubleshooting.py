@@ -418,3 +418,35 @@ def test_a_sweep_job_whose_name_is_too_long_is_named_by_a_hash_and_resumes(tmp_p
     assert (again.stdout + again.stderr).count("not retrained") == 2
     assert {p.name: (p / "metrics.csv").read_text() for p in jobs} == before
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(names)
+
+
+def test_deleting_the_lock_file_of_a_running_run_does_not_let_a_second_one_in(tmp_path):
+    """The run directory itself is locked (engine/run_lock.py): the same command after `rm .lock`
+    is refused, and the first run's metrics.csv has each epoch once."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import started
+
+    run_dir = tmp_path / "run"
+    command = TRAIN + ["schedule.epochs=4", "trainer.max_steps_per_epoch=6", "data.batch_size=32",
+                       "trainer.locality_batch_size=16", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    with started(command, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=NO_GPU) as first:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "epoch_0001").exists():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the directory, writes nothing meanwhile
+        (run_dir / ".lock").unlink()
+        before = files_under(run_dir)
+        second = run_without_gpu(command, cwd=tmp_path)
+        after = files_under(run_dir)
+        os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=300)
+    assert only_line(second) == (f"error: run directory {run_dir} is in use by another process (its .lock file, which "
+                                 "names it, was deleted): wait for that run to end or stop it (it resumes where it "
+                                 "stopped); to run alongside, choose another hydra.run.dir")
+    assert after == before
+    assert first.returncode == 0, err[-2000:]
+    assert [row["epoch"] for row in read_csv(run_dir / "metrics.csv")] == ["1", "2", "3", "4"]
