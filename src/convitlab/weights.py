@@ -61,7 +61,7 @@ def _read_file(path):
                                 f"{', '.join(FORMATS)} file") from None
         if path.is_symlink():
             raise UserError(f"checkpoint {str(path)!r} is a symbolic link to {os.readlink(path)}, which does not "
-                            f"exist: give a {', '.join(FORMATS)} file") from None
+                            f"exist: give a {', '.join(FORMATS)} file")
         if os.path.lexists(path):
             raise UserError(f"checkpoint {str(path)!r} is not a regular file: give a {', '.join(FORMATS)} file")
         raise UserError(f"checkpoint {str(path)!r} does not exist: give a {', '.join(FORMATS)} file")

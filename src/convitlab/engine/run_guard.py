@@ -30,7 +30,8 @@ class RunGuard(Callback):
         overrides = OmegaConf.select(config, "hydra.job.override_dirname", default=None)
         output_dir = Path(str(OmegaConf.select(config, "hydra.runtime.output_dir", default="")))
         if overrides and output_dir.name == job_folder_name(overrides) != overrides:  # named by a hash
-            write_text(RunFolder(output_dir).job_overrides, overrides + "\n")  # the same text each time: no lock needed
+            # the same text whoever writes it, so no lock is needed (the job's is taken later, in run_training)
+            write_text(RunFolder(output_dir).job_overrides, overrides + "\n")
 
     def on_run_start(self, config, **kwargs) -> None:
         stop_at_step_boundaries()

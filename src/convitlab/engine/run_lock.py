@@ -177,10 +177,7 @@ class RunLock:
             raise
 
     def _lock_directory(self) -> None:
-        """flock the run directory itself. The lock file alone can be defeated: deleted while its run
-        runs (by hand, by a clean-up of dot files), the next process creates and locks a new one and
-        both train in one directory. Deleting a name does not unlock a directory, and a directory
-        holding a run's files cannot be removed and recreated under it without removing the run."""
+        """flock the run directory itself (why: the module's docstring); RunDirInUse if another process has it."""
         fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,7 +188,7 @@ class RunLock:
         except OSError as exc:
             os.close(fd)
             # NFS locks a file only when it is open for writing, which a directory cannot be (EBADF):
-            # there the lock file alone decides, as before.
+            # there the lock file alone decides.
             if exc.errno not in (*_NO_LOCKING, errno.EBADF):
                 raise
             return
