@@ -1,6 +1,8 @@
-"""README's Troubleshooting rows not tested elsewhere, through `python src/train.py`: each bad
-input ends with exactly one line on stderr naming it and what is allowed, exit code 2, and no
-traceback (the value rows are in test_train.py's BAD_INPUT, the data files in test_data.py)."""
+"""README's Troubleshooting rows not tested elsewhere, through the entry points (src/train.py,
+eval.py, convert.py, compare.py as subprocesses): each bad input ends with exactly one line on
+stderr naming it and what is allowed or the way out, exit code 2, no traceback, and nothing
+half-written (the value rows are in test_train.py's BAD_INPUT, the data files in test_data.py).
+Legitimate inputs that once failed (16-bit images, long sweep job names) simply work."""
 import os
 import sys
 from pathlib import Path
