@@ -3,6 +3,7 @@
 
 The model is the named size at its published image (conf/convert.yaml); data.* and model.* change it.
 """
+import os
 import sys
 
 from convitlab import runtime
@@ -30,17 +31,26 @@ def convert(cfg) -> None:
             raise UserError(message)
     if not cfg.target.endswith(".pdparams"):
         raise UserError(f"target={cfg.target!r} is not allowed: a path ending in .pdparams")
+    if os.path.lexists(cfg.target) and not os.path.isfile(cfg.target):
+        raise UserError(f"target={cfg.target!r} is not allowed: it is a folder (or not a regular file); "
+                        "give the path of the .pdparams file to write")
     model = build_model(cfg)
     load_pretrained(model, cfg.source)
-    save_pdparams(model, cfg.target)
+    try:
+        save_pdparams(model, cfg.target)  # atomic: nothing is left at the target, or beside it, when it fails
+    except OSError as exc:
+        raise UserError(f"cannot write target={cfg.target!r} ({exc.strerror or exc}): give a target on a file "
+                        "system you can write to") from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
 def main(cfg):
     try:
         convert(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
+        from convitlab.engine.run import describe_error
+
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {cfg.target}")
 

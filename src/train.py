@@ -57,6 +57,11 @@ def closing_lines(cfg, row, run_dir, wall_s, best_weights) -> str:
     return "\n".join(lines)
 
 
+def diverged(row, run_dir) -> str:
+    return (f"run in {run_dir} diverged ({row.get('error') or 'a loss that is not finite'}): lower optimizer.lr "
+            "or set trainer.grad_clip, then run again in another hydra.run.dir or with trainer.resume=false")
+
+
 def interrupted(exc) -> str:
     done = getattr(exc, "epochs_done", None)
     kept = (f"{'epoch 1 is' if done == 1 else f'epochs 1-{done} are'} kept (checkpoints/epoch_{done:04d})" if done else
@@ -107,7 +112,12 @@ def main(cfg):
             return None
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    if not multirun and distributed.is_main():
+    if multirun:  # a diverged job is a result of the sweep: the sweep carries on
+        return row.get("top1")
+    if row.get("status") == "diverged":  # finished, but not a result to use: the command failed
+        print(f"error: {diverged(row, run_dir)}", file=sys.stderr)
+        sys.exit(2)
+    if distributed.is_main():
         best_weights = RunFolder(run_dir).checkpoints / BEST
         print(closing_lines(cfg, row, run_dir, time.monotonic() - started, best_weights))
     return row.get("top1")

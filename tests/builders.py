@@ -86,3 +86,38 @@ def make_val_only_folder(root: Path, classes=("cat", "dog"), per_class=2) -> Pat
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def write_png_16(path: Path, pixels: np.ndarray) -> Path:
+    """A real 16-bit PNG (grey for [H, W], RGB for [H, W, 3] uint16), written chunk by chunk:
+    Pillow writes 16-bit grey but not 16-bit RGB."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = pixels.astype(">u2").reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    raw = b"".join(b"\x00" + rows[y * stride:(y + 1) * stride] for y in range(height))  # filter 0 per row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def make_16_bit_folder(root: Path, classes=("dark", "light"), per_class=3) -> Path:
+    """root/{train,val}/<class>/ of 16-bit PNGs, grey and RGB, 12x12, of values far above 255."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (12, 12, 3) if i % 2 else (12, 12)
+                low = 20000 * label
+                write_png_16(folder / f"{i}.png", rng.integers(low, low + 40000, size=shape, dtype=np.uint16))
+    return root

@@ -30,6 +30,7 @@ cut at 0, and a gain's lower bound is never below −100%.
 """
 import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -639,6 +640,9 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     `out` defaults to the first input's folder (the input itself when it is a directory); nothing
     else is written, unless `write_summary`: then each sweep directory's summary.csv too.
     """
+    if out and os.path.lexists(out) and not Path(out).is_dir():  # before any work
+        raise UserError(f"--out {out} is a file, not a folder: give a folder for comparison.csv, comparison.md "
+                        "and the plots (it is created if missing)")
     comparison = compare(results.gather_results(*inputs), metric, by, vs, baseline, kind)
     first = Path(inputs[0])
     out = Path(out) if out else (first if first.is_dir() else first.parent)

@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from convitlab.config_errors import check_known_keys
 from convitlab.errors import bad_value, check
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
+from convitlab.run_folder import job_folder_name
 from convitlab.run_record import sweep_exclude_keys
 
 
@@ -68,6 +69,8 @@ def unit_interval(low_open=False, high_open=False):
 
 
 POSITIVE_INT = at_least(1, "an int")
+# Every consumer takes it: NumPy's and Paddle's generators, scikit-learn's random_state (< 2**32).
+SEED = Rule(lambda v: 0 <= v < 2**32, "an int in 0..4294967295")
 
 
 def ranged(default, rule: Rule, note: str = ""):
@@ -133,9 +136,9 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     fraction: float = ranged(1.0, unit_interval(low_open=True))  # per-class fraction of the training split kept
     subset: SubsetRule = SubsetRule.random
-    subset_seed: Optional[int] = None  # None: the run's seed
+    subset_seed: Optional[int] = ranged(None, SEED.or_null())  # None: the run's seed
     val_split: float = ranged(0.2, unit_interval(low_open=True, high_open=True))  # digits: share held out
-    split_seed: int = 0                # digits only: the fixed train/validation split
+    split_seed: int = ranged(0, SEED)  # digits only: the fixed train/validation split
     batch_size: int = ranged(64, POSITIVE_INT)
     eval_batch_size: Optional[int] = ranged(None, POSITIVE_INT.or_null())  # None: batch_size
     drop_last: bool = True
@@ -205,7 +208,7 @@ class TrainConfig:
     schedule: ScheduleConfig = MISSING
     trainer: TrainerConfig = MISSING
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    seed: int = 0
+    seed: int = ranged(0, SEED)
     tags: List[str] = field(default_factory=list)
     study: str = "default"             # names the sweep directory; presets set it
     ablation: Optional[str] = None     # set by conf/ablation/*: the row of the paper's Table 3
@@ -218,7 +221,7 @@ class EvalConfig:
     trainer: TrainerConfig = MISSING
     ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
     run: Optional[str] = None          # a training run's folder: its model and data (src/eval.py)
-    seed: int = 0
+    seed: int = ranged(0, SEED)
 
 
 @dataclass
@@ -268,6 +271,7 @@ def rank_suffix() -> str:
 
 def register_configs() -> None:
     resolvers = {"run_stamp": run_stamp, "sweep_exclude_keys": sweep_exclude_keys, "rank_suffix": rank_suffix,
+                 "job_folder": job_folder_name,
                  # ${published:<model name>,<knob>}: the size's own value
                  "published": lambda name, knob: model_defaults(name)[knob]}
     for name, resolver in resolvers.items():
@@ -294,15 +298,16 @@ def image_size_pair(value, key: str = "data.img_size"):
     return pair
 
 
-def check_ranges(node, schema, prefix: str) -> None:
-    """Apply the range rule beside each field of `schema` (nested groups included) to `node`."""
+def check_ranges(node, schema, prefix: str = "", groups: bool = True) -> None:
+    """Apply the range rule beside each field of `schema` to `node`; nested groups too unless `groups` is false."""
     for f in fields(schema):
-        value = node[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
         if is_dataclass(f.type):
-            check_ranges(value, f.type, f"{prefix}.{f.name}")
+            if groups:
+                check_ranges(node[f.name], f.type, key)
         elif "rule" in f.metadata:
             rule = f.metadata["rule"]
-            check(rule.test(value), f"{prefix}.{f.name}", value, rule.allowed)
+            check(rule.test(node[f.name]), key, node[f.name], rule.allowed)
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
@@ -318,6 +323,8 @@ def validate(cfg) -> None:
     for group in ("data", *(g for g in GROUPS if g != "data")):
         if group in cfg:
             check_ranges(cfg[group], GROUPS[group], group)
+    if is_dataclass(OmegaConf.get_type(cfg)):  # the top-level keys (seed)
+        check_ranges(cfg, OmegaConf.get_type(cfg), groups=False)
     m, d = cfg.model, cfg.data
     check(m.name in list_models(), "model.name", m.name, f"one of {', '.join(list_models())}")
     # within a group

@@ -6,6 +6,7 @@ with weights_only=True, and .pdparams (a pickle) by safe_pickle's arrays-only un
 Reference (PyTorch) checkpoints use the same parameter names as convitlab; only Linear
 weights differ, stored [out, in] there and [in, out] in Paddle.
 """
+import errno
 import logging
 import os
 from pathlib import Path
@@ -25,9 +26,44 @@ FORMATS = (".safetensors", ".pth", ".pdparams")
 
 
 def read_checkpoint(path):
-    """(state dict of NumPy arrays, layout) where layout is "reference" or "paddle"."""
+    """(state dict of NumPy arrays of finite floats, layout) where layout is "reference" or "paddle"."""
+    state, layout = _read_file(path)
+    for name, value in state.items():
+        check_weight(path, name, value)
+    return state, layout
+
+
+def check_weight(path, name, value) -> None:
+    """A weight is an array of finite floating-point numbers: anything else (integers, booleans,
+    text, NaN) would load as numbers no checkpoint meant, and train or evaluate on without a word."""
+    where = f"checkpoint {str(path)!r}: {name}"
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+        what = f"dtype {value.dtype}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+        raise UserError(f"{where} holds {what}, not floating-point weights: give a file of the model's weights "
+                        "(float16, float32 or float64 arrays)")
+    bad = value.size - int(np.isfinite(value).sum())
+    if bad:
+        raise UserError(f"{where} holds {bad} NaN or infinite value(s) of {value.size}: these weights are damaged "
+                        "or come from a diverged run; give a checkpoint from before it diverged")
+
+
+def _read_file(path):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} is a folder, not a file: give a {', '.join(FORMATS)} file "
+                        "(a run's weights: <run dir>/checkpoints/best.pdparams)")
     if not path.is_file():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"checkpoint {str(path)!r} is a symbolic link loop: give a "
+                                f"{', '.join(FORMATS)} file") from None
+        if path.is_symlink():
+            raise UserError(f"checkpoint {str(path)!r} is a symbolic link to {os.readlink(path)}, which does not "
+                            f"exist: give a {', '.join(FORMATS)} file")
+        if os.path.lexists(path):
+            raise UserError(f"checkpoint {str(path)!r} is not a regular file: give a {', '.join(FORMATS)} file")
         raise UserError(f"checkpoint {str(path)!r} does not exist: give a {', '.join(FORMATS)} file")
     suffix = path.suffix.lower()
     try:
@@ -40,7 +76,8 @@ def read_checkpoint(path):
             state = state.get("model", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise UserError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict of weights")
-            return {k: np.asarray(v) for k, v in state.items()}, "paddle"
+            arrays = (np.ndarray, np.generic)  # anything else is refused by name (check_weight)
+            return {k: np.asarray(v) if isinstance(v, arrays) else v for k, v in state.items()}, "paddle"
     except UserError:
         raise
     except Exception as exc:  # a torn or foreign file: say which file and why, in one line
@@ -57,7 +94,9 @@ def _read_torch(path):
                         "(or convert it to .safetensors elsewhere)") from None
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+    # float() only for floats (NumPy has no bfloat16): integer tensors stay integers, for check_weight to refuse.
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
+            for k, v in state.items() if hasattr(v, "numpy")}
 
 
 def linear_weight_names(model):

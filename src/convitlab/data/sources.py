@@ -7,6 +7,34 @@ from PIL import Image
 from convitlab.errors import UserError
 
 
+WIDE_INTEGERS = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF), and I as Pillow widens it
+
+
+def to_8_bit(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode` (RGB or L, 8 bits a channel), by one rule for every Pillow mode:
+
+    - 16-bit grey (I;16*) and 32-bit integers (I, which Pillow makes of some 16-bit files) are
+      taken as 0..65535 and scaled by 1/257 (65535 -> 255), rounded, clipped to 0..255; Pillow's
+      own convert would saturate them (every value above 255 becomes white);
+    - 32-bit floats (F) are taken as 0..1, as float arrays are everywhere here: x 255, rounded, clipped;
+    - 16-bit RGB(A) PNGs Pillow itself reads as 8-bit RGB(A), keeping each channel's high byte;
+    - every 8-bit mode (1, L, P, RGB, CMYK, YCbCr, LAB, HSV, and those with alpha) goes through
+      Pillow's convert; alpha is dropped, each pixel keeps the colour stored under it (a palette
+      with transparency through RGBA, as Pillow asks).
+    """
+    if image.mode in WIDE_INTEGERS:
+        image = _grey(np.asarray(image, dtype=np.float64) / 257)
+    elif image.mode == "F":
+        image = _grey(np.asarray(image, dtype=np.float64) * 255)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # as Pillow asks of a palette with transparency (it warns otherwise)
+    return image.convert(mode)  # a copy when already in `mode`: the file is closed after
+
+
+def _grey(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 class ArrayImages:
     """Images held as an array [N, H, W, 3] or [N, H, W] (uint8, or float32 in [0, 1]) with int labels."""
 
@@ -35,7 +63,7 @@ class FileImages:
         path = Path(self.paths[index])
         try:
             with Image.open(path) as image:
-                return image.convert(self.mode)
+                return to_8_bit(image, self.mode)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise UserError(f"cannot read image {path}: {reason} (replace or remove the file)") from None

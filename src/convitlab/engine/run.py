@@ -77,16 +77,22 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
         row.update(identity_row(cfg, run_dir, cfg_hash, overrides))
         row["epochs"] = total_epochs(cfg)  # after the identity: a refused plan's failed row still says which run
         fresh = cfg.trainer.resume is False
+        previous = results.read_result(run_dir)
         if not fresh:
-            previous = results.read_result(run_dir)
             if previous and previous.get("status") in FINISHED and previous.get("config_hash") == cfg_hash:
                 log.info("run in %s already %s (top-1 %s): not retrained; trainer.resume=false retrains it",
                          run_dir, previous["status"], previous.get("top1"))
                 return previous
         if main:
-            if fresh:
+            # Another config's run that trained nothing (it failed its checks, or was stopped before
+            # its first checkpoint) leaves nothing to keep: the directory is this run's.
+            stale = record.stored_hash() not in (None, cfg_hash) and not trained_anything(folder, previous)
+            if stale:
+                log.info("run directory %s held a run of another config that trained nothing (%s): replaced",
+                         run_dir, (previous or {}).get("status", "no result"))
+            if fresh or stale:
                 folder.clear_outputs()
-            record.claim(cfg_hash, overwrite=fresh)
+            record.claim(cfg_hash, overwrite=fresh or stale)
             write_text(folder.config, OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
         row.update(fit(cfg, run_dir))
@@ -107,6 +113,13 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
     if main:
         results.write_result(run_dir, row)
     return row
+
+
+def trained_anything(folder: RunFolder, previous) -> bool:
+    """Whether a run directory holds work of its run: a checkpoint, or a finished result."""
+    from convitlab.engine.checkpoint import Checkpointer  # here, as in run_training
+
+    return bool(Checkpointer(folder.checkpoints).generations()) or (previous or {}).get("status") in FINISHED
 
 
 def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:

@@ -12,18 +12,26 @@
   up the runtime (runtime.setup) when its job starts, before the job loads Paddle.
 """
 import sys
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from convitlab.atomic import write_text
 from convitlab.engine import run_lock
 from convitlab.errors import UserError
+from convitlab.run_folder import RunFolder, job_folder_name
 from convitlab.runtime import setup, signal_name, stop_at_step_boundaries, stop_signal
 
 
 class RunGuard(Callback):
     def on_job_start(self, config, **kwargs) -> None:
         setup()  # first of the callbacks (conf/hydra/default.yaml); does nothing where Paddle is loaded
+        overrides = OmegaConf.select(config, "hydra.job.override_dirname", default=None)
+        output_dir = Path(str(OmegaConf.select(config, "hydra.runtime.output_dir", default="")))
+        if overrides and output_dir.name == job_folder_name(overrides) != overrides:  # named by a hash
+            # the same text whoever writes it, so no lock is needed (the job's is taken later, in run_training)
+            write_text(RunFolder(output_dir).job_overrides, overrides + "\n")
 
     def on_run_start(self, config, **kwargs) -> None:
         stop_at_step_boundaries()

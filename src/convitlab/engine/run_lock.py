@@ -7,6 +7,11 @@ naming the holder, before writing anything (the entry point takes the lock befor
 writes its .hydra/ record and log). The kernel drops an flock when its process dies however it
 dies, so a lock left by a killed run is free and is taken over, with a log line.
 
+The run directory itself is flocked too, first (_lock_directory): the lock file is a name
+anyone can delete while its run runs, and a second process would then lock a new file and train
+beside the first; the directory's lock goes only with the process. The file still names the
+holder, and decides alone where a directory cannot be locked (NFS).
+
 Ranks r > 0 of the launch do not take it: they wait until the file names their own launch
 (PADDLE_MASTER and the trainer endpoints, the same on every rank and node), then share it.
 
@@ -33,14 +38,20 @@ from pathlib import Path
 from convitlab import distributed
 from convitlab.atomic import reporting_disk_full
 from convitlab.errors import UserError
-from convitlab.run_folder import RunFolder
+from convitlab.run_folder import RunFolder, check_run_dir
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30
 STALE_AFTER_S = 180
 RANK_WAIT_S = 600  # how long ranks r > 0 wait for rank 0 of their launch to take the lock
 _NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _held = {}  # resolved run dir -> the RunLock this process holds (or shares) on it
+
+
+def _key(run_dir) -> str:
+    """The run directory as _held knows it (os.path.realpath: a symbolic link loop is check_run_dir's to report)."""
+    return os.path.realpath(run_dir)
 
 
 class RunDirInUse(UserError):
@@ -82,6 +93,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = RunFolder(run_dir).lock
         self.fd = None
+        self.dir_fd = None         # the run directory, flocked (_lock_directory)
         self.shared = False        # a rank r > 0 sharing rank 0's lock
         self.taken_over = None     # the holder whose stale lock was taken over, for the log
         self.owner = os.getpid()   # a forked child (a data loader worker) must not release it
@@ -124,7 +136,12 @@ class RunLock:
             return start is not None and start == holder.get("start")
         return self._heartbeat_age(fd) < STALE_AFTER_S
 
-    def _in_use(self, holder: dict, fd=None, by_heartbeat: bool = False) -> RunDirInUse:
+    def _in_use(self, holder: dict, fd=None, by_heartbeat: bool = False, deleted: bool = False) -> RunDirInUse:
+        if deleted:
+            holder_text = f"another process (its {self.path.name} file, which names it, was deleted)"
+            return RunDirInUse(f"run directory {self.run_dir} is in use by {holder_text}: wait for that run to end "
+                               "or stop it (it resumes where it stopped); to run alongside, choose another "
+                               "hydra.run.dir", holder_text)
         age = self._heartbeat_age(fd)
         stale = (f"; without file locks here, it is presumed gone {STALE_AFTER_S} s after its last heartbeat "
                  f"({age:.0f} s ago)" if by_heartbeat and holder.get("host") != socket.gethostname() else "")
@@ -137,7 +154,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Hold the run directory for this process until it exits (or release()); RunDirInUse if
         another process holds it. Held already by this process: that same lock."""
-        key = self.run_dir.resolve()
+        check_run_dir(self.run_dir)
+        key = _key(self.run_dir)
         if key in _held:
             return _held[key]
         if distributed.rank() > 0 and launch_id() is not None:
@@ -149,10 +167,42 @@ class RunLock:
         return self
 
     def _take(self) -> None:
-        with reporting_disk_full(self.path):
+        with self._writable():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_directory()
+        try:
+            self._take_file()
+        except BaseException:
+            self._unlock_directory()
+            raise
+
+    def _lock_directory(self) -> None:
+        """flock the run directory itself (why: the module's docstring); RunDirInUse if another process has it."""
+        fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.holder()
+            raise self._in_use(holder, deleted=not holder and not os.path.lexists(self.path)) from None
+        except OSError as exc:
+            os.close(fd)
+            # NFS locks a file only when it is open for writing, which a directory cannot be (EBADF):
+            # there the lock file alone decides.
+            if exc.errno not in (*_NO_LOCKING, errno.EBADF):
+                raise
+            return
+        self.dir_fd = fd
+
+    def _unlock_directory(self) -> None:
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)  # closing the last descriptor of it drops the flock
+            self.dir_fd = None
+
+    def _take_file(self) -> None:
         for _ in range(20):  # another process may remove the file between our open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            with self._writable():
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             locking = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,6 +243,23 @@ class RunLock:
         raise RunDirInUse(f"run directory {self.run_dir}: its lock file keeps changing; another process is "
                           "starting there")
 
+    @contextlib.contextmanager
+    def _writable(self):
+        """Turn a run directory that cannot be written (a read-only file system, no permission) into
+        one line; nothing can have been written there."""
+        try:
+            with reporting_disk_full(self.path):
+                yield
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            from convitlab import results
+
+            previous = results.read_result(self.run_dir)
+            kept = f" (its result.csv says {previous.get('status')}: read it where it is)" if previous else ""
+            raise UserError(f"cannot write in run directory {self.run_dir} ({os.strerror(exc.errno)}){kept}: "
+                            "choose a hydra.run.dir on a file system you can write to") from None
+
     def _write_holder(self) -> None:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "start": process_start(os.getpid()), "launch": launch_id(),
@@ -227,21 +294,23 @@ class RunLock:
             return
         self._stop.set()
         atexit.unregister(self.release)
-        _held.pop(self.run_dir.resolve(), None)
+        _held.pop(_key(self.run_dir), None)
         if self.fd is None:
+            self._unlock_directory()
             return
         with contextlib.suppress(OSError):  # removed while still locked: a newcomer locks a new file
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()
         os.close(self.fd)
         self.fd = None
+        self._unlock_directory()
 
 
 @contextlib.contextmanager
 def hold(run_dir):
     """Hold `run_dir` for the block (unless this process holds it already, e.g. since the entry
     point started); RunDirInUse if another process does."""
-    key = Path(run_dir).resolve()
+    key = _key(run_dir)
     if key in _held:
         yield _held[key]
         return
