@@ -23,17 +23,33 @@ QUICK = ["schedule.epochs=2", "trainer.max_steps_per_epoch=3", "data.batch_size=
          "trainer.locality_batch_size=16", "trainer.progress_bar=false"]
 
 
-def _descendants(pid):
-    """The processes below `pid` (its children, theirs, ...), read from /proc."""
-    children = {}
+class ProcessInfo:
+    """One process as /proc/<pid>/stat tells it."""
+
+    def __init__(self, pid: int, stat: str):
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)  # the name in parentheses may hold spaces
+        fields = rest.split()
+        self.pid, self.name, self.state = pid, name, fields[0]
+        self.parent, self.group = int(fields[1]), int(fields[2])
+
+
+def processes() -> list:
+    """Every process of this machine, read from /proc (those that end meanwhile left out)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
+                found.append(ProcessInfo(int(entry), Path(f"/proc/{entry}/stat").read_text()))
             except OSError:
                 continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-            children.setdefault(parent, []).append(int(entry))
+    return found
+
+
+def _descendants(pid):
+    """The processes below `pid` (its children, theirs, ...)."""
+    children = {}
+    for process in processes():
+        children.setdefault(process.parent, []).append(process.pid)
     found, todo = [], [pid]
     while todo:
         below = children.get(todo.pop(), [])

@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import pytest
 from builders import CIFAR, data_config, make_image_folder, plain, write_fake_cifar
+from helpers import processes
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -286,17 +287,7 @@ def test_batches_are_tensors_and_augmentation_is_reproducible():
 
 def children() -> set:
     """The live processes whose parent is this one (Paddle's loader workers among them)."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == me and fields[0] != "Z":
-                found.add(int(entry))
-    return found
+    return {p.pid for p in processes() if p.parent == os.getpid() and p.state != "Z"}
 
 
 def state(pid: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EVAL, QUICK, ROOT, TRAIN, read_csv, run, started, trained, without_timings
+from helpers import EVAL, QUICK, ROOT, TRAIN, processes, read_csv, run, started, trained, without_timings
 
 from convitlab.engine import run_lock
 from convitlab.run_folder import RunFolder
@@ -211,26 +211,9 @@ def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_e
     assert read_csv(run_dir / "locality.csv") == read_csv(straight / "locality.csv")
 
 
-# The named helpers a run may start besides its loader workers: the compiled CPU kernels' cache key
-# asks the C++ compiler its version and target once per process (models/cpu_kernels.py).
-COMPILER = {"c++", "g++", "gcc", "cc", "clang++", "cc1", "cc1plus", "as", "collect2", "ld"}
-
-
 def group_members(pgid: int) -> list:
-    """(pid, state, name) of the processes in process group `pgid`, read from /proc, less the
-    compiler's (COMPILER)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            name, fields = stat.split("(", 1)[1].rsplit(")", 1)  # the name in parentheses may hold spaces
-            state, _, group = fields.split()[:3]
-            if int(group) == pgid and name not in COMPILER:
-                members.append((int(entry), state, name))
-    return members
+    """(pid, state, name) of the processes in process group `pgid`."""
+    return [(p.pid, p.state, p.name) for p in processes() if p.group == pgid]
 
 
 @pytest.mark.timeout(600)
@@ -251,7 +234,10 @@ def test_loader_workers_end_with_each_pass_so_a_run_never_holds_more_than_its_wo
         # processes, each with its workers, and the resource trackers of loky and multiprocessing.
         bound = 1 + workers if how == "basic sweep" else 1 + 2 * (1 + workers) + 2
     largest = []
-    with start(args, cwd=tmp_path) as proc:
+    # Without the compiled CPU kernels, whose cache key asks the C++ compiler (a process forked
+    # from the run, a python one until it execs) once per process: the loader's processes alone.
+    env = {**os.environ, "CONVITLAB_CPU_KERNELS": "0"}
+    with started(TRAIN + args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         while proc.poll() is None:
             members = group_members(proc.pid)
             largest = max(largest, members, key=len)

@@ -25,26 +25,21 @@ from convitlab.data import build_datasets, build_loaders  # noqa: E402
 from convitlab.data.loaders import PREFETCH_FACTOR, _collate, _FailuresAsItems  # noqa: E402
 
 
-def per_pass(loader, passes):
+def seconds_per_pass(loader, sampler, passes):
+    """Read every batch of `passes` passes of `loader` (its sampler set to each epoch)."""
     start = time.perf_counter()
     for epoch in range(1, passes + 1):
-        loader.batch_sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         for _ in loader:
             pass
     return (time.perf_counter() - start) / passes
 
 
-def persistent(loader, workers, passes):
-    paddle_loader = paddle.io.DataLoader(_FailuresAsItems(loader._loader.dataset.dataset),
-                                         batch_sampler=loader.batch_sampler, num_workers=workers,
-                                         collate_fn=_collate, use_shared_memory=False,
-                                         prefetch_factor=PREFETCH_FACTOR, persistent_workers=True)
-    start = time.perf_counter()
-    for epoch in range(1, passes + 1):
-        loader.batch_sampler.set_epoch(epoch)
-        for _ in paddle_loader:
-            pass
-    return (time.perf_counter() - start) / passes
+def persistent_loader(loader, workers):
+    """Paddle's loader over the same items, batches and collation, with persistent_workers."""
+    return paddle.io.DataLoader(_FailuresAsItems(loader._loader.dataset.dataset), batch_sampler=loader.batch_sampler,
+                                num_workers=workers, collate_fn=_collate, use_shared_memory=False,
+                                prefetch_factor=PREFETCH_FACTOR, persistent_workers=True)
 
 
 def main():
@@ -60,9 +55,9 @@ def main():
     loader = build_loaders(data, cfg, seed=0)[0]
     print(f"digits, data.fraction={args.fraction}: {len(data.train)} images, {len(loader)} batches of 64 a pass, "
           f"{args.workers} workers, {args.passes} passes, best of {args.repeats}")
-    for name, timed in (("started and ended each pass (convitlab)", lambda: per_pass(loader, args.passes)),
-                        ("persistent_workers=True (Paddle)", lambda: persistent(loader, args.workers, args.passes))):
-        best = min(timed() for _ in range(args.repeats))
+    for name, way in (("started and ended each pass (convitlab)", loader),
+                      ("persistent_workers=True (Paddle)", persistent_loader(loader, args.workers))):
+        best = min(seconds_per_pass(way, loader.batch_sampler, args.passes) for _ in range(args.repeats))
         print(f"{name}: {1000 * best:.1f} ms a pass")
 
 
