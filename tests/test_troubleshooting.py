@@ -310,7 +310,7 @@ def test_eval_ckpt_that_is_not_a_file_says_what_it_is(tmp_path, tiny_run, kind):
     elif kind == "symlink loop":
         ckpt.symlink_to(tmp_path / "other.pdparams")
         (tmp_path / "other.pdparams").symlink_to(ckpt)
-        says = "is a symbolic link loop: give a .safetensors, .pth, .pdparams file"
+        says = f"is a symbolic link loop (-> {tmp_path / 'other.pdparams'}): give a .safetensors, .pth, .pdparams file"
     else:
         ckpt.symlink_to(tmp_path / "gone.pdparams")
         says = (f"is a symbolic link to {tmp_path / 'gone.pdparams'}, which does not exist: give a .safetensors, "

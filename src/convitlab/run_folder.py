@@ -14,13 +14,12 @@
       result.csv       the run's one row (results.py)
       overrides.txt    a sweep job whose folder is named by a hash: its overrides (job_folder_name)
 """
-import errno
 import hashlib
 import os
 import shutil
 from pathlib import Path
 
-from convitlab.errors import UserError
+from convitlab.errors import UserError, broken_link
 
 LOCK = ".lock"
 HYDRA = ".hydra"
@@ -104,15 +103,10 @@ def check_run_dir(path) -> None:
         if part == existing:
             return
         where = f"run directory {_short(path)}" + ("" if part == path else f": {part}")
-        if part.is_symlink():
-            try:
-                os.stat(part)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise UserError(f"{where} is a symbolic link loop "
-                                    f"(-> {os.readlink(part)}): {way_out}, or replace the link") from None
-                raise UserError(f"{where} is a symbolic link to {os.readlink(part)}, "
-                                f"which does not exist: create that folder, or {way_out}") from None
+        link = broken_link(part)
+        if link is not None:
+            fix = f"{way_out}, or replace the link" if "loop" in link else f"create that folder, or {way_out}"
+            raise UserError(f"{where} is {link}: {fix}")
         if os.path.lexists(part):
             kind = "a file" if part.is_file() else "not a folder"
             raise UserError(f"{where} is {kind}: {way_out}, or move it away")

@@ -6,7 +6,6 @@ with weights_only=True, and .pdparams (a pickle) by safe_pickle's arrays-only un
 Reference (PyTorch) checkpoints use the same parameter names as convitlab; only Linear
 weights differ, stored [out, in] there and [in, out] in Paddle.
 """
-import errno
 import logging
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import paddle.nn as nn
 from safetensors.numpy import load_file
 
 from convitlab.atomic import atomic_path
-from convitlab.errors import UserError
+from convitlab.errors import UserError, broken_link
 from convitlab.models.convit import resize_pos_embed, square_grid
 from convitlab.safe_pickle import load_arrays
 
@@ -53,15 +52,9 @@ def _read_file(path):
         raise UserError(f"checkpoint {str(path)!r} is a folder, not a file: give a {', '.join(FORMATS)} file "
                         "(a run's weights: <run dir>/checkpoints/best.pdparams)")
     if not path.is_file():
-        try:
-            os.stat(path)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UserError(f"checkpoint {str(path)!r} is a symbolic link loop: give a "
-                                f"{', '.join(FORMATS)} file") from None
-        if path.is_symlink():
-            raise UserError(f"checkpoint {str(path)!r} is a symbolic link to {os.readlink(path)}, which does not "
-                            f"exist: give a {', '.join(FORMATS)} file")
+        link = broken_link(path)
+        if link is not None:
+            raise UserError(f"checkpoint {str(path)!r} is {link}: give a {', '.join(FORMATS)} file")
         if os.path.lexists(path):
             raise UserError(f"checkpoint {str(path)!r} is not a regular file: give a {', '.join(FORMATS)} file")
         raise UserError(f"checkpoint {str(path)!r} does not exist: give a {', '.join(FORMATS)} file")
