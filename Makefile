@@ -51,7 +51,7 @@ test-gpu: setup
 # Paddle's CUDA (or why no GPU is visible), then the GPU tests, then a short benchmark (convit_tiny
 # 224/16, fp16, eager; results in outputs/bench/gpu_check.csv).
 check-gpu: setup
-	$(BIN)/python -m convitlab.gpu_check
+	$(BIN)/python -m convitlab.ops.gpu_check
 	$(BIN)/python -m pytest -q -rs -m gpu
 	$(BIN)/python src/bench.py --models convit_tiny --resolutions 224/16 --batch-sizes 64 --variants ours local0 \
 	  --amp fp16 --repeats 10 --output outputs/bench/gpu_check.csv

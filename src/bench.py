@@ -6,7 +6,7 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
   - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
   - "seed_defaults": "seed" as the seed notebook ran it, in a subprocess with Paddle as it comes
     (CONVITLAB_PADDLE_DEFAULTS=1: one thread, MKL's own dispatch, stride kernels, glibc's
-    malloc defaults) and the stock Linear/LayerNorm instead of convitlab.models.cpu_layers;
+    malloc defaults) and the stock Linear/LayerNorm instead of convitlab.ops.cpu_layers;
   - "timm": timm's PyTorch ConViT, run by experiments/perf/timm_bench.py in another Python.
 
     python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
 
@@ -39,10 +39,12 @@ from paddle.base import core  # noqa: E402
 
 from convitlab.analysis.summary import count_flops  # noqa: E402
 from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported  # noqa: E402
-from convitlab.errors import UserError  # noqa: E402
-from convitlab.models import cpu_kernels, cpu_layers, create_model, model_defaults  # noqa: E402
+from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.models import create_model, model_defaults  # noqa: E402
+from convitlab.ops import cpu_kernels  # noqa: E402
+from convitlab.ops import cpu_layers  # noqa: E402
 from convitlab.models.attention import ReferenceGPSA, relative_positions  # noqa: E402
-from convitlab.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
+from convitlab.ops.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_SCRIPT = ROOT / "experiments" / "perf" / "timm_bench.py"

@@ -6,7 +6,7 @@ The model is the named size at its published image (conf/convert.yaml); data.* a
 import os
 import sys
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
 
@@ -14,10 +14,10 @@ import hydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
-from convitlab.engine.trainer import build_model  # noqa: E402
-from convitlab.errors import UserError  # noqa: E402
+from convitlab.models.registry import build_model  # noqa: E402
+from convitlab.core.errors import UserError  # noqa: E402
 from convitlab.models import list_models  # noqa: E402
-from convitlab.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
+from convitlab.models.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
 
 register_configs()
 REQUIRED = {"model": f"model=<name> is required: one of {', '.join(list_models())}",
@@ -48,7 +48,7 @@ def main(cfg):
     try:
         convert(cfg)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        from convitlab.engine.run import describe_error
+        from convitlab.run.launch import describe_error
 
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         sys.exit(2)

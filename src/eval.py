@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
 
@@ -16,13 +16,14 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from convitlab import results  # noqa: E402
+from convitlab.core import tables  # noqa: E402
 from convitlab.config import register_configs, validate  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.errors import UserError  # noqa: E402
-from convitlab.run_folder import RunFolder  # noqa: E402
-from convitlab.run_record import config_hash  # noqa: E402
-from convitlab.runtime import Interrupted, select_device, signal_name, stop_at_step_boundaries  # noqa: E402
+from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.core.layout import RunFolder  # noqa: E402
+from convitlab.config import config_hash  # noqa: E402
+from convitlab.core.signals import Interrupted, signal_name, stop_at_step_boundaries  # noqa: E402
+from convitlab.ops.runtime import select_device  # noqa: E402
 
 log = logging.getLogger("convitlab.eval")
 register_configs()
@@ -56,9 +57,10 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
     # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.data import build_eval_dataset, build_eval_loader
-    from convitlab.engine.run import identity_row
-    from convitlab.engine.trainer import build_model, evaluate
-    from convitlab.weights import load_pretrained
+    from convitlab.run.record import identity_row
+    from convitlab.engine.trainer import evaluate
+    from convitlab.models.registry import build_model
+    from convitlab.models.weights import load_pretrained
 
     if cfg.run:
         cfg = with_training_run(cfg, overrides)
@@ -78,7 +80,7 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
     metrics = evaluate(model, build_eval_loader(val, cfg.data))
     row.update(status="completed", params=count_parameters(model), flops=count_flops(model),
                top1=metrics["val_top1"], top5=metrics["val_top5"], final_val_loss=metrics["val_loss"])
-    results.write_result(run_dir, row)
+    tables.write_result(run_dir, row)
     log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%% (%s)", cfg.model.name, cfg.data.name,
              metrics["val_top1"], metrics["val_top5"], cfg.ckpt)
     return row
@@ -86,20 +88,20 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg):
-    from convitlab.engine.run import describe_error  # here, as above
+    from convitlab.run.launch import describe_error  # here, as above
 
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
-    row = {"run_id": Path(run_dir).name, "kind": results.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides)}
+    row = {"run_id": Path(run_dir).name, "kind": tables.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides)}
     try:
         row = evaluate_checkpoint(cfg, run_dir, row, overrides)
     except (Exception, Interrupted) as exc:  # noqa: BLE001  (every failure is reported in one line)
         stopped = isinstance(exc, Interrupted)
         message = f"interrupted by {signal_name(exc.signum)}: nothing evaluated" if stopped else describe_error(exc)
         try:  # the evaluation's own record of how it ended
-            results.write_result(run_dir, {**row, "status": "interrupted" if stopped else "failed", "error": message})
+            tables.write_result(run_dir, {**row, "status": "interrupted" if stopped else "failed", "error": message})
         except OSError as write_error:  # the first error is the one to report
             log.error("result.csv not written: %s", write_error)
         print(message if stopped else f"error: {message}", file=sys.stderr)

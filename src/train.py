@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, Paddle's flags)
 
@@ -18,9 +18,10 @@ from hydra.types import RunMode  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.engine.run_lock import RunDirInUse  # noqa: E402
-from convitlab.runtime import (Interrupted, defer_signal_handlers, share_machine_between_jobs,  # noqa: E402
-                               signal_name, stop_at_step_boundaries, stop_signal)
+from convitlab.run.lock import RunDirInUse  # noqa: E402
+from convitlab.core.signals import (Interrupted, defer_signal_handlers, signal_name,  # noqa: E402
+                                    stop_at_step_boundaries, stop_signal)
+from convitlab.run.sharing import share_machine_between_jobs  # noqa: E402
 
 log = logging.getLogger("convitlab.train")
 register_configs()
@@ -73,10 +74,10 @@ def interrupted(exc) -> str:
 def main(cfg):
     # Imported here: a launcher's job process unpickles main, and what main's globals name it
     # imports then, before RunGuard.on_job_start sets the runtime up there; this loads Paddle.
-    from convitlab import distributed
+    from convitlab.core import distributed
     from convitlab.engine.checkpoint import BEST
-    from convitlab.engine.run import describe_error, run_training
-    from convitlab.run_folder import RunFolder
+    from convitlab.run.launch import describe_error, run_training
+    from convitlab.core.layout import RunFolder
 
     logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop at the next step boundary, result.csv says interrupted

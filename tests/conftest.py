@@ -3,7 +3,7 @@ and the data folders tests only need the files of (tests/builders.py makes them)
 Paddle as the entry points do: with the runtime set up before it loads."""
 import shutil
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 runtime.setup()
 

@@ -15,7 +15,7 @@ from convitlab.config import OptimizerConfig
 from convitlab.engine import amp, trainer
 from convitlab.engine.amp import LossScaler, amp_unsupported_reason, check_amp_supported
 from convitlab.engine.optim import build_optimizer
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 
 def forced_scaler(**kwargs):
@@ -122,7 +122,7 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line(monkeypatch):
 def run_with_scaler(tmp_path, monkeypatch, overflow_steps, overrides=(), **scaler_kwargs):
     """Train through the real loop with a forced LossScaler; the loss is infinite at the given
     (1-based) training steps, as an fp16 overflow makes it."""
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
 
     scaler = forced_scaler(**scaler_kwargs)
     monkeypatch.setattr(trainer, "amp_settings", lambda kind, device: (None, scaler))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import bench  # noqa: E402  (the script's own functions; the reference formulation is the package's)
 
-from convitlab import runtime  # noqa: E402
+from convitlab.ops import runtime  # noqa: E402
 from convitlab.models import ReferenceGPSA, create_model  # noqa: E402
 
 

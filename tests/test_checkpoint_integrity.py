@@ -87,7 +87,7 @@ def test_a_half_written_checkpoint_is_ignored_and_the_run_resumes_to_the_same_me
 
 def test_an_infinite_loss_stops_with_status_diverged(tmp_path, monkeypatch):
     from convitlab.engine import trainer
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
 
     real = trainer.soft_target_cross_entropy
     calls = {"n": 0}

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from convitlab import results
-from convitlab.compare import compare, compare_results, fieller_interval, gain_test
-from convitlab.results import load_results
-from convitlab.errors import UserError
-from convitlab.sweeps import gather_sweep
+from convitlab.results import load
+
+from convitlab.core import tables
+from convitlab.results.compare import compare, compare_results, fieller_interval, gain_test
+from convitlab.results.load import load_results
+from convitlab.core.errors import UserError
+from convitlab.results.sweeps import gather_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
@@ -33,7 +35,7 @@ def write_locality(run_dir, local_up_to_layer, depth=3, heads=4, epochs=3):
     rows = [{"epoch": e, "layer": layer, "head": h, "nonlocality": 3.0 - 0.1 * e * (layer < local_up_to_layer),
              "gate": 0.7 - 0.1 * h if layer < local_up_to_layer else math.nan, "window_distance": 1.0}
             for e in range(1, epochs + 1) for layer in range(depth) for h in range(heads)]
-    results.append_rows(run_dir / "locality.csv", rows, results.LOCALITY_COLUMNS)
+    tables.append_rows(run_dir / "locality.csv", rows, tables.LOCALITY_COLUMNS)
 
 
 def sample_efficiency_sweep(root, locality=False):
@@ -44,7 +46,7 @@ def sample_efficiency_sweep(root, locality=False):
             job = sweep / f"model={model},data.fraction={fraction},seed={seed}"
             (job / ".hydra").mkdir(parents=True)
             failed = (model, fraction, seed) == ("convit_micro", 0.25, 2)
-            results.write_result(job, {
+            tables.write_result(job, {
                 "run_id": job.name, "study": "sample_efficiency_digits", "model": model, "dataset": "digits",
                 "fraction": fraction, "local_up_to_layer": MODELS[model], "locality_strength": 1.0, "seed": seed,
                 "epochs": round(4 / fraction), "status": "failed" if failed else "completed",
@@ -79,7 +81,7 @@ def test_table_mean_std_n_and_gain_by_hand(tmp_path):
 def test_written_tables_and_left_out_report(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path)
     report = compare_results([sweep], plots=False)
-    table = results.read_rows(sweep / "comparison.csv")
+    table = tables.read_rows(sweep / "comparison.csv")
     assert [r["fraction"] for r in table] == [0.05, 0.25, 1.0]
     first = table[0]
     assert first["deit_micro mean"] == pytest.approx(34.8) and first["deit_micro std"] == pytest.approx(2.0)
@@ -115,7 +117,7 @@ def test_locality_sweep_plot(tmp_path):
     rows = [{"model": "convit_micro", "locality_strength": alpha, "local_up_to_layer": layers, "seed": seed,
              "status": "completed", "top1": 50 + 10 * alpha * (layers > 0) + seed}
             for alpha in (0.0, 0.1, 1.0) for layers in (0, 3) for seed in (0, 1)]
-    results.write_table(tmp_path / "locality_sweep.csv", rows, results.RESULT_COLUMNS)
+    tables.write_table(tmp_path / "locality_sweep.csv", rows, tables.RESULT_COLUMNS)
     report = compare_results([tmp_path / "locality_sweep.csv"], out=tmp_path / "out")
     c = compare(load_results([tmp_path / "locality_sweep.csv"]))
     assert c.vs is None and c.by == ["locality_strength", "local_up_to_layer"]
@@ -181,7 +183,7 @@ def test_cli_writes_tables_and_plots(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path, locality=True)
     proc = run([str(sweep), "--out", "out", "--metric", "top1", "--write-summary"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"wrote {sweep / 'summary.csv'}" in proc.stdout and len(results.read_rows(sweep / "summary.csv")) == 19
+    assert f"wrote {sweep / 'summary.csv'}" in proc.stdout and len(tables.read_rows(sweep / "summary.csv")) == 19
     assert "| 0.05 | 34.80 ± 2.00 (3) | 47.80 ± 1.00 (3) | +37.4% [+26.4, +51.9] p<0.001 |" in proc.stdout
     out = tmp_path / "out"
     assert (out / "comparison.csv").stat().st_size > 0 and (out / "comparison.md").stat().st_size > 0
@@ -282,8 +284,8 @@ def test_a_cell_with_one_run_has_no_interval(tmp_path):
     assert test.gain == pytest.approx(100 * (60 / 51 - 1)) and test.n == 1 and test.test is None
     assert math.isnan(test.low) and math.isnan(test.high) and math.isnan(test.p)
     assert "| 51.00 ± 1.41 (2) | 60.00 ± – (1) | +17.6%, n=1: no CI |" in markdown_of(c)
-    results.write_table(tmp_path / "comparison.csv", c.table())
-    (row,) = results.read_rows(tmp_path / "comparison.csv")
+    tables.write_table(tmp_path / "comparison.csv", c.table())
+    (row,) = tables.read_rows(tmp_path / "comparison.csv")
     assert row["convit_micro gain %"] == pytest.approx(100 * (60 / 51 - 1)) and row["convit_micro gain n"] == 1
     assert math.isnan(row["convit_micro gain CI low %"]) and row["convit_micro gain test"] is None
 
@@ -291,7 +293,7 @@ def test_a_cell_with_one_run_has_no_interval(tmp_path):
 def test_the_csv_holds_every_number_at_full_precision(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path)
     compare_results([sweep], plots=False)
-    (first, second, _) = results.read_rows(sweep / "comparison.csv")
+    (first, second, _) = tables.read_rows(sweep / "comparison.csv")
     c = compare(load_results(sweep))
     expected = c.gain_test((0.05,), "convit_micro")
     assert first["convit_micro gain %"] == expected.gain == pytest.approx(100 * (47.8 / 34.8 - 1), abs=1e-12)
@@ -315,7 +317,7 @@ def test_fieller_interval_edge_cases():
 
 
 def markdown_of(comparison):
-    from convitlab.compare import markdown_table
+    from convitlab.results.compare import markdown_table
     return markdown_table(comparison)
 
 
@@ -345,7 +347,7 @@ def test_inputs_named_twice_give_the_same_table_as_once(tmp_path):
     assert len(named_twice) == 19 and named_twice["run_dir"].is_unique
     assert len(load_results(job, job / "result.csv")) == 1
     # A summary older than its jobs: the run's own result.csv wins, whichever input comes first.
-    results.write_result(job, {**results.read_result(job), "top1": 48.8})
+    tables.write_result(job, {**tables.read_result(job), "top1": 48.8})
     for inputs in ([sweep / "summary.csv", sweep], [sweep, sweep / "summary.csv"]):
         frame = load_results(*inputs).set_index("run_dir")
         assert len(frame) == 19 and frame.loc[str(job), "top1"] == 48.8
@@ -356,7 +358,7 @@ def test_one_config_trained_in_two_directories_is_counted_once(tmp_path):
     job = sweep / "model=convit_micro,data.fraction=0.05,seed=0"
     again = sweep / "data.fraction=0.05,model=convit_micro,seed=0"  # a second sweep, its overrides in another order
     shutil.copytree(job, again)
-    results.write_result(again, {**results.read_result(job), "run_id": again.name, "run_dir": str(again)})
+    tables.write_result(again, {**tables.read_result(job), "run_id": again.name, "run_dir": str(again)})
     assert len(load_results(sweep)) == 20  # two directories, two trainings
     proc = run([str(sweep), "--out", "out", "--no-plots"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -397,8 +399,8 @@ def test_a_read_only_sweep_compares_with_out_elsewhere_and_reading_writes_nothin
         proc = run([str(seen), "--out", str(tmp_path / "report")], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert TABLE_005 in proc.stdout and (tmp_path / "report" / "gates.png").read_bytes().startswith(PNG)
-        assert len(load_results(seen)) == 19 and len(results.load_metrics(seen)) == 0
-        assert len(results.load_locality(seen)) == 18 * 3 * 3 * 4
+        assert len(load_results(seen)) == 19 and len(load.load_metrics(seen)) == 0
+        assert len(load.load_locality(seen)) == 18 * 3 * 3 * 4
         if seen != sweep:  # truly read-only: the default --out (the sweep itself) is refused in one line
             refused = run([str(seen), "--no-plots"], cwd=tmp_path)
             assert refused.returncode == 2 and refused.stderr == (
@@ -416,7 +418,7 @@ def test_a_read_only_sweep_compares_with_out_elsewhere_and_reading_writes_nothin
 def test_evaluation_rows_are_left_out_unless_asked(tmp_path):
     sweep = sample_efficiency_sweep(tmp_path)
     evaluation = tmp_path / "eval" / "best"  # eval.py of a convit checkpoint: same knobs, kind eval
-    results.write_result(evaluation, {**results.read_result(sweep / "model=convit_micro,data.fraction=0.05,seed=0"),
+    tables.write_result(evaluation, {**tables.read_result(sweep / "model=convit_micro,data.fraction=0.05,seed=0"),
                                       "kind": "eval", "top1": 90.0, "run_dir": str(evaluation)})
     proc = run([str(sweep), str(evaluation), "--out", "out", "--no-plots"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from convitlab.config import register_configs, validate
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 from convitlab.models import create_model, list_models, model_defaults
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -30,7 +30,7 @@ def options(group):
 @pytest.mark.parametrize("name", list_models())
 def test_model_option_and_create_model_build_the_same_network(name):
     """`model=<name>` and create_model(<name>) read one table (models/sizes.py): same knobs, same weights."""
-    from convitlab.engine.trainer import build_model
+    from convitlab.models.registry import build_model
 
     cfg = compose_train(f"model={name}", "model.depth=2", f"model.local_up_to_layer={min(model_defaults(name)['local_up_to_layer'], 1)}")
     validate(cfg)
@@ -75,7 +75,7 @@ def test_every_experiment_preset_composes_with_its_sweep(experiment):
 
 
 def test_default_model_instantiates_from_the_composed_config():
-    from convitlab.engine.trainer import build_model
+    from convitlab.models.registry import build_model
     cfg = compose_train("model.locality_strength=0.1", "model.local_up_to_layer=2")
     model = build_model(cfg)
     assert model.local_up_to_layer == 2 and model.grid_size == (4, 4)
@@ -243,7 +243,7 @@ def test_eval_entry_point_on_a_folder_with_only_val(tmp_path, val_only_folder):
     from helpers import EVAL, read_csv, run
 
     from convitlab.models import create_model
-    from convitlab.weights import save_pdparams
+    from convitlab.models.weights import save_pdparams
 
     root = val_only_folder
     ckpt = save_pdparams(create_model("convit_micro", img_size=16, patch_size=4, in_chans=3, num_classes=2),

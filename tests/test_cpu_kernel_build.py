@@ -14,8 +14,8 @@ import time
 import pytest
 from paddle.utils.cpp_extension import extension_utils
 
-from convitlab import runtime
-from convitlab.models import cpu_kernels
+from convitlab.ops import runtime
+from convitlab.ops import cpu_kernels
 
 
 def fake_compiler(version="c++ (Debian 12.2.0-14) 12.2.0", march="znver3"):
@@ -196,7 +196,7 @@ def test_every_simd_loop_is_vectorised(tmp_path):
     scalar = [f"line {first}: {source[first].strip()}" for first, last in loops
               if not any(first <= n <= last for n in vectorised)]
     assert not scalar, "not vectorised:\n" + "\n".join(scalar)
-    if "avx2" in runtime._cpu_info()["flags"]:  # a native build here: at least 256-bit vectors
+    if "avx2" in runtime.cpu_info()["flags"]:  # a native build here: at least 256-bit vectors
         widths = {n: widths for n, widths in vectorised.items() if max(widths) >= 32}
         assert all(any(first <= n <= last for n in widths) for first, last in loops)
 
@@ -204,7 +204,7 @@ def test_every_simd_loop_is_vectorised(tmp_path):
 def test_gelu_loops_hold_vector_instructions_in_the_built_library():
     """The loaded library's GELU loops (OpenMP's outlined functions) use the processor's widest
     vectors (ymm on AVX2, zmm with AVX-512), and the backward calls libmvec's vector expf."""
-    flags = runtime._cpu_info()["flags"]
+    flags = runtime.cpu_info()["flags"]
     if "avx2" not in flags or not shutil.which("objdump"):
         pytest.skip("needs an AVX2 processor and objdump")
     assert cpu_kernels.available(), "the kernels should build on this machine (g++ present)"

@@ -9,7 +9,9 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from convitlab.models import attention, cpu_kernels, cpu_layers, create_model
+from convitlab.models import attention, create_model
+from convitlab.ops import cpu_kernels
+from convitlab.ops import cpu_layers
 
 # The model's shapes (convit_tiny at 32/4 batch 64 and 224/16, hidden width 768, a small batch)
 # and odd sizes; the large ones run on several threads.
@@ -354,8 +356,8 @@ def test_second_derivatives_raise(kernels, ours, stock):
 def test_each_kernel_runs_where_it_was_measured_faster(kernels, monkeypatch):
     """CONVITLAB_CPU_KERNELS=1 (the default) takes the kernels measured faster than Paddle's op on
     this CPU kind (cpu_kernels.MEASURED_SPEEDUP); a kind not measured takes them all; a list chooses."""
-    from convitlab import runtime
-    from convitlab.errors import UserError
+    from convitlab.ops import runtime
+    from convitlab.core.errors import UserError
 
     x = paddle.randn([8, 16, 64])
     x.stop_gradient = False

@@ -4,7 +4,9 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from convitlab.models import cpu_kernels, cpu_layers, create_model
+from convitlab.models import create_model
+from convitlab.ops import cpu_kernels
+from convitlab.ops import cpu_layers
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from convitlab.data.loaders import EvalBatchSampler, TrainBatchSampler
 from convitlab.data.randaugment import OPS, RandAugment
 from convitlab.data.subset import per_class_count
 from convitlab.data.transforms import pad_and_random_crop, random_erasing, random_hflip, random_resized_crop
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 HEAVY_AUGMENT = ["augment.random_crop=true", "augment.hflip=true", "augment.randaugment=true",
                  "augment.random_erasing=0.5"]

@@ -13,7 +13,7 @@ from helpers import ROOT, TIMING_COLUMNS, TRAIN, read_csv, run, started
 
 from convitlab import config
 from convitlab.data.loaders import TrainBatchSampler
-from convitlab.runtime import available_cores
+from convitlab.ops.runtime import available_cores
 
 LAUNCH = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2"]
 # Every step the same on both sides: plain SGD (Adam's normalised step would hide gradients
@@ -91,7 +91,7 @@ def test_run_stamp_is_the_launchers_start_time_whatever_second_a_rank_starts(mon
 def test_launched_ranks_share_the_cores_but_a_users_thread_count_stands():
     """The launcher passes on the OMP_NUM_THREADS=1 that importing Paddle sets: each rank then
     gets cores // ranks-per-node threads; an OMP_NUM_THREADS the user set elsewhere is kept."""
-    probe = "from convitlab import runtime; runtime.setup(); print(runtime.cpu_threads())"
+    probe = "from convitlab.ops import runtime; runtime.setup(); print(runtime.cpu_threads())"
     cases = {"launched, 1 rank per node": ({"PADDLE_LOCAL_SIZE": "1", "OMP_NUM_THREADS": "1"}, available_cores()),
              "launched, 2 ranks per node": ({"PADDLE_LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1"},
                                             max(1, available_cores() // 2)),
@@ -220,7 +220,7 @@ def test_to_static_with_two_ranks_still_averages_the_gradients(tmp_path):
     import paddle
     from helpers import compose_train
 
-    from convitlab.engine.trainer import build_model
+    from convitlab.models.registry import build_model
     paddle.seed(3)  # as set_up seeds rank 0 of a run with seed=3
     initial = {k: v.numpy() for k, v in build_model(compose_train(*args)).state_dict().items()}
     trained = load_weights(single_dir / "checkpoints/epoch_0001/model.pdparams")

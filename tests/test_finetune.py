@@ -11,13 +11,13 @@ import pytest
 from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, trained, without_timings
 from safetensors.numpy import save_file
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 from convitlab.engine.checkpoint import file_sha256
-from convitlab.finetune import adapt_state, backbone_lr_scale
+from convitlab.engine.finetune import adapt_state, backbone_lr_scale
 from convitlab.models import create_model
 from convitlab.models.convit import resize_pos_embed
-from convitlab.safe_pickle import load_arrays
-from convitlab.weights import linear_weight_names, save_pdparams
+from convitlab.core.safe_pickle import load_arrays
+from convitlab.models.weights import linear_weight_names, save_pdparams
 
 # A tiny ConViT with the published checkpoints' input and head; on digits resized to 32x32 with
 # patch 16 its 14x14 grid becomes 2x2, its 3-channel filters 1-channel and its head 10 classes.
@@ -63,7 +63,7 @@ def expected_on_digits(weights):
 
 @pytest.mark.parametrize("kind", ["safetensors", "pdparams"])
 def test_with_lr_zero_one_epoch_leaves_the_files_weights(kind, checkpoints, tmp_path):
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
 
     path = checkpoints[kind]
     cfg = compose_train(*ON_DIGITS, *LR_ZERO, f"model.pretrained={path}")
@@ -84,7 +84,7 @@ def test_with_lr_zero_one_epoch_leaves_the_files_weights(kind, checkpoints, tmp_
 
 def test_lr_zero_check_has_teeth(checkpoints, tmp_path):
     """The same run with a learning rate moves the backbone away from the file's weights."""
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
 
     cfg = compose_train(*ON_DIGITS, "optimizer.lr=1e-2", "schedule=constant", "schedule.warmup_epochs=0",
                         "schedule.epochs=1", f"model.pretrained={checkpoints['pdparams']}")
@@ -135,7 +135,7 @@ def test_grey_image_response_is_kept_by_summing_the_filters(channel_adapt, facto
 
 def test_freezing_and_backbone_scale_in_one_step(checkpoints):
     from convitlab.engine.optim import build_optimizer
-    from convitlab.finetune import freeze
+    from convitlab.engine.finetune import freeze
 
     model = create_model("convit_tiny", **TINY, img_size=32, patch_size=16, in_chans=1, num_classes=10)
     freeze(model, freeze_patch_embed=True, freeze_blocks=1)

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from convitlab.engine import amp, rng
 from convitlab.engine.checkpoint import Checkpointer
-from convitlab.errors import UserError
-from convitlab.gpu_slots import GpuPerJob
+from convitlab.core.errors import UserError
+from convitlab.run.callbacks import GpuPerJob
 from convitlab.models import attention, create_model
-from convitlab.runtime import select_device
+from convitlab.ops.runtime import select_device
 
 GPUS = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
 WHY = ("this Paddle is the CPU build (make setup EXTRAS=gpu,cluster,dev installs the GPU build)"

@@ -1,5 +1,5 @@
 """What can be checked of the GPU checks without a GPU: `make check-gpu`'s first lines
-(convitlab.gpu_check) against a faked Paddle, its one-line refusal here, and that the flash test
+(convitlab.ops.gpu_check) against a faked Paddle, its one-line refusal here, and that the flash test
 of tests/test_gpu.py compares two passes of the same function."""
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import paddle
 import pytest
 from helpers import ROOT, run
 
-from convitlab import gpu_check
+from convitlab.ops import gpu_check
 
 
 def fake_paddle(cuda="12.6", gpus=(), count_error=None):
@@ -70,12 +70,12 @@ def test_driver_version_from_the_kernel_module_without_nvidia_smi(monkeypatch, t
 
 @pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="checks the CPU build's refusal")
 def test_check_gpu_refuses_here_in_one_line_first():
-    out = run([sys.executable, "-m", "convitlab.gpu_check"], timeout=120)
+    out = run([sys.executable, "-m", "convitlab.ops.gpu_check"], timeout=120)
     assert out.returncode == 1 and out.stdout == ""
     line, = out.stderr.strip().splitlines()
     assert line.startswith("no GPU visible: Paddle") and "NVIDIA driver >= 550.54" in line
     recipe = (ROOT / "Makefile").read_text().split("\ncheck-gpu:", 1)[1].splitlines()
-    assert "convitlab.gpu_check" in recipe[1]  # the machine's lines before the tests and the benchmark
+    assert "convitlab.ops.gpu_check" in recipe[1]  # the machine's lines before the tests and the benchmark
 
 
 def test_the_flash_comparison_runs_one_function_twice():

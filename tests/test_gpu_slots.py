@@ -9,8 +9,9 @@ import paddle
 import pytest
 from omegaconf import OmegaConf
 
-from convitlab import gpu_slots
-from convitlab.gpu_slots import GpuPerJob, claim_gpu, slot_order
+from convitlab.run import sharing
+from convitlab.run.callbacks import GpuPerJob
+from convitlab.run.sharing import claim_gpu, slot_order
 
 
 def test_a_job_prefers_its_own_gpu_then_the_next_free_one():
@@ -62,7 +63,7 @@ def two_fake_gpus(monkeypatch):
     monkeypatch.setattr(paddle.device.cuda, "empty_cache", lambda: emptied.append(True))
     monkeypatch.setenv("FLAGS_selected_gpus", "0")
     yield emptied
-    gpu_slots.release_job_gpu()
+    sharing.release_job_gpu()
 
 
 def test_the_hydra_callback_gives_each_job_a_free_gpu_and_frees_it_after(tmp_path, two_fake_gpus):
@@ -93,4 +94,4 @@ def test_the_callback_is_registered_for_every_run():
     from helpers import ROOT
 
     hydra_cfg = OmegaConf.load(ROOT / "conf" / "hydra" / "default.yaml")
-    assert hydra_cfg.callbacks.gpu_per_job._target_ == "convitlab.gpu_slots.GpuPerJob"
+    assert hydra_cfg.callbacks.gpu_per_job._target_ == "convitlab.run.callbacks.GpuPerJob"

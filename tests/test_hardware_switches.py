@@ -1,4 +1,4 @@
-"""Every hardware-specific switch of convitlab.runtime still exists in the installed Paddle and
+"""Every hardware-specific switch of convitlab.ops.runtime still exists in the installed Paddle and
 does what the speed work relies on (experiments/perf/README.md): MKL_DEBUG_CPU_TYPE in the MKL
 that Paddle bundles, the Paddle flags, glibc's mallopt, the thread count; and pyproject bounds
 Paddle to the versions these were measured with.
@@ -16,13 +16,13 @@ import pytest
 from helpers import run
 from packaging.requirements import Requirement
 
-from convitlab import runtime
+from convitlab.ops import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SKX = "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl"
 # MKL's name of its code path for each MKL_DEBUG_CPU_TYPE the runtime sets (MKL_Get_Version's Processor)
 MKL_PATHS = {"5": "(Intel(R) AVX2) enabled processors", "7": "(Intel(R) AVX-512) enabled processors"}
-REAL_FLAGS = runtime._cpu_info()["flags"]
+REAL_FLAGS = runtime.cpu_info()["flags"]
 
 
 def python(code, env=None, args=(), **kwargs):
@@ -54,7 +54,7 @@ def mkl_state(paddle, runtime):
     fused = bool(np.all(paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy() != 0))
     return [runtime.paddle_mkl()[1], fused]
 """
-MKL_STATE = MKL_PROBE + ("from convitlab import runtime; runtime.setup(); import paddle; "
+MKL_STATE = MKL_PROBE + ("from convitlab.ops import runtime; runtime.setup(); import paddle; "
                          "print(json.dumps(mkl_state(paddle, runtime)))")
 
 
@@ -116,12 +116,12 @@ def test_mkl_switch_is_set_before_paddle_loads_on_amd_only(tmp_path, vendor, fam
     path itself."""
     needs_isa(expected or "5")
     (tmp_path / "cpuinfo").write_text(cpuinfo(vendor, family, 1, flags))
-    chosen, *state = python(CONFIGURE, args=(str(ROOT / "src" / "convitlab" / "runtime.py"), str(tmp_path / "cpuinfo")))
+    chosen, *state = python(CONFIGURE, args=(str(ROOT / "src" / "convitlab" / "ops" / "runtime.py"), str(tmp_path / "cpuinfo")))
     assert chosen == expected
     assert state == mkl_state(expected)
 
 
-FLAGS = ("import json; from convitlab import runtime; runtime.setup(); import paddle; from convitlab.runtime import CPU_FLAGS; "
+FLAGS = ("import json; from convitlab.ops import runtime; runtime.setup(); import paddle; from convitlab.ops.runtime import CPU_FLAGS; "
          "view = paddle.randn([4, 6]).transpose([1, 0]); "
          "print(json.dumps([paddle.get_flags(list(CPU_FLAGS)), view.is_contiguous()]))")
 
@@ -139,7 +139,7 @@ def test_paddle_flags_exist_and_hold_after_import():
 
 MALLOC = """
 import ctypes, json
-from convitlab import runtime
+from convitlab.ops import runtime
 runtime.setup()
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -160,7 +160,7 @@ def test_malloc_keeps_large_blocks_in_the_heap():
     assert python(MALLOC, env={"CONVITLAB_MALLOC_DEFAULTS": "1"}) >= 64 << 20
 
 
-THREADS = ("import ctypes, json, os; from convitlab import runtime; runtime.setup(); import paddle; "
+THREADS = ("import ctypes, json, os; from convitlab.ops import runtime; runtime.setup(); import paddle; "
            "mkl = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libmklml_intel.so')); "
            "print(json.dumps([mkl.MKL_Get_Max_Threads(), len(os.sched_getaffinity(0))]))")
 

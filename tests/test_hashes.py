@@ -1,5 +1,5 @@
 """What the run hashes and sweep folder names promise, tested against the project's own list of
-result-neutral keys (convitlab.run_record.NEUTRAL_KEYS): a neutral key changes neither hash nor
+result-neutral keys (convitlab.config.NEUTRAL_KEYS): a neutral key changes neither hash nor
 folder name, every other key changes config_hash, and only the seeds leave setup_hash alone."""
 import sys
 from enum import Enum
@@ -9,7 +9,7 @@ from helpers import ROOT, TRAIN, compose_train, read_csv, run
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from convitlab.config import validate
-from convitlab.run_record import NEUTRAL_KEYS, SEED_KEYS, config_hash, setup_hash
+from convitlab.config import NEUTRAL_KEYS, SEED_KEYS, config_hash, setup_hash
 
 COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
 # Neutral keys whose allowed values are a closed set: another allowed value.

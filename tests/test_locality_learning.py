@@ -8,9 +8,10 @@ from helpers import QUICK, compose_train, read_csv, trained
 
 from convitlab.data import build_datasets, build_loaders
 from convitlab.engine.ema import ModelEMA
-from convitlab.engine.metrics import smoothed_one_hot, soft_target_cross_entropy
+from convitlab.data.mixing import smoothed_one_hot
+from convitlab.engine.metrics import soft_target_cross_entropy
 from convitlab.engine.optim import build_optimizer
-from convitlab.engine.trainer import build_model
+from convitlab.models.registry import build_model
 
 DEMO_LR = 1e-3  # conf/experiment/demo.yaml
 FLOAT_NOISE = 1e-6  # far above float32 rounding of values near 1, far below one Adam step at DEMO_LR

@@ -6,10 +6,10 @@ import pytest
 from convitlab.analysis.attention_maps import plot_attention_maps
 from convitlab.analysis.locality import locality_rows, window_distance
 from convitlab.analysis.summary import count_flops, count_parameters, summary
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 from convitlab.models import create_model, list_models, model_defaults
 from convitlab.models.attention import relative_positions
-from convitlab.weights import load_pretrained, save_pdparams
+from convitlab.models.weights import load_pretrained, save_pdparams
 
 # The reference implementation's counts at 224x224 and 1000 classes (convit-facts.md).
 REFERENCE_PARAMS = {
@@ -183,7 +183,7 @@ def test_checkpoint_file_errors(tmp_path):
 def test_safetensors_in_the_reference_layout_loads(tmp_path):
     """timm's file: names as ours, Linear weights [out, in]."""
     from safetensors.numpy import save_file
-    from convitlab.weights import linear_weight_names
+    from convitlab.models.weights import linear_weight_names
 
     source = create_model("convit_micro")
     linear = linear_weight_names(source)

@@ -4,8 +4,8 @@ no epoch left to train and when a run diverges between evaluations."""
 from helpers import QUICK, compose_train, read_csv
 
 from convitlab.engine import trainer
-from convitlab.engine.run import run_training
-from convitlab.run_folder import RunFolder
+from convitlab.run.launch import run_training
+from convitlab.core.layout import RunFolder
 
 # result.csv column <- the metrics.csv column it reports
 FINAL = {"top1": "val_top1", "top5": "val_top5", "final_val_loss": "val_loss", "final_train_loss": "train_loss"}

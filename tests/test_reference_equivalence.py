@@ -17,7 +17,7 @@ from numpy_reference import (SMALL, assert_logits_close, gelu, gpsa, layer_norm,
 from safetensors.numpy import save_file
 
 from convitlab.models import create_model
-from convitlab.weights import load_pretrained, load_state_dict
+from convitlab.models.weights import load_pretrained, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]

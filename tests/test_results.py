@@ -13,9 +13,12 @@ import pytest
 from helpers import EVAL, QUICK, ROOT, TRAIN, run
 from omegaconf import OmegaConf
 
-from convitlab import results
-from convitlab.errors import UserError
-from convitlab.sweeps import GatherSweep, gather_sweep
+from convitlab.results import load
+
+from convitlab.core import tables
+from convitlab.core.errors import UserError
+from convitlab.results.sweeps import gather_sweep
+from convitlab.run.callbacks import GatherSweep
 
 
 def metric_row(epoch, **extra):
@@ -26,28 +29,28 @@ def metric_row(epoch, **extra):
 
 def test_append_truncate_read_round_trip_with_typed_values(tmp_path):
     path = tmp_path / "metrics.csv"
-    results.truncate_after_epoch(path, 3)  # missing file: nothing happens
+    tables.truncate_after_epoch(path, 3)  # missing file: nothing happens
     assert not path.exists()
     for epoch in (1, 2, 3):
-        results.append_rows(path, [metric_row(epoch)], results.METRIC_COLUMNS)
+        tables.append_rows(path, [metric_row(epoch)], tables.METRIC_COLUMNS)
     with open(path, newline="") as f:
-        assert next(csv.reader(f)) == results.METRIC_COLUMNS
-    rows = results.read_rows(path)
+        assert next(csv.reader(f)) == tables.METRIC_COLUMNS
+    rows = tables.read_rows(path)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and type(rows[0]["epoch"]) is int
     assert rows[0]["lr"] == 0.1 + 0.2  # full precision, bit for bit
     assert rows[0]["train_loss"] == 1 / 3 and rows[0]["val_loss"] == math.inf and rows[0]["epoch_s"] == 1e-7
     assert type(rows[0]["train_top1"]) is float
-    results.truncate_after_epoch(path, 2)
-    assert [r["epoch"] for r in results.read_rows(path)] == [1, 2]
-    results.append_rows(path, [metric_row(3)], results.METRIC_COLUMNS)
-    assert results.read_rows(path)[-1] == {**dict.fromkeys(results.METRIC_COLUMNS), **metric_row(3)}
+    tables.truncate_after_epoch(path, 2)
+    assert [r["epoch"] for r in tables.read_rows(path)] == [1, 2]
+    tables.append_rows(path, [metric_row(3)], tables.METRIC_COLUMNS)
+    assert tables.read_rows(path)[-1] == {**dict.fromkeys(tables.METRIC_COLUMNS), **metric_row(3)}
 
 
 def test_append_keeps_old_rows_when_a_column_appears(tmp_path):
     path = tmp_path / "locality.csv"
-    results.append_rows(path, [{"epoch": 1, "layer": 0, "head": 0, "gate": math.nan}], results.LOCALITY_COLUMNS)
-    results.append_rows(path, [{"epoch": 2, "layer": 0, "head": 0, "gate": 0.5, "new": "x"}], results.LOCALITY_COLUMNS)
-    first, second = results.read_rows(path)
+    tables.append_rows(path, [{"epoch": 1, "layer": 0, "head": 0, "gate": math.nan}], tables.LOCALITY_COLUMNS)
+    tables.append_rows(path, [{"epoch": 2, "layer": 0, "head": 0, "gate": 0.5, "new": "x"}], tables.LOCALITY_COLUMNS)
+    first, second = tables.read_rows(path)
     assert math.isnan(first["gate"]) and first["new"] is None and first["nonlocality"] is None
     assert second["gate"] == 0.5 and second["new"] == "x"
 
@@ -56,40 +59,40 @@ def test_string_columns_stay_strings_and_blanks_become_none(tmp_path):
     row = {"run_id": "0042", "config_hash": "1234567890123456", "model": "convit_micro", "img_size": "32x48",
            "seed": 0, "use_local_init": True, "train_gating": False, "tags": "123", "error": None,
            "fraction": 0.05, "overrides": "seed=1 data.fraction=0.05"}
-    results.write_result(tmp_path, row)
-    back = results.read_result(tmp_path)
+    tables.write_result(tmp_path, row)
+    back = tables.read_result(tmp_path)
     assert back["config_hash"] == "1234567890123456" and back["run_id"] == "0042" and back["tags"] == "123"
     assert back["img_size"] == "32x48" and back["seed"] == 0 and back["fraction"] == 0.05
     assert back["use_local_init"] is True and back["train_gating"] is False
     assert back["error"] is None and back["top1"] is None  # blank, and a column the row did not have
-    results.write_result(tmp_path, {**row, "img_size": 32})
-    assert results.read_result(tmp_path)["img_size"] == 32
+    tables.write_result(tmp_path, {**row, "img_size": 32})
+    assert tables.read_result(tmp_path)["img_size"] == 32
 
 
 def test_result_has_every_column_in_order_and_extra_keys_after(tmp_path):
-    results.write_result(tmp_path, {"note": "extra", "top1": 47.8, "run_id": "r", "status": "completed"})
+    tables.write_result(tmp_path, {"note": "extra", "top1": 47.8, "run_id": "r", "status": "completed"})
     with open(tmp_path / "result.csv", newline="") as f:
         header, values = list(csv.reader(f))
-    assert header == results.RESULT_COLUMNS + ["note"]
+    assert header == tables.RESULT_COLUMNS + ["note"]
     assert len(values) == len(header)
-    assert results.read_result(tmp_path)["note"] == "extra"
-    assert len(results.RESULT_COLUMNS) == len(set(results.RESULT_COLUMNS))
+    assert tables.read_result(tmp_path)["note"] == "extra"
+    assert len(tables.RESULT_COLUMNS) == len(set(tables.RESULT_COLUMNS))
 
 
 def test_read_result_of_missing_or_unreadable_file_is_none(tmp_path):
-    assert results.read_result(tmp_path) is None
+    assert tables.read_result(tmp_path) is None
     (tmp_path / "result.csv").write_bytes(b"\xff\xfe\x00garbage\x81")
-    assert results.read_result(tmp_path) is None
+    assert tables.read_result(tmp_path) is None
     (tmp_path / "result.csv").write_text("run_id,status\n")  # header only
-    assert results.read_result(tmp_path) is None
+    assert tables.read_result(tmp_path) is None
 
 
 def test_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
     path = tmp_path / "metrics.csv"
     for epoch in (1, 2):
-        results.append_rows(path, [metric_row(epoch)], results.METRIC_COLUMNS)
-    results.truncate_after_epoch(path, 1)
-    results.write_result(tmp_path, {"run_id": "r"})
+        tables.append_rows(path, [metric_row(epoch)], tables.METRIC_COLUMNS)
+    tables.truncate_after_epoch(path, 1)
+    tables.write_result(tmp_path, {"run_id": "r"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "result.csv"]
 
     before = path.read_bytes()
@@ -97,9 +100,9 @@ def test_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
     def fail_midway(value):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(results, "format_value", fail_midway)
+    monkeypatch.setattr(tables, "format_value", fail_midway)
     with pytest.raises(RuntimeError):
-        results.append_rows(path, [metric_row(2)], results.METRIC_COLUMNS)
+        tables.append_rows(path, [metric_row(2)], tables.METRIC_COLUMNS)
     assert path.read_bytes() == before  # the old table, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "result.csv"]
 
@@ -110,7 +113,7 @@ def make_job(sweep, name, overrides, row=None):
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (job / "checkpoints" / "epoch_0001").mkdir(parents=True)  # a job's own folders are not jobs
     if row is not None:
-        results.write_result(job, {"run_id": name, "run_dir": f"/elsewhere/{name}", **row})
+        tables.write_result(job, {"run_id": name, "run_dir": f"/elsewhere/{name}", **row})
     return job
 
 
@@ -127,14 +130,14 @@ def test_gather_sweep_has_one_row_per_job_with_its_status(tmp_path):
     sweep = fake_sweep(tmp_path)
     path = gather_sweep(sweep)
     assert path == sweep / "summary.csv"
-    rows = results.read_rows(path)
+    rows = tables.read_rows(path)
     assert [r["run_dir"] for r in rows] == [str(sweep / f"seed={i}") for i in range(3)]
     assert [r["status"] for r in rows] == ["completed", "failed", "unfinished"]
     assert rows[0]["top1"] == 50.0 and rows[0]["config_hash"] == "0001"
     assert rows[1]["error"] == "RuntimeError: out of memory"
     assert rows[2]["overrides"] == "seed=2 model=deit_micro" and rows[2]["run_id"] == "seed=2"
     with open(path, newline="") as f:
-        assert next(csv.reader(f)) == results.RESULT_COLUMNS
+        assert next(csv.reader(f)) == tables.RESULT_COLUMNS
     assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -142,7 +145,7 @@ def test_gather_sweep_callback_and_a_job_without_overrides(tmp_path):
     sweep = fake_sweep(tmp_path)
     (sweep / "nested" / "job" / ".hydra").mkdir(parents=True)
     GatherSweep().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
-    rows = results.read_rows(sweep / "summary.csv")
+    rows = tables.read_rows(sweep / "summary.csv")
     assert len(rows) == 4
     nested = [r for r in rows if r["run_dir"].endswith("job")][0]
     assert nested["status"] == "unfinished" and nested["overrides"] is None
@@ -167,17 +170,17 @@ def typed_frame():
 
 def test_write_then_load_round_trips_values_and_dtypes(tmp_path):
     frame = typed_frame()
-    results.write_table(tmp_path / "t.csv", frame)
-    back = results.typed_columns(results.read_text(tmp_path / "t.csv"))
+    tables.write_table(tmp_path / "t.csv", frame)
+    back = tables.typed_columns(tables.read_text(tmp_path / "t.csv"))
     pd.testing.assert_frame_equal(back, frame, check_exact=True)
     # Twice: what load gives, written again, loads the same, byte for byte.
-    results.write_table(tmp_path / "again.csv", back)
+    tables.write_table(tmp_path / "again.csv", back)
     assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "t.csv").read_bytes()
     # A run's result.csv: every column of RESULT_COLUMNS, typed; hashes and run ids as text.
-    results.write_result(tmp_path / "run", {"run_id": "0007", "config_hash": "0123", "seed": 3, "fraction": 0.05,
+    tables.write_result(tmp_path / "run", {"run_id": "0007", "config_hash": "0123", "seed": 3, "fraction": 0.05,
                                             "use_local_init": True, "status": "completed", "top1": 47.8})
-    loaded = results.load_results(tmp_path / "run")
-    assert list(loaded.columns) == results.RESULT_COLUMNS + ["source"]
+    loaded = load.load_results(tmp_path / "run")
+    assert list(loaded.columns) == tables.RESULT_COLUMNS + ["source"]
     assert loaded.loc[0, "run_id"] == "0007" and loaded.loc[0, "config_hash"] == "0123"
     assert loaded.dtypes[["run_id", "config_hash", "model", "error", "source"]].eq("string").all()
     assert (loaded.dtypes["seed"], loaded.dtypes["fraction"], loaded.dtypes["use_local_init"]) == ("Int64", "float64",
@@ -187,7 +190,7 @@ def test_write_then_load_round_trips_values_and_dtypes(tmp_path):
 
 def test_load_results_of_a_sweep_with_a_failed_and_an_unfinished_job(tmp_path):
     sweep = fake_sweep(tmp_path)
-    frame = results.load_results(sweep)
+    frame = load.load_results(sweep)
     assert list(frame["status"]) == ["completed", "failed", "unfinished"]
     assert frame.dtypes["status"] == "string" and frame.dtypes["seed"] == "Int64"
     assert frame.loc[0, "top1"] == 50.0 and math.isnan(frame.loc[1, "top1"]) and frame.loc[0, "config_hash"] == "0001"
@@ -196,8 +199,8 @@ def test_load_results_of_a_sweep_with_a_failed_and_an_unfinished_job(tmp_path):
     assert not (sweep / "summary.csv").exists()  # gathered in memory: reading writes nothing
     # Several inputs at once: another run directory, and a list of inputs.
     other = tmp_path / "other"
-    results.write_result(other, {"run_id": "other", "status": "completed", "top1": 40.0, "run_dir": str(other)})
-    more = results.load_results(sweep, [other])
+    tables.write_result(other, {"run_id": "other", "status": "completed", "top1": 40.0, "run_dir": str(other)})
+    more = load.load_results(sweep, [other])
     assert len(more) == 4 and list(more["source"])[-1] == str(other / "result.csv")
     assert more.loc[3, "run_dir"] == str(other) and more.loc[0, "run_dir"] == str(sweep / "seed=0")
 
@@ -215,35 +218,35 @@ def test_gathering_keeps_each_job_cell_as_written(tmp_path):
 def test_an_older_table_without_some_columns_still_loads(tmp_path):
     old = tmp_path / "old.csv"
     old.write_text("model,seed,top1\nconvit_micro,0,50.5\ndeit_micro,1,\n")
-    frame = results.load_results(old)
+    frame = load.load_results(old)
     assert list(frame.columns) == ["model", "seed", "top1", "source"]
     assert list(frame["seed"]) == [0, 1] and frame.loc[0, "top1"] == 50.5 and math.isnan(frame.loc[1, "top1"])
     # Loaded with a newer table: the columns it lacks are blank in its rows.
-    results.write_result(tmp_path / "run", {"model": "convit_micro", "seed": 2, "top1": 51.0, "status": "completed"})
-    both = results.load_results(old, tmp_path / "run")
+    tables.write_result(tmp_path / "run", {"model": "convit_micro", "seed": 2, "top1": 51.0, "status": "completed"})
+    both = load.load_results(old, tmp_path / "run")
     assert len(both) == 3 and list(both["status"].isna()) == [True, True, False]
     assert both.dtypes["seed"] == "Int64"
 
 
 def test_unreadable_or_missing_input_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="nowhere: no such file or directory"):
-        results.load_results(tmp_path / "nowhere")
+        load.load_results(tmp_path / "nowhere")
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"model,top1\n\xff\xfe\x81\n")
     with pytest.raises(UserError, match="bad.csv: not a readable CSV") as err:
-        results.load_results(bad)
+        load.load_results(bad)
     assert "\n" not in str(err.value)
 
 
 def job_with_curves(sweep, name, model, seed, epochs):
     job = make_job(sweep, name, [f"seed={seed}"], {"status": "completed", "model": model, "seed": seed, "lr": 1e-3,
                                                    "top1": 50.0 + seed})
-    results.append_rows(job / "metrics.csv", [metric_row(e, lr=1e-3 * e, val_top1=40.0 + e) for e in range(1, epochs + 1)],
-                        results.METRIC_COLUMNS)
-    results.append_rows(job / "locality.csv", [{"epoch": e, "layer": 0, "head": h, "nonlocality": 2.0 + h,
+    tables.append_rows(job / "metrics.csv", [metric_row(e, lr=1e-3 * e, val_top1=40.0 + e) for e in range(1, epochs + 1)],
+                        tables.METRIC_COLUMNS)
+    tables.append_rows(job / "locality.csv", [{"epoch": e, "layer": 0, "head": h, "nonlocality": 2.0 + h,
                                                 "gate": math.nan if model == "deit_micro" else 0.5}
                                                for e in range(1, epochs + 1) for h in range(2)],
-                        results.LOCALITY_COLUMNS)
+                        tables.LOCALITY_COLUMNS)
     return job
 
 
@@ -252,7 +255,7 @@ def test_load_metrics_and_locality_join_each_runs_identity(tmp_path):
     job_with_curves(sweep, "a", "convit_micro", 0, epochs=3)
     job_with_curves(sweep, "b", "deit_micro", 1, epochs=2)
     make_job(sweep, "c", ["seed=2"])  # unfinished, no curves: not in them
-    metrics = results.load_metrics(sweep)
+    metrics = load.load_metrics(sweep)
     assert len(metrics) == 5 and list(metrics.index) == [0, 0, 0, 1, 1]  # the run's row in load_results
     assert list(metrics["model"]) == ["convit_micro"] * 3 + ["deit_micro"] * 2
     assert list(metrics["epoch"]) == [1, 2, 3, 1, 2] and metrics.dtypes["epoch"] == "Int64"
@@ -261,14 +264,14 @@ def test_load_metrics_and_locality_join_each_runs_identity(tmp_path):
     assert metrics["source"].iloc[-1] == str(sweep / "b" / "metrics.csv")
     pivot = metrics.pivot_table(index="epoch", columns="model", values="val_top1")
     assert pivot.loc[2, "deit_micro"] == 42.0
-    locality = results.load_locality(sweep)
+    locality = load.load_locality(sweep)
     assert len(locality) == 10 and locality.dtypes["gate"] == "float64"
     assert locality[locality["model"] == "deit_micro"]["gate"].isna().all()
     assert locality.groupby("model")["nonlocality"].mean().to_dict() == {"convit_micro": 2.5, "deit_micro": 2.5}
 
 
 def test_curves_of_runs_without_any_keep_their_columns(tmp_path):
-    metrics = results.load_metrics(fake_sweep(tmp_path))  # no job wrote a metrics.csv
+    metrics = load.load_metrics(fake_sweep(tmp_path))  # no job wrote a metrics.csv
     assert metrics.empty and {"model", "seed", "lr_run", "epoch", "lr", "val_top1", "source"} <= set(metrics.columns)
     assert metrics.groupby("epoch")["val_top1"].mean().empty  # what a notebook does with it still works
 
@@ -304,34 +307,34 @@ def cut_in_the_header(path):
 def test_a_result_csv_that_is_not_a_complete_row_is_damaged_never_completed(tmp_path, caplog, damage, reason):
     sweep = fake_sweep(tmp_path)
     job, result = sweep / "seed=0", sweep / "seed=0" / "result.csv"
-    assert results.read_result(job)["status"] == "completed"
+    assert tables.read_result(job)["status"] == "completed"
     damage(result)
-    assert results.read_result(job) is None  # a run started again is not "already completed"
-    with caplog.at_level(logging.WARNING, logger="convitlab.results"):
-        (row,) = results.load_results(job).to_dict("records")
+    assert tables.read_result(job) is None  # a run started again is not "already completed"
+    with caplog.at_level(logging.WARNING, logger="convitlab.results.load"):
+        (row,) = load.load_results(job).to_dict("records")
     assert row["status"] == "damaged" and pd.isna(row.get("top1"))
     assert row["error"].startswith(f"{result} is damaged: ") and re.search(reason, row["error"]), row["error"]
     assert "\n" not in row["error"] and row["run_dir"] == str(job)
     assert [r.getMessage() for r in caplog.records] == [f"{row['error']}: not loaded as a result (status damaged)"]
-    frame = results.load_results(sweep)  # in a sweep: the job is damaged, the others as they were
+    frame = load.load_results(sweep)  # in a sweep: the job is damaged, the others as they were
     assert list(frame["status"]) == ["damaged", "failed", "unfinished"] and frame.loc[0, "error"] == row["error"]
-    summary = results.read_rows(gather_sweep(sweep))
+    summary = tables.read_rows(gather_sweep(sweep))
     assert summary[0]["status"] == "damaged" and summary[0]["top1"] is None
 
 
 def test_the_first_digit_of_top1_is_not_a_result_of_1(tmp_path):
     sweep = fake_sweep(tmp_path)
     assert cut_after_first_digit_of(sweep / "seed=0" / "result.csv", "top1") == "5"  # 50.0 cut to "5"
-    frame = results.load_results(sweep)
+    frame = load.load_results(sweep)
     assert not frame["status"].eq("completed").any() and frame["top1"].isna().all()
 
 
 def test_complete_tables_of_older_versions_still_load_and_a_cut_summary_row_is_damaged(tmp_path):
     old = tmp_path / "old.csv"  # no kind, no status: complete, so loaded as written
     old.write_text("model,seed,top1\nconvit_micro,0,50.5\nconvit_micro,1,51.5\n")
-    assert list(results.load_results(old)["top1"]) == [50.5, 51.5]
+    assert list(load.load_results(old)["top1"]) == [50.5, 51.5]
     old.write_text("model,seed,top1\nconvit_micro,0,50.5\nconvit_micro,1,5")
-    frame = results.load_results(old)
+    frame = load.load_results(old)
     assert frame.loc[0, "top1"] == 50.5 and pd.isna(frame.loc[0, "status"])
     assert frame.loc[1, "status"] == "damaged" and math.isnan(frame.loc[1, "top1"])
     assert frame.loc[1, "error"] == f"{old} is damaged: row 2 has no line end"
@@ -339,12 +342,12 @@ def test_complete_tables_of_older_versions_still_load_and_a_cut_summary_row_is_d
 
 def test_a_cut_result_csv_is_resumed_not_reported_finished(tiny_run):
     result = tiny_run / "result.csv"
-    before = results.read_result(tiny_run)
+    before = tables.read_result(tiny_run)
     cut_after_first_digit_of(result, "top1")
     proc = run(TRAIN + QUICK + [f"hydra.run.dir={tiny_run}"], cwd=tiny_run.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not retrained" not in proc.stdout + proc.stderr
-    after = results.read_result(tiny_run)
+    after = tables.read_result(tiny_run)
     assert after["status"] == "completed" and after["top1"] == before["top1"] and after["kind"] == "train"
 
 
@@ -365,7 +368,7 @@ def test_written_files_honour_the_umask_and_rows_say_their_kind(tmp_path, caplog
             "checkpoints/epoch_0002/model.pdparams", "checkpoints/epoch_0002/state.json"} <= set(written)
     assert {name: oct(mode) for name, mode in written.items()
             if mode != (0o750 if (run_dir / name).is_dir() else 0o640)} == {}
-    assert results.read_result(run_dir)["kind"] == "train"
+    assert tables.read_result(run_dir)["kind"] == "train"
 
     # Under the usual umask 022: an evaluation of its best weights, then compare.py with its plots
     # and the sweep's summary.
@@ -373,7 +376,7 @@ def test_written_files_honour_the_umask_and_rows_say_their_kind(tmp_path, caplog
     proc = run(EVAL + [f"ckpt={run_dir / 'checkpoints' / 'best.pdparams'}", f"hydra.run.dir={eval_dir}",
                        "trainer.progress_bar=false"], cwd=tmp_path, umask=0o022)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert results.read_result(eval_dir)["kind"] == "eval" and modes(eval_dir, "result.csv") == {"result.csv": 0o644}
+    assert tables.read_result(eval_dir)["kind"] == "eval" and modes(eval_dir, "result.csv") == {"result.csv": 0o644}
     proc = run([sys.executable, str(ROOT / "src" / "compare.py"), str(tmp_path / "sweep"), str(eval_dir),
                 "--out", str(tmp_path / "report"), "--write-summary"], cwd=tmp_path, umask=0o022)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -385,12 +388,12 @@ def test_written_files_honour_the_umask_and_rows_say_their_kind(tmp_path, caplog
     assert {name: oct(mode) for name, mode in report.items() if mode != (0o755 if name == "." else 0o644)} == {}
 
     # load_results: training rows by default, with a line on the evaluation left out.
-    with caplog.at_level(logging.WARNING, logger="convitlab.results"):
-        runs = results.load_results(tmp_path / "sweep", eval_dir)
+    with caplog.at_level(logging.WARNING, logger="convitlab.results.load"):
+        runs = load.load_results(tmp_path / "sweep", eval_dir)
     assert list(runs["kind"]) == ["train"] and list(runs["run_dir"]) == [str(run_dir)]
     assert [r.getMessage() for r in caplog.records] == [
         "left out 1 eval row (kind=eval): load_results(..., kind='eval') loads them"]
-    assert list(results.load_results(tmp_path / "sweep", eval_dir, kind="eval")["run_dir"]) == [str(eval_dir)]
-    assert len(results.load_results(tmp_path / "sweep", eval_dir, kind="all")) == 2
+    assert list(load.load_results(tmp_path / "sweep", eval_dir, kind="eval")["run_dir"]) == [str(eval_dir)]
+    assert len(load.load_results(tmp_path / "sweep", eval_dir, kind="all")) == 2
     with pytest.raises(UserError, match="kind='evaluation' is not allowed: one of train, eval, all"):
-        results.load_results(eval_dir, kind="evaluation")
+        load.load_results(eval_dir, kind="evaluation")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from helpers import EVAL, QUICK, ROOT, TRAIN, processes, read_csv, run, started, trained, without_timings
 
-from convitlab.engine import run_lock
-from convitlab.run_folder import RunFolder
+from convitlab.run import lock as run_lock
+from convitlab.core.layout import RunFolder
 
 CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]
 FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: a full disk where asked
@@ -253,20 +253,20 @@ def test_loader_workers_end_with_each_pass_so_a_run_never_holds_more_than_its_wo
 def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):
     """A signal sent to a process group and forwarded again by a launcher (paddle.distributed.launch,
     submitit's local controller) arrives twice within milliseconds: one stop, not a stop at once."""
-    from convitlab import runtime
+    from convitlab.core import signals
 
-    monkeypatch.setattr(runtime, "_stop", {"signal": None, "at": 0.0, "owner": None})
-    monkeypatch.setattr(runtime, "_deferred", [])
+    monkeypatch.setattr(signals, "_stop", {"signal": None, "at": 0.0, "owner": None})
+    monkeypatch.setattr(signals, "_deferred", [])
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        runtime.stop_at_step_boundaries((signal.SIGTERM,))
+        signals.stop_at_step_boundaries((signal.SIGTERM,))
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the process is still here: not taken as a second request
-        assert runtime.stop_signal() == signal.SIGTERM
-        with pytest.raises(runtime.Interrupted) as caught:
-            runtime.run_deferred_signals(step=5)
+        assert signals.stop_signal() == signal.SIGTERM
+        with pytest.raises(signals.Interrupted) as caught:
+            signals.run_deferred_signals(step=5)
         assert caught.value.exit_code == 143
-        runtime.run_deferred_signals(step=6)  # raised once
+        signals.run_deferred_signals(step=6)  # raised once
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -420,8 +420,8 @@ def test_the_safe_reader_reads_what_paddle_save_writes(tmp_path):
     import paddle
 
     from convitlab.models import create_model
-    from convitlab.safe_pickle import load_arrays
-    from convitlab.weights import save_pdparams
+    from convitlab.core.safe_pickle import load_arrays
+    from convitlab.models.weights import save_pdparams
 
     model = create_model("convit_micro", img_size=8, patch_size=2, num_classes=10)
     optimizer = paddle.optimizer.AdamW(parameters=model.parameters())

@@ -7,7 +7,7 @@ import pytest
 from helpers import EVAL, QUICK, TRAIN, read_csv, run
 
 from convitlab.models import create_model
-from convitlab.weights import save_pdparams
+from convitlab.models.weights import save_pdparams
 
 MICRO_DIGITS = ["model=convit_micro"]  # digits: 8x8 grey images, patch 2, 10 classes (the defaults)
 

@@ -8,7 +8,8 @@ import paddle
 import pytest
 from helpers import run
 
-from convitlab import results, runtime
+from convitlab.core import tables
+from convitlab.ops import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +34,12 @@ SKX = "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl"
     ("", "", None),                                      # no /proc/cpuinfo
 ])
 def test_mkl_cpu_type(monkeypatch, vendor, flags, expected):
-    monkeypatch.setattr(runtime, "_cpu_info", lambda: dict(vendor=vendor, flags=set(flags.split())))
+    monkeypatch.setattr(runtime, "cpu_info", lambda: dict(vendor=vendor, flags=set(flags.split())))
     assert runtime.mkl_cpu_type() == expected
 
 
 def test_cpu_info_reads_this_machine():
-    info = runtime._cpu_info()
+    info = runtime.cpu_info()
     if sys.platform.startswith("linux"):
         assert info["vendor"] and info["family"].isdigit() and info["model"].isdigit() and "fpu" in info["flags"]
 
@@ -60,7 +61,7 @@ def cpuinfo_text(vendor, family, model, flags, name="Some Processor"):
 def test_cpu_kind_from_cpuinfo(tmp_path, monkeypatch, vendor, family, model, flags, kind):
     (tmp_path / "cpuinfo").write_text(cpuinfo_text(vendor, family, model, flags))
     monkeypatch.setattr(runtime, "CPUINFO", str(tmp_path / "cpuinfo"))
-    info = runtime._cpu_info()
+    info = runtime.cpu_info()
     assert (info["vendor"], info["family"], info["model"], info["model_name"]) == (
         vendor, str(family), str(model), "Some Processor")
     assert info["flags"] == set(flags.split())  # the first processor's, not the second's
@@ -75,19 +76,19 @@ def test_malloc_left_alone_when_the_user_chose(monkeypatch, variable):
 
 
 def test_user_mkl_choice_is_kept():
-    setup = "import os; from convitlab import runtime; runtime.setup(); "
+    setup = "import os; from convitlab.ops import runtime; runtime.setup(); "
     assert probe(setup + "print(os.environ['MKL_DEBUG_CPU_TYPE'])", MKL_DEBUG_CPU_TYPE="4") == ["4"]
 
 
 def test_paddle_defaults_opt_out():
-    code = ("import os, paddle; from convitlab import runtime; runtime.setup(); "
+    code = ("import os, paddle; from convitlab.ops import runtime; runtime.setup(); "
             "print(runtime.cpu_threads(), os.environ.get('MKL_DEBUG_CPU_TYPE'), "
             "paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'])")
     assert probe(code, CONVITLAB_PADDLE_DEFAULTS="1") == ["1", "None", "True"]
 
 
 def test_child_environment_drops_what_paddle_and_we_set():
-    code = ("import os; from convitlab import runtime; runtime.setup(); env = runtime.user_environment(); "
+    code = ("import os; from convitlab.ops import runtime; runtime.setup(); env = runtime.user_environment(); "
             "print(os.environ.get('OMP_NUM_THREADS'), env.get('OMP_NUM_THREADS'), env.get('MKL_DEBUG_CPU_TYPE'))")
     assert probe(code) == ["1", "None", "None"]
     assert probe(code, OMP_NUM_THREADS="2")[1] == "2"  # the user's own choice goes through
@@ -95,7 +96,8 @@ def test_child_environment_drops_what_paddle_and_we_set():
 
 def test_importing_convitlab_has_no_side_effects():
     """Neither Paddle nor a thread or MKL setting comes with the package or its Paddle-free parts."""
-    code = ("import os, sys, convitlab, convitlab.compare, convitlab.results, convitlab.config, convitlab.runtime, "
+    code = ("import os, sys, convitlab, convitlab.results.compare, convitlab.results.load, convitlab.core.tables, convitlab.config, "
+            "convitlab.config_errors, convitlab.ops.runtime, convitlab.data.transforms, "
             "convitlab.models; print('paddle' in sys.modules, os.environ.get('OMP_NUM_THREADS'), "
             "os.environ.get('MKL_DEBUG_CPU_TYPE'))")
     assert probe(code) == ["False", "None", "None"]
@@ -106,7 +108,7 @@ def test_each_paddle_entry_point_sets_up_the_runtime_before_paddle_loads(entry):
     """Loading the script (its top, not its main) gives Paddle every core, MKL's code path for this
     processor and the CPU flags; were Paddle loaded first, setup() would do nothing."""
     code = (f"import os, runpy; runpy.run_path({str(ROOT / 'src' / (entry + '.py'))!r}, run_name='probe'); "
-            "import paddle; from convitlab.runtime import cpu_threads; "
+            "import paddle; from convitlab.ops.runtime import cpu_threads; "
             "flags = paddle.get_flags(['FLAGS_use_stride_kernel', 'FLAGS_new_executor_serial_run']); "
             "print(cpu_threads(), os.environ.get('MKL_DEBUG_CPU_TYPE'), flags['FLAGS_use_stride_kernel'], "
             "flags['FLAGS_new_executor_serial_run'])")
@@ -121,7 +123,7 @@ def test_compare_runs_without_paddle(tmp_path):
         for fraction in (0.5, 1.0):
             for seed in (0, 1):
                 run_id = f"{model}_{fraction}_{seed}"
-                results.write_result(tmp_path / run_id, {"run_id": run_id, "model": model, "fraction": fraction,
+                tables.write_result(tmp_path / run_id, {"run_id": run_id, "model": model, "fraction": fraction,
                                                          "seed": seed, "status": "completed",
                                                          "top1": top1 * fraction + seed})
     code = ("import sys, runpy; sys.modules['paddle'] = None; "  # None: `import paddle` raises ImportError

@@ -12,7 +12,7 @@ from helpers import ROOT, TRAIN, read_csv, run, started
 from hydra import compose, initialize_config_dir
 
 from convitlab.config import register_configs
-from convitlab.runtime import available_cores
+from convitlab.ops.runtime import available_cores
 
 QUICK = ["debug=fast"]  # 1 epoch of 2 steps of 16 images
 register_configs()
@@ -196,7 +196,9 @@ def test_a_signal_handler_that_exits_runs_between_steps_not_inside_backward():
     import paddle
     from paddle.autograd import PyLayer
 
-    from convitlab import runtime
+    from convitlab.core import signals
+
+    from convitlab.ops import runtime
 
     class SignalDuringBackward(PyLayer):
         @staticmethod
@@ -216,15 +218,15 @@ def test_a_signal_handler_that_exits_runs_between_steps_not_inside_backward():
 
     previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
     try:
-        runtime.defer_signal_handlers((signal.SIGUSR2,))
+        signals.defer_signal_handlers((signal.SIGUSR2,))
         x = paddle.ones([2])
         x.stop_gradient = False
         SignalDuringBackward.apply(x).sum().backward()
         assert calls == [] and x.grad.numpy().tolist() == [2.0, 2.0]
         with pytest.raises(SystemExit):
-            runtime.run_deferred_signals()
+            signals.run_deferred_signals()
         assert calls == [signal.SIGUSR2]
-        runtime.run_deferred_signals()  # each signal handled once
+        signals.run_deferred_signals()  # each signal handled once
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)

@@ -27,7 +27,7 @@ def test_entry_point_writes_every_output(tiny_run):
 
 
 def test_compose_api_run_and_fraction(tmp_path):
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
     cfg = compose_train(*QUICK, "data.fraction=0.1", "model=deit_micro", "seed=3")
     row = run_training(cfg, tmp_path)
     assert row["status"] == "completed" and row["model"] == "deit_micro" and row["fraction"] == 0.1
@@ -90,7 +90,7 @@ def test_damaged_checkpoint_is_reported_in_one_line(tmp_path, tiny_run):
 
 def test_divergence_stops_with_status_diverged(tmp_path, monkeypatch):
     from convitlab.engine import trainer
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
 
     real = trainer.soft_target_cross_entropy
     calls = {"n": 0}
@@ -108,7 +108,7 @@ def test_divergence_stops_with_status_diverged(tmp_path, monkeypatch):
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
-    from convitlab.engine.run import run_training
+    from convitlab.run.launch import run_training
     for name in ("a", "b"):
         run_training(compose_train(*QUICK, "model.drop_path_rate=0.1"), tmp_path / name)
     a, b = (without_timings(read_csv(tmp_path / n / "metrics.csv")) for n in ("a", "b"))

@@ -253,7 +253,7 @@ def weights_file(tiny_run, path, name=None, value=None):
     """The tiny run's best weights at `path`, with `name` set to `value` (as paddle.save would pickle them)."""
     import pickle
 
-    from convitlab.safe_pickle import load_arrays
+    from convitlab.core.safe_pickle import load_arrays
 
     state = load_arrays(tiny_run / "checkpoints" / "best.pdparams")
     if name is not None:
@@ -399,7 +399,7 @@ LONG_NAME = ["model.drop_rate=0.0", "model.attn_drop_rate=0.0", "model.drop_path
 
 
 def test_a_sweep_job_whose_name_is_too_long_is_named_by_a_hash_and_resumes(tmp_path):
-    from convitlab.run_folder import job_folder_name
+    from convitlab.core.layout import job_folder_name
 
     sweep = tmp_path / "sweep"
     command = TRAIN + ["-m", "debug=fast", *LONG_NAME, "seed=0,1", f"hydra.sweep.dir={sweep}"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from convitlab.data.transforms import build_transforms
 from convitlab.models import create_model
-from convitlab.weights import load_state_dict
+from convitlab.models.weights import load_state_dict
 
 CUBIC_A = -0.75  # the bicubic kernel of PyTorch's and Paddle's interpolate (timm resizes pos_embed with it)
 

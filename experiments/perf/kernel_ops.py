@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-from convitlab import runtime  # noqa: E402
+from convitlab.ops import runtime  # noqa: E402
 
 runtime.setup()
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
-from convitlab.models import attention, cpu_kernels, cpu_layers  # noqa: E402
+from convitlab.models import attention  # noqa: E402
+from convitlab.ops import cpu_kernels  # noqa: E402
+from convitlab.ops import cpu_layers  # noqa: E402
 
 REPEATS, WARMUP = 30, 5
 

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from convitlab import runtime  # noqa: E402
+from convitlab.ops import runtime  # noqa: E402
 
 runtime.setup()
 

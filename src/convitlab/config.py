@@ -5,6 +5,9 @@ rule sits beside its field (`ranged`); `validate` applies them all, then the che
 fields or groups, so a bad value fails before any work with one line naming the key, the
 value and what is allowed.
 """
+import difflib
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -12,13 +15,12 @@ from enum import Enum
 from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from convitlab.config_errors import check_known_keys
-from convitlab.errors import bad_value, check
+from convitlab.core.errors import UserError, bad_value, check
+from convitlab.core.layout import job_folder_name
+from convitlab.data.transforms import image_size_pair
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
-from convitlab.run_folder import job_folder_name
-from convitlab.run_record import sweep_exclude_keys
 
 
 class Choice(str, Enum):
@@ -241,6 +243,82 @@ class ConvertConfig:
     target: str = MISSING              # the .pdparams to write
 
 
+# Keys that do not change what a run computes: they stay out of the hash, so a run started
+# again with another value resumes, and out of a sweep job's folder name (conf/hydra/default.yaml).
+NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "trainer.keep_checkpoints",
+                "trainer.save_best", "data.num_workers", "data.eval_batch_size", "data.root", "data.download",
+                "data.checksum", "tags", "study")
+# What varies between the repeats of one setup: left out of setup_hash.
+SEED_KEYS = ("seed", "data.subset_seed")
+
+
+def _hash(cfg, leave_out) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in leave_out:
+        *parents, leaf = dotted.split(".")
+        node = container
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    blob = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg) -> str:
+    """Identifies what a run computes: equal hashes, equal runs."""
+    return _hash(cfg, NEUTRAL_KEYS)
+
+
+def setup_hash(cfg) -> str:
+    """The config hash less the seeds: runs that repeat one setup share it (comparison tables
+    average over them and nothing else)."""
+    return _hash(cfg, NEUTRAL_KEYS + SEED_KEYS)
+
+
+def sweep_exclude_keys() -> list:
+    """Overrides left out of a sweep job's folder name: the neutral keys and the preset choice
+    (a preset names its own sweep folder)."""
+    return [*NEUTRAL_KEYS, "experiment"]
+
+
+def _schema_keys(schema, prefix=""):
+    """Every dotted key of a schema dataclass, nested ones included."""
+    keys = []
+    for f in fields(schema):
+        keys.append(f"{prefix}{f.name}")
+        if is_dataclass(f.type):
+            keys += _schema_keys(f.type, f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key(dotted: str, parent_type) -> UserError:
+    """`dotted` is not a key of its parent (a schema dataclass): name the nearest keys."""
+    parent, _, leaf = dotted.rpartition(".")
+    known = [f.name for f in fields(parent_type)]
+    near = [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, known, n=2, cutoff=0.6)]
+    if not near:  # a key of another group (trainer.epoch: schedule.epochs)
+        by_leaf = {}
+        for key in _schema_keys(TrainConfig):
+            by_leaf.setdefault(key.rpartition(".")[2], []).append(key)
+        near = [key for name in difflib.get_close_matches(leaf, by_leaf, n=2, cutoff=0.75) for key in by_leaf[name]]
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    where = f"the keys of {parent} are" if parent else "the top-level keys are"
+    return UserError(f"{dotted} is not a config key: {hint}{where} {', '.join(known)}")
+
+
+def check_known_keys(cfg, prefix="") -> None:
+    """Refuse keys the schema does not have: `+trainer.epoch=3` composes, and would be ignored."""
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return
+    names = {f.name for f in fields(schema)}
+    for key, value in cfg.items_ex(resolve=False):
+        if key not in names:
+            raise unknown_key(f"{prefix}{key}", schema)
+        if isinstance(value, DictConfig):
+            check_known_keys(value, f"{prefix}{key}.")
+
+
 def run_stamp() -> str:
     """A timestamp for the run directory that every rank of one distributed launch shares.
 
@@ -283,19 +361,6 @@ def register_configs() -> None:
     cs.store(name="convert_schema", node=ConvertConfig)
     for name in list_models():  # `model=<name>`: one option per named size
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
-
-
-def image_size_pair(value, key: str = "data.img_size"):
-    """An int or [H, W] as an (H, W) tuple of positive ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    else:
-        try:
-            pair = tuple(int(v) for v in value)
-        except TypeError:
-            raise bad_value(key, value, "an int or a list [H, W]") from None
-    check(len(pair) == 2 and min(pair) > 0, key, value, "a positive int or [H, W]")
-    return pair
 
 
 def check_ranges(node, schema, prefix: str = "", groups: bool = True) -> None:

@@ -1,57 +1,15 @@
 """Mistakes Hydra finds while composing (a misspelt key, a value of the wrong type, an unknown
 option of a group), said in one line naming the key or value and what is allowed, exit code 2,
-as every other bad input (convitlab.errors); Hydra's own report is several lines and exit code 1."""
-import difflib
+as every other bad input (convitlab.core.errors); Hydra's own report is several lines and exit code 1."""
 import sys
 import typing
 from dataclasses import fields, is_dataclass
 from enum import Enum
 
-from omegaconf import DictConfig, OmegaConf
-
-from convitlab.errors import UserError, bad_value
+from convitlab.config import unknown_key
+from convitlab.core.errors import bad_value
 
 TYPE_NAMES = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _schema_keys(schema, prefix=""):
-    """Every dotted key of a schema dataclass, nested ones included."""
-    keys = []
-    for f in fields(schema):
-        keys.append(f"{prefix}{f.name}")
-        if is_dataclass(f.type):
-            keys += _schema_keys(f.type, f"{prefix}{f.name}.")
-    return keys
-
-
-def unknown_key(dotted: str, parent_type) -> UserError:
-    """`dotted` is not a key of its parent (a schema dataclass): name the nearest keys."""
-    from convitlab.config import TrainConfig
-
-    parent, _, leaf = dotted.rpartition(".")
-    known = [f.name for f in fields(parent_type)]
-    near = [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, known, n=2, cutoff=0.6)]
-    if not near:  # a key of another group (trainer.epoch: schedule.epochs)
-        by_leaf = {}
-        for key in _schema_keys(TrainConfig):
-            by_leaf.setdefault(key.rpartition(".")[2], []).append(key)
-        near = [key for name in difflib.get_close_matches(leaf, by_leaf, n=2, cutoff=0.75) for key in by_leaf[name]]
-    hint = f"did you mean {' or '.join(near)}? " if near else ""
-    where = f"the keys of {parent} are" if parent else "the top-level keys are"
-    return UserError(f"{dotted} is not a config key: {hint}{where} {', '.join(known)}")
-
-
-def check_known_keys(cfg, prefix="") -> None:
-    """Refuse keys the schema does not have: `+trainer.epoch=3` composes, and would be ignored."""
-    schema = OmegaConf.get_type(cfg)
-    if not is_dataclass(schema):
-        return
-    names = {f.name for f in fields(schema)}
-    for key, value in cfg.items_ex(resolve=False):
-        if key not in names:
-            raise unknown_key(f"{prefix}{key}", schema)
-        if isinstance(value, DictConfig):
-            check_known_keys(value, f"{prefix}{key}.")
 
 
 def _type_text(annotation) -> str:

@@ -7,8 +7,8 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from convitlab.analysis.locality import attention_maps_per_block  # noqa: E402
-from convitlab.atomic import atomic_path  # noqa: E402
-from convitlab.errors import check  # noqa: E402
+from convitlab.core.files import atomic_path  # noqa: E402
+from convitlab.core.errors import check  # noqa: E402
 
 
 def query_attention(model, image, layer: int, query=None):

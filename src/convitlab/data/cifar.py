@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from convitlab.data.sources import ArrayImages
-from convitlab.errors import UserError, bad_value
-from convitlab.safe_pickle import ArrayUnpickler
+from convitlab.core.errors import UserError, bad_value
+from convitlab.core.safe_pickle import ArrayUnpickler
 
 URL = "https://www.cs.toronto.edu/~kriz/"
 

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from convitlab.data.sources import FileImages
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 BOTH = "train/<class>/ and val/<class>/"

@@ -3,8 +3,13 @@ import math
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 
-from convitlab.engine.metrics import smoothed_one_hot
+
+def smoothed_one_hot(labels, num_classes: int, smoothing: float):
+    """One-hot targets with label smoothing: the mixed targets are built from them."""
+    off = smoothing / num_classes
+    return F.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
 def mixing_enabled(augment_cfg) -> bool:

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 
 WIDE_INTEGERS = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF), and I as Pillow widens it

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from convitlab.atomic import write_text
+from convitlab.core.files import write_text
 from convitlab.data.seeds import subset_rng
 
 

@@ -10,11 +10,24 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from convitlab.config import image_size_pair
+from convitlab.core.errors import bad_value, check
 from convitlab.data.randaugment import RandAugment
 
 BICUBIC = Image.Resampling.BICUBIC
 CROP_FRACTION = 0.875  # the reference's evaluation crop: resize to img_size / 0.875, keep the centre
+
+
+def image_size_pair(value, key: str = "data.img_size"):
+    """An int or [H, W] as an (H, W) tuple of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise bad_value(key, value, "an int or a list [H, W]") from None
+    check(len(pair) == 2 and min(pair) > 0, key, value, "a positive int or [H, W]")
+    return pair
 
 
 def random_resized_crop(image, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

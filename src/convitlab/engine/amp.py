@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import paddle
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

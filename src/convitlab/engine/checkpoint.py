@@ -15,10 +15,10 @@ from pathlib import Path
 
 import paddle
 
-from convitlab import distributed
-from convitlab.atomic import atomic_path, disk_full_error, human_bytes, is_disk_full, remove_temporaries
+from convitlab.core import distributed
+from convitlab.core.files import atomic_path, disk_full_error, human_bytes, is_disk_full, remove_temporaries
 from convitlab.engine import rng
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/

@@ -2,16 +2,11 @@
 import paddle
 import paddle.nn.functional as F
 
-from convitlab import distributed
+from convitlab.core import distributed
 
 
 def soft_target_cross_entropy(logits, targets):
     return -(targets * F.log_softmax(logits, axis=-1)).sum(axis=-1).mean()
-
-
-def smoothed_one_hot(labels, num_classes: int, smoothing: float):
-    off = smoothing / num_classes
-    return F.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
 def correct_top_k(logits, labels, k: int):

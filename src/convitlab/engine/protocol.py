@@ -9,7 +9,7 @@ run, warms up over as many images and is evaluated (and checkpointed) as often p
 import logging
 from dataclasses import dataclass
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 log = logging.getLogger(__name__)
 # More passes than this is a mistyped fraction or epoch count, not a study: 10^6 passes of a

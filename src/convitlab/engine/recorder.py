@@ -11,7 +11,8 @@ import math
 import numpy as np
 from visualdl import LogWriter
 
-from convitlab import distributed, results
+from convitlab.core import distributed
+from convitlab.core import tables
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ class Recorder:
         self.pending = []  # metrics rows of the epochs since the last checkpoint
         self.writer = None
         if distributed.is_main():
-            results.truncate_after_epoch(folder.metrics, resumed_epoch)
-            results.truncate_after_epoch(folder.locality, resumed_epoch)
+            tables.truncate_after_epoch(folder.metrics, resumed_epoch)
+            tables.truncate_after_epoch(folder.locality, resumed_epoch)
             self.writer = LogWriter(logdir=str(folder.vdl))
 
     def __enter__(self):
@@ -51,12 +52,12 @@ class Recorder:
         self.pending.append(metrics)
         _scalars(self.writer, metrics, locality)
         if locality:
-            results.append_rows(self.folder.locality, locality, results.LOCALITY_COLUMNS)
+            tables.append_rows(self.folder.locality, locality, tables.LOCALITY_COLUMNS)
 
     def flush(self) -> None:
         """Write the pending metrics rows: before a checkpoint, and when the run stops diverged."""
         if self.writer is not None and self.pending:
-            results.append_rows(self.folder.metrics, self.pending, results.METRIC_COLUMNS)
+            tables.append_rows(self.folder.metrics, self.pending, tables.METRIC_COLUMNS)
         self.pending = []
 
 

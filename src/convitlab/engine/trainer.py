@@ -17,7 +17,8 @@ import paddle.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from convitlab import distributed, finetune
+from convitlab.core import distributed
+from convitlab.engine import finetune
 from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
@@ -26,14 +27,16 @@ from convitlab.engine.amp import amp_settings, backward_and_step
 from convitlab.engine.checkpoint import Checkpointer
 from convitlab.engine.ema import ModelEMA
 from convitlab.engine.rng import capture as capture_rng
-from convitlab.engine.metrics import Totals, correct_top_k, smoothed_one_hot, soft_target_cross_entropy
+from convitlab.data.mixing import smoothed_one_hot
+from convitlab.engine.metrics import Totals, correct_top_k, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
 from convitlab.engine.protocol import Protocol, plan
 from convitlab.engine.recorder import Recorder
-from convitlab.errors import UserError
-from convitlab.models import create_model
-from convitlab.run_folder import RunFolder
-from convitlab.runtime import run_deferred_signals, select_device
+from convitlab.core.errors import UserError
+from convitlab.models.registry import build_model
+from convitlab.core.layout import RunFolder
+from convitlab.core.signals import run_deferred_signals
+from convitlab.ops.runtime import select_device
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +61,6 @@ class LoopState:
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
-
-
-def build_model(cfg):
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    kwargs.pop("name")
-    kwargs.pop("pretrained", None)  # a file to load, not a knob of the model (convitlab/finetune.py)
-    return create_model(cfg.model.name, **kwargs)
 
 
 @paddle.no_grad()

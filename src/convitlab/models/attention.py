@@ -11,8 +11,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.models import cpu_kernels
-from convitlab.models.cpu_layers import Linear, kernel_fits
+from convitlab.ops import cpu_kernels
+from convitlab.ops.cpu_layers import Linear, kernel_fits
 
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:

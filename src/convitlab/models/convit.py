@@ -5,9 +5,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.errors import check
+from convitlab.core.errors import check
 from convitlab.models.attention import GPSA, MHSA
-from convitlab.models.cpu_layers import GELU, LayerNorm, Linear
+from convitlab.ops.cpu_layers import GELU, LayerNorm, Linear
 
 _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _zeros = nn.initializer.Constant(0.0)

@@ -4,7 +4,7 @@
 Hydra's `model` group is generated from this table (config.register_configs), so a value
 cannot be set in two places and disagree.
 """
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 # The knobs every size shares, at the reference's values; a size may change them too.
 COMMON_KNOBS = dict(

@@ -5,36 +5,20 @@ from pathlib import Path
 import paddle
 from omegaconf import OmegaConf
 
-from convitlab import distributed, results
-from convitlab.atomic import find_disk_full, remove_temporaries, write_text
-from convitlab.config import image_size_pair, validate
-from convitlab.engine import run_lock
-from convitlab.errors import UserError
-from convitlab.run_folder import RunFolder
-from convitlab.run_record import RunRecord, config_hash, convitlab_version, setup_hash
-from convitlab.runtime import Interrupted, cpu_threads, signal_name
+from convitlab.core import distributed
+from convitlab.core import tables
+from convitlab.core.files import find_disk_full, remove_temporaries, write_text
+from convitlab.config import validate
+from convitlab.run import lock as run_lock
+from convitlab.core.errors import UserError
+from convitlab.core.layout import RunFolder
+from convitlab.config import config_hash
+from convitlab.run.record import RunRecord, identity_row
+from convitlab.core.signals import Interrupted, signal_name
+from convitlab.ops.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
-
-
-def identity_row(cfg, run_dir, cfg_hash, overrides=()):
-    """The columns of result.csv that say which run this is: every knob a sweep may vary."""
-    m, d, o = cfg.model, cfg.data, cfg.get("optimizer") or {}  # eval configs have no optimizer
-    h, w = image_size_pair(m.img_size, "model.img_size")
-    return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
-            "fraction": d.fraction, "subset": d.subset, "locality_strength": m.locality_strength,
-            "local_up_to_layer": m.local_up_to_layer, "use_local_init": m.use_local_init,
-            "train_gating": m.train_gating, "train_gpsa": m.train_gpsa, "embed_dim": m.embed_dim,
-            "num_heads": m.num_heads, "depth": m.depth, "img_size": h if h == w else f"{h}x{w}",
-            "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
-            "lr": o.get("lr"), "optimizer": o.get("name"), "weight_decay": o.get("weight_decay"),
-            "drop_path_rate": m.drop_path_rate, "label_smoothing": cfg.trainer.label_smoothing,
-            "random_crop": d.augment.random_crop, "mixup": d.augment.mixup, "cutmix": d.augment.cutmix,
-            "ema": cfg.trainer.ema,
-            "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
-            "config_hash": cfg_hash, "setup_hash": setup_hash(cfg), "convitlab_version": convitlab_version(),
-            "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
 
 
 def run_training(cfg, run_dir, overrides=()) -> dict:
@@ -60,7 +44,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
     main = distributed.is_main()
     folder = RunFolder(run_dir)
     record = RunRecord(run_dir)
-    row = {"run_id": run_dir.name, "kind": results.TRAIN, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
+    row = {"run_id": run_dir.name, "kind": tables.TRAIN, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
     cfg_hash = None
     try:
         from convitlab.engine.checkpoint import Checkpointer  # inside: an import failure is a failed run too
@@ -77,7 +61,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
         row.update(identity_row(cfg, run_dir, cfg_hash, overrides))
         row["epochs"] = total_epochs(cfg)  # after the identity: a refused plan's failed row still says which run
         fresh = cfg.trainer.resume is False
-        previous = results.read_result(run_dir)
+        previous = tables.read_result(run_dir)
         if not fresh:
             if previous and previous.get("status") in FINISHED and previous.get("config_hash") == cfg_hash:
                 log.info("run in %s already %s (top-1 %s): not retrained; trainer.resume=false retrains it",
@@ -104,14 +88,14 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
             outcome = (interrupted_outcome(run_dir, exc, row.get("epochs")) if stopped else
                        {"status": "failed", "error": str(full) if full is not None else one_line(exc)})
             try:
-                results.write_result(run_dir, {**row, **outcome})
+                tables.write_result(run_dir, {**row, **outcome})
             except OSError as write_error:  # e.g. the disk is still full: the first error is the one to report
                 log.error("result.csv not written: %s", one_line(write_error))
         if full is not None and full is not exc:
             raise full from None
         raise
     if main:
-        results.write_result(run_dir, row)
+        tables.write_result(run_dir, row)
     return row
 
 

@@ -1,7 +1,7 @@
-"""Comparison tables and plots across runs and sweeps, built on the DataFrames of convitlab.results.
+"""Comparison tables and plots across runs and sweeps, built on the DataFrames of convitlab.results.tables.
 
 Training runs are compared (evaluation rows, kind "eval", only when asked, and never with them).
-Each run counts once: a run named twice by the inputs is one row (results.load_results), and a
+Each run counts once: a run named twice by the inputs is one row (load.load_results), and a
 config found in several directories (the same config and seed trained twice: two sweeps started
 on one folder, a copied sweep) is counted once, the first, with a line naming the others. Its
 copies are not other seeds, and averaging them would shrink the spread and unpair the test.
@@ -38,12 +38,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from convitlab import results
-from convitlab.atomic import atomic_path, write_text
-from convitlab.errors import UserError
-from convitlab.results import SOURCE
-from convitlab.run_folder import LOCALITY, RunFolder
-from convitlab.sweeps import gather_sweep, job_dirs
+from convitlab.results import load
+
+from convitlab.core import tables
+from convitlab.core.files import atomic_path, write_text
+from convitlab.core.errors import UserError
+from convitlab.core.tables import SOURCE
+from convitlab.core.layout import LOCALITY, RunFolder
+from convitlab.results.sweeps import gather_sweep, job_dirs
 
 # The knobs a table may group by, in the order it shows them; never the seed.
 KNOBS = ["kind", "ablation", "model", "dataset", "fraction", "subset", "locality_strength", "local_up_to_layer",
@@ -228,13 +230,13 @@ def status(frame: pd.DataFrame) -> pd.Series:
     return frame["status"].astype("string").fillna("completed")
 
 
-def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None, kind=results.TRAIN) -> Comparison:
+def compare(frame: pd.DataFrame, metric="top1", by=None, vs=None, baseline=None, kind=tables.TRAIN) -> Comparison:
     """Group the completed runs of `kind` of a load_results table (see the module docstring);
     by/vs default to the varying knobs."""
-    chosen, others = results.select_kind(frame, kind)
+    chosen, others = load.select_kind(frame, kind)
     if "kind" in chosen:  # with --kind all, evaluations and training runs are told apart, never pooled
-        chosen = chosen.assign(kind=results.kinds(chosen))
-    notes = results.left_out_kinds(others, "--kind {} compares them")
+        chosen = chosen.assign(kind=load.kinds(chosen))
+    notes = load.left_out_kinds(others, "--kind {} compares them")
     completed = status(chosen).eq("completed")
     runs, left_out = chosen[completed], chosen[~completed]
     if runs.empty:
@@ -545,9 +547,9 @@ def plot_metric_vs_locality(comparison, out):
 def locality_panels(comparison):
     """(title, {column: locality rows of its runs}) for one table row whose runs have locality.csv
     files: the first whose runs have GPSA layers (the plots are about them), else the first of all.
-    The rows are indexed by run (see results.run_curves)."""
+    The rows are indexed by run (see load.run_curves)."""
     c = comparison
-    curves = results.run_curves(c.runs[c.runs[ROW].notna()], LOCALITY, columns=[ROW, COLUMN])
+    curves = load.run_curves(c.runs[c.runs[ROW].notna()], LOCALITY, columns=[ROW, COLUMN])
     if curves.empty or any(key not in curves for key in ("epoch", "layer", "head", "nonlocality", "gate")):
         return None, {}
     curves = curves.dropna(subset=["epoch", "layer", "head"])
@@ -634,7 +636,7 @@ def plot_gates(comparison, out):
 # ---------- the whole command ----------
 
 def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True,
-                    kind=results.TRAIN, write_summary=False) -> str:
+                    kind=tables.TRAIN, write_summary=False) -> str:
     """Compare the inputs, write comparison.csv/.md (and plots) into `out`; return the report to print.
 
     `out` defaults to the first input's folder (the input itself when it is a directory); nothing
@@ -643,12 +645,12 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     if out and os.path.lexists(out) and not Path(out).is_dir():  # before any work
         raise UserError(f"--out {out} is a file, not a folder: give a folder for comparison.csv, comparison.md "
                         "and the plots (it is created if missing)")
-    comparison = compare(results.gather_results(*inputs), metric, by, vs, baseline, kind)
+    comparison = compare(load.gather_results(*inputs), metric, by, vs, baseline, kind)
     first = Path(inputs[0])
     out = Path(out) if out else (first if first.is_dir() else first.parent)
     markdown = markdown_table(comparison)
     with _writable(f"into {out}", "choose a folder you can write to with --out"):
-        results.write_table(out / "comparison.csv", comparison.table())
+        tables.write_table(out / "comparison.csv", comparison.table())
         write_text(out / "comparison.md", markdown)
         notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
         if plots:

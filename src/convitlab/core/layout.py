@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from convitlab.errors import UserError, broken_link
+from convitlab.core.errors import UserError, broken_link
 
 LOCK = ".lock"
 HYDRA = ".hydra"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]        # numpy.{core,_core}.multiarray._reconstruct
 _FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]     # numpy.{core,_core}.numeric._frombuffer

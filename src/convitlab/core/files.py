@@ -14,7 +14,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from convitlab.errors import UserError
+from convitlab.core.errors import UserError
 
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 TEMPORARY_GLOB = ".*.tmp"  # what atomic_path names its temporaries: .<name>.<random>.tmp

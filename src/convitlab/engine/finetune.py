@@ -23,13 +23,13 @@ import os
 
 import numpy as np
 
-from convitlab import distributed
+from convitlab.core import distributed
 from convitlab.engine.checkpoint import Checkpointer, file_sha256
-from convitlab.atomic import write_text
-from convitlab.errors import UserError
+from convitlab.core.files import write_text
+from convitlab.core.errors import UserError
 from convitlab.models.convit import square_grid
-from convitlab.run_folder import RunFolder
-from convitlab.weights import linear_weight_names, load_state_dict, read_checkpoint, resize_pos_embed_array
+from convitlab.core.layout import RunFolder
+from convitlab.models.weights import linear_weight_names, load_state_dict, read_checkpoint, resize_pos_embed_array
 
 log = logging.getLogger(__name__)
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes

@@ -1,5 +1,6 @@
-"""Parallel sweep jobs on one GPU machine (hydra/launcher=joblib): one job per GPU at a time, and
-the GPU memory a job cached released when it ends.
+"""Parallel sweep jobs on one machine: each job's share of the cores (share_machine_between_jobs),
+and on a GPU machine (hydra/launcher=joblib) one job per GPU at a time, the GPU memory a job
+cached released when it ends (the Hydra callback run.callbacks.GpuPerJob).
 
 Giving job k the GPU k mod (GPU count) put two jobs on one GPU as soon as jobs ended unevenly
 (with 2 GPUs: job 1 ends first, its worker takes job 2, GPU 0, where job 0 still runs). A job
@@ -20,8 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from convitlab.ops.runtime import available_cores, cpu_threads, set_cpu_threads
 
 log = logging.getLogger(__name__)
 SLOTS_DIR = ".gpu_slots"
@@ -106,26 +106,21 @@ def release_job_gpu() -> None:
         _held["slot"] = None
 
 
-class GpuPerJob(Callback):
-    """Hydra callback: under the joblib launcher a job takes a free GPU (FLAGS_selected_gpus,
-    which runtime.select_device reads) before it starts; every sweep job gives its GPU and the
-    memory it cached back when it ends."""
-
-    def on_job_start(self, config, **kwargs) -> None:
-        release_job_gpu()  # a previous job of this worker that ended without on_job_end
-        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-        if "joblib" not in launcher.lower() or OmegaConf.select(config, "trainer.device", default="auto") == "cpu":
-            return
-        count = visible_gpus()
-        if not count:
-            return
-        job_num = int(OmegaConf.select(config, "hydra.job.num", default=0) or 0)
-        slots = Path(str(OmegaConf.select(config, "hydra.sweep.dir", default="."))) / SLOTS_DIR
-        slot = claim_gpu(slots, job_num, count)
-        _held["slot"] = slot
-        os.environ["FLAGS_selected_gpus"] = str(slot.index)
-        log.info("job #%d: GPU %d (one job per GPU; %d visible)", job_num, slot.index, count)
-
-    def on_job_end(self, config, **kwargs) -> None:
-        release_job_gpu()
-        free_device_memory()
+def share_machine_between_jobs(hydra_cfg) -> None:
+    """Under the joblib launcher, give each parallel job its share of the cores (and, through
+    run.callbacks.GpuPerJob, a GPU of its own);
+    under submitit, the hydra.launcher.cpus_per_task it asked for (when set)."""
+    target = str(hydra_cfg.launcher.get("_target_", "")).lower()
+    cores = available_cores()
+    if "submitit" in target and hydra_cfg.launcher.get("cpus_per_task"):
+        set_cpu_threads(min(int(hydra_cfg.launcher.cpus_per_task), cores))
+        log.info("job #%s: %d CPU threads (hydra.launcher.cpus_per_task)", hydra_cfg.job.num, cpu_threads())
+        return
+    if "joblib" not in target:
+        return
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs", -1))
+    parallel = cores if n_jobs <= 0 else min(n_jobs, cores)
+    set_cpu_threads(max(1, cores // parallel))
+    log.info("job #%s: %d CPU threads (%d cores shared by %d parallel jobs)", hydra_cfg.job.num, cpu_threads(),
+             cores, parallel)
+    # The job's GPU: a free one, taken before the job started (run.callbacks.GpuPerJob, a Hydra callback).

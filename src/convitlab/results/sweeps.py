@@ -9,9 +9,9 @@ import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
 
-from convitlab import results
-from convitlab.errors import UserError
-from convitlab.run_folder import HYDRA, RESULT, RunFolder
+from convitlab.core import tables
+from convitlab.core.errors import UserError
+from convitlab.core.layout import HYDRA, RESULT, RunFolder
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.csv"
@@ -36,7 +36,7 @@ def job_table(job_dir: Path) -> pd.DataFrame:
     Cells are kept as text: the summary holds exactly what each job wrote.
     """
     if RunFolder(job_dir).result.exists():
-        table = results.result_row(RunFolder(job_dir).result).head(1)
+        table = tables.result_row(RunFolder(job_dir).result).head(1)
     else:
         try:  # the overrides Hydra recorded for the job, if readable
             overrides = yaml.safe_load(RunFolder(job_dir).hydra_overrides.read_text())
@@ -62,17 +62,5 @@ def sweep_table(sweep_dir) -> pd.DataFrame:
 def gather_sweep(sweep_dir) -> Path:
     """Write sweep_dir/summary.csv (sweep_table, in RESULT_COLUMNS order) and return its path."""
     path = Path(sweep_dir) / SUMMARY
-    results.write_table(path, sweep_table(sweep_dir), results.RESULT_COLUMNS)
+    tables.write_table(path, sweep_table(sweep_dir), tables.RESULT_COLUMNS)
     return path
-
-
-class GatherSweep(Callback):
-    """Hydra callback: after a sweep, gather its jobs into summary.csv.
-
-    Hydra skips on_multirun_end when a job raises: reading a sweep gathers it afresh anyway, and
-    `compare.py --write-summary` writes the file.
-    """
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        path = gather_sweep(config.hydra.sweep.dir)
-        log.info("sweep summary: %s (compare with: python src/compare.py %s)", path, path.parent)

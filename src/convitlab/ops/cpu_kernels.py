@@ -33,6 +33,9 @@ from pathlib import Path
 
 import paddle
 
+from convitlab.core.errors import UserError
+from convitlab.ops import runtime
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -79,13 +82,11 @@ def _select(setting: str) -> tuple:
     if setting == "all":
         return KERNELS
     if setting in ("", "1"):
-        from convitlab.runtime import cpu_kind
-        measured = MEASURED_SPEEDUP.get(cpu_kind(), {})
+        measured = MEASURED_SPEEDUP.get(runtime.cpu_kind(), {})
         return tuple(k for k in KERNELS if measured.get(k, float("inf")) > 1.0)
     names = tuple(name.strip() for name in setting.split(","))
     unknown = sorted(set(names) - set(KERNELS))
     if unknown:
-        from convitlab.errors import UserError
         raise UserError(f"{ENV_SWITCH}={setting!r} is not allowed: 0, 1 (the measured choice), all, or a "
                         f"comma list of {', '.join(KERNELS)} (unknown: {', '.join(unknown)})")
     return names
@@ -139,8 +140,7 @@ def resolved_target(flags) -> str:
 
 def compile_flags() -> list:
     """The build's flags: ours, the target's, then the user's $CXXFLAGS (last, so they win)."""
-    from convitlab.runtime import _cpu_info
-    return [*CXX_FLAGS, *target_flags(_cpu_info()["flags"]), *shlex.split(os.environ.get("CXXFLAGS", ""))]
+    return [*CXX_FLAGS, *target_flags(runtime.cpu_info()["flags"]), *shlex.split(os.environ.get("CXXFLAGS", ""))]
 
 
 def compile_command(output: Path, flags=None, link=True) -> list:
@@ -163,12 +163,11 @@ def _cache_key() -> str:
     """What the built library depends on: the source, Paddle's version, the Python ABI (the library
     calls Python's C API), the compiler and its version, every flag, the target the compiler
     resolves them to, and the processor's ISA flags."""
-    from convitlab.runtime import _cpu_info
     flags = compile_flags()
     version = _output([compiler(), "--version"]).partition("\n")[0]
     digest = hashlib.sha256(SOURCE.read_bytes())
     for part in (paddle.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "", compiler(), version,
-                 " ".join(flags + LD_FLAGS), resolved_target(flags), " ".join(sorted(_cpu_info()["flags"]))):
+                 " ".join(flags + LD_FLAGS), resolved_target(flags), " ".join(sorted(runtime.cpu_info()["flags"]))):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -251,8 +250,7 @@ def available() -> bool:
 
 
 def _threads() -> int:
-    from convitlab.runtime import cpu_threads
-    return cpu_threads()
+    return runtime.cpu_threads()
 
 
 calls = 0  # kernel calls made by this process: what src/bench.py reads to say whether they ran

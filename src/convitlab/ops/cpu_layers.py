@@ -29,7 +29,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from convitlab.models import cpu_kernels
+from convitlab.ops import cpu_kernels
 
 _CPU_BUILD = not paddle.is_compiled_with_cuda()
 

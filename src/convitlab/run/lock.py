@@ -35,10 +35,10 @@ import threading
 import time
 from pathlib import Path
 
-from convitlab import distributed
-from convitlab.atomic import reporting_disk_full
-from convitlab.errors import UserError
-from convitlab.run_folder import RunFolder, check_run_dir
+from convitlab.core import distributed
+from convitlab.core.files import reporting_disk_full
+from convitlab.core.errors import UserError
+from convitlab.core.layout import RunFolder, check_run_dir
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30
@@ -253,9 +253,9 @@ class RunLock:
         except OSError as exc:
             if exc.errno not in _NOT_WRITABLE:
                 raise
-            from convitlab import results
+            from convitlab.core import tables
 
-            previous = results.read_result(self.run_dir)
+            previous = tables.read_result(self.run_dir)
             kept = f" (its result.csv says {previous.get('status')}: read it where it is)" if previous else ""
             raise UserError(f"cannot write in run directory {self.run_dir} ({os.strerror(exc.errno)}){kept}: "
                             "choose a hydra.run.dir on a file system you can write to") from None

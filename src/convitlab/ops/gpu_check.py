@@ -1,6 +1,6 @@
 """What `make check-gpu` prints first: each GPU Paddle sees, its compute capability, the NVIDIA
 driver and the CUDA Paddle was built with; or, with no GPU visible, one line saying why and what
-the GPU build needs (`python -m convitlab.gpu_check`, exit status 1 then)."""
+the GPU build needs (`python -m convitlab.ops.gpu_check`, exit status 1 then)."""
 import re
 import subprocess
 import sys
@@ -63,7 +63,7 @@ def report(paddle, driver):
 
 
 def main():
-    from convitlab import runtime
+    from convitlab.ops import runtime
     runtime.setup()
     import paddle
     lines, usable = report(paddle, driver_version())
