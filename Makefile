@@ -36,8 +36,10 @@ $(STAMP): pyproject.toml
 
 FORCE:
 
-# The 15 slowest tests are listed at the end (CI runs this target).
+# The import contracts first (pyproject.toml's [tool.importlinter]), then the whole suite; the 15
+# slowest tests are listed at the end (CI runs this target).
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
