@@ -121,10 +121,10 @@ def end_workers(batches) -> None:
     read to its end; a pass read to its end has ended them already.
 
     Paddle has no public call for it: `_try_shutdown_all` is what its own end of a pass calls
-    (paddle/io/dataloader/dataloader_iter.py, 3.0-3.3); tests/test_data.py fails if it moves.
+    (paddle/io/dataloader/dataloader_iter.py); tests/test_private_apis.py fails if it moves.
     Every pass must end here or at its end: its workers ignore SIGTERM, so multiprocessing's
     terminate() at exit could not end a forgotten one."""
-    shutdown = getattr(batches, "_try_shutdown_all", None)
+    shutdown = getattr(batches, "_try_shutdown_all", None)  # private API: _DataLoaderIterMultiProcess._try_shutdown_all
     if shutdown is not None:
         shutdown()
 

@@ -93,8 +93,8 @@ class LossScaler(paddle.amp.GradScaler):
         self.last_step_skipped = bool(self.is_enable() and _as_bool(self._cache_found_inf))
         self.skipped_steps += self.last_step_skipped
 
-    def _update(self):
-        # GradScaler._update's logic (3.0-3.3), without its print of float(shape-[1] tensor).
+    def _update(self):  # private API: paddle.amp.AmpScaler._update
+        # GradScaler._update's logic, without its float() of a shape-[1] tensor.
         if not self._enable:
             return
         if _as_bool(self._cache_found_inf):

@@ -221,7 +221,7 @@ def set_cpu_threads(count: int) -> None:
     global _cpu_threads
     from paddle.base import core
     _cpu_threads = max(1, int(count))
-    core.set_num_threads(_cpu_threads)
+    core.set_num_threads(_cpu_threads)  # private API: paddle.base.core.set_num_threads
 
 
 def cpu_threads() -> int:
