@@ -173,7 +173,7 @@ class ScheduleConfig:
 
 @dataclass
 class FinetuneConfig:
-    """How a run started from model.pretrained trains (convitlab/finetune.py)."""
+    """How a run started from model.pretrained trains (convitlab/engine/finetune.py)."""
     freeze_patch_embed: bool = False   # the patch convolution keeps the file's filters
     freeze_blocks: int = 0             # the first k blocks keep the file's weights (checked against model.depth)
     backbone_lr_scale: float = ranged(1.0, at_least(0), "1: the head's learning rate; 0: only the head trains")

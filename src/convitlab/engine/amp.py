@@ -7,10 +7,10 @@ train in float32 while its config says fp16/bf16: such a run is refused instead
 (check_amp_supported).
 
 Paddle's GradScaler.update() (3.0-3.3) prints `float(self._scale)` of a shape-[1] tensor when it
-lowers the scale after an inf/nan step; NumPy >= 2.4 refuses that conversion, so fp16 training
-crashed at its first overflow. LossScaler does the same update without the conversion, and
-keeps what the training loop needs: whether the last step was skipped, the skipped steps, and
-the scale as a Python number (no device sync to read it).
+lowers the scale after an inf/nan step; NumPy >= 2.4 refuses that conversion, so with it fp16
+training would fail at its first overflow. LossScaler does the same update without the
+conversion, and keeps what the training loop needs: whether the last step was skipped, the
+skipped steps, and the scale as a Python number (no device sync to read it).
 """
 import logging
 

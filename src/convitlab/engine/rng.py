@@ -2,8 +2,8 @@
 
 On a GPU, paddle.get_rng_state() returns one CUDA state per visible GPU and leaves out the CPU
 generator, and paddle.set_rng_state() of that list needs the same number of visible GPUs
-("Length of gpu state list should be equal to the gpu device count"): a checkpoint of a 4-GPU
-run failed to resume with 1 GPU visible, and one from the CPU failed on a GPU.
+("Length of gpu state list should be equal to the gpu device count"): restoring that list
+would fail for a checkpoint of a 4-GPU run resumed with 1 GPU visible, or one from the CPU on a GPU.
 
 A state here (format 2) holds the CPU generator and the generator of the one GPU this process
 runs on. Restoring sets the CPU generator, and the current GPU's generator when both the

@@ -200,9 +200,10 @@ def evaluate_epoch(t: Training, cfg, state: LoopState) -> tuple:
 
 
 def save_checkpoint(t: Training, state: LoopState, recorder: Recorder) -> None:
-    # Checkpoints follow evaluations (once per full-data epoch's worth of images): a
-    # 5.7M-parameter model checkpointed after each of 500 short passes spent a quarter
-    # of its time writing them. A resume redoes at most one interval, exactly.
+    # Checkpoints follow evaluations (once per full-data epoch's worth of images), not every
+    # pass: at a small data.fraction a pass is a few steps, and writing the model after each
+    # would take a large share of the run (measured: experiments/convit_tiny_10pct/README.md).
+    # A resume redoes at most one interval, exactly.
     rng_states = distributed.gather_objects(capture_rng())  # every rank takes part
     recorder.flush()
     if distributed.is_main():
@@ -252,7 +253,7 @@ def set_up(cfg, folder: RunFolder):
     if cfg.trainer.to_static:
         # The model itself, in place: DataParallel wraps this very object, so it runs the static
         # forward and keeps its gradient all-reduce (tests/test_distributed.py); DataParallel's own
-        # forward(*inputs) cannot be converted (to_static raised "requires 0 arguments").
+        # forward(*inputs) cannot be converted (to_static raises "requires 0 arguments").
         paddle.jit.to_static(model)
     probe = _locality_probe(data.val, cfg.trainer.locality_batch_size) if cfg.trainer.measure_locality else None
     return Training(model=model, train_model=train_model, optimizer=optimizer, scaler=scaler, ema=ema,

@@ -3,8 +3,9 @@
 Paddle's CPU build pins itself to one thread (it sets OMP_NUM_THREADS=1 on import when
 unset), so `setup()` imports Paddle and gives it every core this process may use. A count the
 user set (OMP_NUM_THREADS) is left alone. Before the import it also points Paddle's bundled MKL
-at the code path an AMD processor supports and makes glibc keep freed memory; together 2.5x
-inference and 1.5x training for convit_tiny on a 2-core Zen 5 (experiments/perf/amd-zen5/README.md).
+at the code path an AMD processor supports (it otherwise runs its generic, several times slower
+kernels there) and makes glibc keep freed memory (see mkl_cpu_type, keep_freed_memory; measured:
+experiments/perf/amd-zen5/README.md).
 Importing convitlab does none of this: the entry points that run Paddle (src/train.py, eval.py,
 bench.py, convert.py) call setup() before anything imports Paddle, and so must a notebook.
 Paddle is imported inside the functions here: setup() must run before it loads.
@@ -115,10 +116,11 @@ def mkl_cpu_type():
     That MKL runs its generic ("def") kernels on non-Intel processors. Its undocumented switch
     chooses instead (sgemm kernels seen with `perf`): 0-1 def, 2 mc, 3 mc3, 4 avx, 5 avx2,
     6 avx512_mic (Xeon Phi, whose AVX-512ER instructions AMD processors lack), 7 avx512
-    (Skylake-X: F/CD/BW/DQ/VL). On a Zen 5 core, 2048² float32 products: def 30, avx2 230,
-    avx512 460 GFLOP/s (2 threads). On a Zen 3 (family 25 model 1): def 23, avx2 69-81 GFLOP/s
-    (1 thread, other jobs running); there MKL names its path "Intel(R) Architecture processors"
-    whichever it runs (tests/test_hardware_switches.py tells the kernels apart by their rounding).
+    (Skylake-X: F/CD/BW/DQ/VL). AVX-512 is chosen where the processor has all of F/CD/BW/DQ/VL,
+    else AVX2: each path runs the products several times faster than the generic one (measured:
+    experiments/perf/amd-zen5/README.md, experiments/perf/amd-family25-model1/README.md). On a
+    Zen 3 MKL names its path "Intel(R) Architecture processors" whichever it runs
+    (tests/test_hardware_switches.py tells the kernels apart by their rounding).
     """
     info = cpu_info()
     if info["vendor"] != "AuthenticAMD":
@@ -136,10 +138,10 @@ def keep_freed_memory() -> bool:
 
     Paddle's CPU allocator hands every tensor to malloc; glibc serves blocks over its mmap
     threshold (128 KiB to 32 MiB, adaptive) with fresh mmaps and unmaps them on free, so each
-    new activation of a few MiB page-faults in zeroed pages: an add of two [128, 196, 196]
-    tensors took 9 ms, 1 ms without the faults. The price: the process keeps its peak heap
-    (RSS does not shrink after the peak). Skipped if the user set glibc's own variables
-    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) or CONVITLAB_MALLOC_DEFAULTS.
+    new activation of a few MiB page-faults in zeroed pages, which can cost an elementwise op
+    most of its time (measured: experiments/perf/amd-zen5/README.md). The price: the process
+    keeps its peak heap (RSS does not shrink after the peak). Skipped if the user set glibc's
+    own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) or CONVITLAB_MALLOC_DEFAULTS.
     """
     if not sys.platform.startswith("linux") or any(
             name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
@@ -189,11 +191,11 @@ def setup() -> None:
 
 # Paddle flags set on a CPU build, unless the user set them (FLAGS_* variables):
 # - FLAGS_use_stride_kernel: views (transpose, slice, unbind) otherwise become strided tensors
-#   that the next op copies with a slow generic CPU kernel: 14 ms instead of 0.5 ms for one
-#   [32, 196, 192] head transpose; convit_tiny trains 1.7x faster without them.
+#   that the next op copies with a slow generic CPU kernel, which makes a head transpose many
+#   times slower (measured: experiments/perf/amd-zen5/README.md).
 # - FLAGS_new_executor_serial_run: paddle.jit.to_static programs otherwise run on a pool of
-#   executor threads that fight the math threads for the cores: convit_tiny trained 9 img/s
-#   under to_static, 25 serial.
+#   executor threads that fight the math threads for the cores, so to_static training would run
+#   at a fraction of eager speed (measured: experiments/perf/amd-zen5/README.md).
 CPU_FLAGS = {"FLAGS_use_stride_kernel": False, "FLAGS_new_executor_serial_run": True}
 
 
