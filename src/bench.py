@@ -6,7 +6,7 @@ Compares, inside one process and on the same model, convitlab's GPSA ("ours") wi
   - "seed": the baseline plus the NumPy host round-trips the seed notebook did in forward;
   - "seed_defaults": "seed" as the seed notebook ran it, in a subprocess with Paddle as it comes
     (CONVITLAB_PADDLE_DEFAULTS=1: one thread, MKL's own dispatch, stride kernels, glibc's
-    malloc defaults) and the stock Linear/LayerNorm instead of convitlab.ops.cpu_layers;
+    malloc defaults) and Paddle's stock ops instead of convitlab's CPU passes (ops.backend.CPU_BACKEND);
   - "timm": timm's PyTorch ConViT, run by experiments/perf/timm_bench.py in another Python.
 
     python src/bench.py --models convit_tiny --resolutions 224/16 32/4 --batch-sizes 32 64 \
@@ -42,7 +42,7 @@ from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supp
 from convitlab.core.errors import UserError  # noqa: E402
 from convitlab.models import create_model, model_defaults  # noqa: E402
 from convitlab.ops import cpu_kernels  # noqa: E402
-from convitlab.ops import cpu_layers  # noqa: E402
+from convitlab.ops import backend  # noqa: E402
 from convitlab.models.attention import ReferenceGPSA, relative_positions  # noqa: E402
 from convitlab.ops.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
 
@@ -310,7 +310,7 @@ def check_same_cpu_kind(output, kind):
 def main(argv=None):
     args = parse_args(argv)
     if args.seed_runtime:  # the seed had no hand-written CPU layers
-        cpu_layers._CPU_BUILD = False
+        backend.CPU_BACKEND = False
     if on_gpu():
         paddle.set_device("gpu")
     configs = [(name, img, patch, batch, mode) for name in args.models

@@ -8,7 +8,8 @@ import paddle
 import pytest
 
 from convitlab.analysis.attention_maps import query_attention
-from convitlab.models import GPSA, ReferenceGPSA, attention, create_model
+from convitlab.models import GPSA, ReferenceGPSA, create_model
+from convitlab.ops import backend
 
 
 def _run(model, x, train):
@@ -30,7 +31,7 @@ def test_fused_path_matches_explicit_path(monkeypatch, name, local_up_to_layer, 
     model = create_model(name, **kwargs)
     x = paddle.randn([3, 1, 8, 8])
     explicit = _run(model, x, train)
-    monkeypatch.setattr(attention, "fused_attention_wanted", lambda qkv, head_dim: True)
+    monkeypatch.setattr(backend, "use_fused_attention", lambda qkv, head_dim: True)
     fused = _run(model, x, train)
     np.testing.assert_allclose(fused[0], explicit[0], rtol=1e-5, atol=1e-5)
     assert fused[1].keys() == explicit[1].keys()
@@ -42,8 +43,8 @@ def test_cpu_and_float32_keep_the_explicit_path():
     previous = paddle.device.get_device()
     paddle.set_device("cpu")  # also on a GPU machine
     try:
-        assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 12]), 2)
-        assert not attention.fused_attention_wanted(paddle.zeros([1, 4, 48], dtype="float16"), 16)
+        assert not backend.use_fused_attention(paddle.zeros([1, 4, 12]), 2)
+        assert not backend.use_fused_attention(paddle.zeros([1, 4, 48], dtype="float16"), 16)
     finally:
         paddle.set_device(previous)
 
@@ -66,7 +67,7 @@ FUSED_CALLS = [
 
 @pytest.mark.parametrize("version, device, capability, dtype, head_dim, expected", FUSED_CALLS)
 def test_which_devices_take_the_flash_kernel(version, device, capability, dtype, head_dim, expected):
-    assert attention.fused_attention_call(version, device, capability, dtype, head_dim) is expected
+    assert backend.fused_attention_call(version, device, capability, dtype, head_dim) is expected
 
 
 def _sdpa_of_paddle_3_0(calls):
@@ -93,8 +94,8 @@ def test_the_fused_call_fits_paddle_3_0_and_drops_nothing_in_eval(monkeypatch, l
     x = paddle.randn([2, 1, 8, 8])
     explicit = model(x).numpy()
     calls = []
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", _sdpa_of_paddle_3_0(calls))
-    monkeypatch.setattr(attention, "fused_attention_wanted", lambda qkv, head_dim: True)
+    monkeypatch.setattr(paddle.nn.functional, "scaled_dot_product_attention", _sdpa_of_paddle_3_0(calls))
+    monkeypatch.setattr(backend, "use_fused_attention", lambda qkv, head_dim: True)
     fused = model(x).numpy()
     np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
     assert len(calls) == 6 and all(c == {"dropout_p": 0.0, "training": False} for c in calls)

@@ -10,8 +10,7 @@ import paddle.nn.functional as F
 import pytest
 
 from convitlab.models import attention, create_model
-from convitlab.ops import cpu_kernels
-from convitlab.ops import cpu_layers
+from convitlab.ops import attention_ops, cpu_kernels, cpu_layers
 
 # The model's shapes (convit_tiny at 32/4 batch 64 and 224/16, hidden width 768, a small batch)
 # and odd sizes; the large ones run on several threads.
@@ -201,7 +200,7 @@ def test_inputs_the_kernels_cannot_take_go_to_paddle(kernels):
     calls = cpu_kernels.calls
     for shape in ([3, 0], [0, 5], []):
         x = paddle.zeros(shape)
-        assert attention.softmax(x).shape == shape and cpu_layers.GELU()(x).shape == shape
+        assert attention_ops.softmax(x).shape == shape and cpu_layers.GELU()(x).shape == shape
     assert cpu_kernels.calls == calls
     with pytest.raises(Exception, match="last axis must exist"):  # the kernel itself refuses, no crash
         cpu_kernels.softmax(paddle.zeros([3, 0]), 1.0)
@@ -365,8 +364,8 @@ def test_each_kernel_runs_where_it_was_measured_faster(kernels, monkeypatch):
     def used():
         return {"gelu": "convitlab" in cpu_layers.GELU()(x).grad_fn.name(),
                 "layer_norm": "convitlab" in cpu_layers.LayerNorm(64)(x).grad_fn.name(),
-                "softmax": "convitlab" in attention.softmax(x).grad_fn.name(),
-                "head_layouts": "convitlab" in attention.merge_heads(x.reshape([8, 4, 16, 16])).grad_fn.name()}
+                "softmax": "convitlab" in attention_ops.softmax(x).grad_fn.name(),
+                "head_layouts": "convitlab" in attention_ops.merge_heads(x.reshape([8, 4, 16, 16])).grad_fn.name()}
 
     monkeypatch.setattr(cpu_kernels, "_chosen", {})
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")

@@ -21,7 +21,8 @@ from convitlab.engine import amp, rng
 from convitlab.engine.checkpoint import Checkpointer
 from convitlab.core.errors import UserError
 from convitlab.run.callbacks import GpuPerJob
-from convitlab.models import attention, create_model
+from convitlab.models import create_model
+from convitlab.ops import backend
 from convitlab.ops.runtime import select_device
 
 GPUS = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
@@ -84,7 +85,7 @@ def amp_training(kind, steps=5):
     model = small_convit()
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.parameters())
     x, labels = batch()
-    seen, real = [], attention.fused_attention_wanted
+    seen, real = [], backend.use_fused_attention
 
     def spy(qkv, head_dim):
         seen.append(qkv.dtype)
@@ -92,7 +93,7 @@ def amp_training(kind, steps=5):
 
     before = {n: p.numpy().copy() for n, p in model.named_parameters()}
     losses = []
-    attention.fused_attention_wanted = spy
+    backend.use_fused_attention = spy
     try:
         for _ in range(steps):
             with paddle.amp.auto_cast(dtype=dtype):
@@ -101,7 +102,7 @@ def amp_training(kind, steps=5):
             losses.append(float(loss))
             amp.backward_and_step(loss, optimizer, scaler)
     finally:
-        attention.fused_attention_wanted = real
+        backend.use_fused_attention = real
     return seen, losses, before, model, optimizer, scaler
 
 
@@ -157,7 +158,7 @@ def test_fp16_run_end_to_end_and_its_resume(tmp_path):
 # --- fused (flash) attention ----------------------------------------------------------------------
 
 def forward_backward(model, x, labels, fused, monkeypatch):
-    monkeypatch.setattr(attention, "FUSED_ATTENTION", fused)
+    monkeypatch.setattr(backend, "FUSED_ATTENTION", fused)
     model.clear_gradients()
     paddle.seed(2)  # each pass draws the same random numbers, if any op of the model draws one
     with paddle.amp.auto_cast(dtype="float16"):
@@ -169,17 +170,17 @@ def forward_backward(model, x, labels, fused, monkeypatch):
 
 def test_flash_attention_matches_the_explicit_path_in_fp16(monkeypatch):
     probe = paddle.zeros([1, 4, 3 * 48], dtype="float16")
-    if capability() < attention.FLASH_MIN_CAPABILITY:
-        assert not attention.fused_attention_wanted(probe, 48)  # checked: the explicit path is taken
+    if capability() < backend.FLASH_MIN_CAPABILITY:
+        assert not backend.use_fused_attention(probe, 48)  # checked: the explicit path is taken
         pytest.skip(f"flash attention needs compute capability >= 8.0; this GPU has {capability()}")
-    assert attention.fused_attention_wanted(probe, 48)
+    assert backend.use_fused_attention(probe, 48)
     calls, real = [], F.scaled_dot_product_attention
 
     def counted(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
     # Training mode (the fused call's training path) with nothing random in it: the default
     # drop_path_rate 0.1 alone moved the logits of two explicit passes apart by 0.78 on the CPU.
     model = comparable_convit()
@@ -196,14 +197,14 @@ def test_flash_attention_matches_the_explicit_path_in_fp16(monkeypatch):
 
 
 def test_flash_attention_drops_nothing_in_eval(monkeypatch):
-    if capability() < attention.FLASH_MIN_CAPABILITY:
+    if capability() < backend.FLASH_MIN_CAPABILITY:
         pytest.skip(f"flash attention needs compute capability >= 8.0; this GPU has {capability()}")
     model = small_convit(attn_drop_rate=0.5)
     model.eval()
     x, _ = batch()
     with paddle.no_grad(), paddle.amp.auto_cast(dtype="float16"):
         first, second = model(x).astype("float32").numpy(), model(x).astype("float32").numpy()
-        monkeypatch.setattr(attention, "FUSED_ATTENTION", False)
+        monkeypatch.setattr(backend, "FUSED_ATTENTION", False)
         explicit = model(x).astype("float32").numpy()
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(first, explicit, rtol=2e-2, atol=2e-2)

@@ -22,8 +22,7 @@ import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
 from convitlab.models import attention  # noqa: E402
-from convitlab.ops import cpu_kernels  # noqa: E402
-from convitlab.ops import cpu_layers  # noqa: E402
+from convitlab.ops import attention_ops, backend, cpu_kernels, cpu_layers  # noqa: E402
 
 REPEATS, WARMUP = 30, 5
 
@@ -65,8 +64,8 @@ def stock_and_ours(fn, *inputs, backward=False, rounds=3):
 
 
 def scaled_softmax(scores, scale=48 ** -0.5):
-    """The content attention's softmax as attention.content_attention computes it on each path."""
-    if cpu_layers.kernel_fits(scores, "softmax"):
+    """The content attention's softmax as attention_ops.content_attention computes it on each path."""
+    if backend.use_cpu_kernel(scores, "softmax"):
         return cpu_kernels.softmax(scores, scale)
     return F.softmax(scores * scale, axis=-1)
 
@@ -87,11 +86,11 @@ def main():
         ("softmax", "softmax(scores / sqrt(d)), [64, 4, 65, 65], forward", stock_and_ours(scaled_softmax, scores)),
         ("softmax", "the same, forward + backward", stock_and_ours(scaled_softmax, scores, backward=True)),
         ("head_layouts", "q/k/v head split, [64, 65, 576] -> 3 x [64, 4, 65, 48], forward",
-         stock_and_ours(lambda x: attention.split_heads(x, 4), qkv)),
+         stock_and_ours(lambda x: attention_ops.split_heads(x, 4), qkv)),
         ("head_layouts", "the same, forward + backward",
-         stock_and_ours(lambda x: attention.split_heads(x, 4), qkv, backward=True)),
+         stock_and_ours(lambda x: attention_ops.split_heads(x, 4), qkv, backward=True)),
         ("head_layouts", "GPSA's output from C v, P and v, [64, 4, 64, 48], forward + backward",
-         stock_and_ours(lambda c, values: attention.gated_heads(c, gate * positional, values, gate), content, v,
+         stock_and_ours(lambda c, values: attention_ops.gated_heads(c, gate * positional, values, gate), content, v,
                         backward=True)),
         ("gelu", "GELU, [64, 65, 768], forward", stock_and_ours(cpu_layers.GELU(), hidden)),
         ("gelu", "the same, forward + backward", stock_and_ours(cpu_layers.GELU(), hidden, backward=True)),
@@ -113,9 +112,9 @@ def main():
         ("softmax", "micro: softmax, [32, 4, 16, 16], forward + backward",
          stock_and_ours(scaled_softmax, micro_scores, backward=True)),
         ("head_layouts", "micro: q/k/v head split, [32, 16, 192], forward + backward",
-         stock_and_ours(lambda x: attention.split_heads(x, 4), micro_qkv, backward=True)),
+         stock_and_ours(lambda x: attention_ops.split_heads(x, 4), micro_qkv, backward=True)),
         ("head_layouts", "micro: GPSA's output, [32, 4, 16, 16], forward + backward",
-         stock_and_ours(lambda c, values: attention.gated_heads(c, gate * micro_positional, values, gate),
+         stock_and_ours(lambda c, values: attention_ops.gated_heads(c, gate * micro_positional, values, gate),
                         micro_content, micro_v, backward=True)),
         ("gelu", "micro: GELU, [32, 17, 256], forward + backward",
          stock_and_ours(cpu_layers.GELU(), micro_hidden, backward=True)),
@@ -144,8 +143,7 @@ def main():
     values = tensor(4, 196, 32 * 48)
     with paddle.no_grad():
         maps = {"with subnormal entries": paddle.to_tensor(0.7 * unclipped),
-                "as the kernels' softmax writes it": 0.7 * attention.softmax(gpsa.pos_proj(gpsa.rel_positions)
-                                                                             .transpose([2, 0, 1]))}
+                "as the kernels' softmax writes it": 0.7 * gpsa.positional_attention()}
         print()
         print("| GPSA's positional product at 224/16 batch 32, [4, 196, 196] x [4, 196, 1536] | subnormal entries | ms |")
         print("|---|---|---|")

@@ -1,9 +1,10 @@
 """The two attention kinds of ConViT: gated positional self-attention (GPSA) and plain MHSA.
 
 ReferenceGPSA is GPSA as the paper and the reference code write it: the documented formulation.
-GPSA, which the models use, is its fast path: the same function (tests/test_attention_paths.py),
-the mixed map never formed. attention_maps returns the maps that forward applies, from the same
-code (content_attention), checked against forward's output in the same test file.
+GPSA, which the models use, computes the same function (tests/test_attention_paths.py) with the
+mixed map never formed. attention_maps returns the maps that forward applies, from the same op
+(ops.content_attention), checked against forward's output in the same test file. Which backend
+runs each op (compiled CPU kernels, flash attention, Paddle's ops) is decided in ops/.
 """
 import math
 
@@ -11,8 +12,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from convitlab.ops import cpu_kernels
-from convitlab.ops.cpu_layers import Linear, kernel_fits
+from convitlab.ops import attention_ops as ops
+from convitlab.ops.cpu_layers import Linear
 
 
 def relative_positions(grid_h: int, grid_w: int) -> paddle.Tensor:
@@ -36,10 +37,12 @@ def local_window_offsets(num_heads: int):
 
 
 class GPSA(nn.Layer):
-    """Gated positional self-attention on patch tokens (no class token), the fast path.
+    """Gated positional self-attention on patch tokens (no class token).
 
-    Each head mixes content attention softmax(q kᵀ) with a learned, input-independent
-    positional attention softmax(pos_proj(r)), weighted by σ(λ_h) (ReferenceGPSA spells it out).
+    Each head h mixes content attention C_h = softmax(q_h k_hᵀ / √d) with a learned,
+    input-independent positional attention P_h = softmax(pos_proj(r))_h, weighted by the gate
+    σ(λ_h): A_h = (1 - σ(λ_h)) C_h + σ(λ_h) P_h, out = proj(concat_h A_h v_h) (ReferenceGPSA
+    spells it out as the reference code computes it).
     """
 
     def __init__(self, dim, num_heads, grid_size, attn_drop=0.0, proj_drop=0.0,
@@ -77,7 +80,11 @@ class GPSA(nn.Layer):
     def positional_attention(self):
         """[H, N, N]: the same for every image, so computed once per forward pass."""
         scores = self.pos_proj(self.rel_positions)  # [N, N, H]
-        return softmax(scores.transpose([2, 0, 1]))
+        return ops.softmax(scores.transpose([2, 0, 1]))
+
+    def gate(self):
+        """σ(λ_h) per head, [H, 1, 1]: the weight of positional attention."""
+        return F.sigmoid(self.gating_param).reshape([-1, 1, 1])
 
     def _qkv(self, x):
         """[B, N, 3D]: qk and v stay separate parameters (the checkpoint layout) but run as one
@@ -88,32 +95,23 @@ class GPSA(nn.Layer):
         """Content, positional and combined attention for normed patch tokens x [B, N, D]: the
         combined map is what forward applies to v (rows sum to 1: the reference's renormalisation
         is left out, as in forward)."""
-        content, _ = content_attention(self._qkv(x), self.num_heads, self.scale)
+        content, _ = ops.content_attention(self._qkv(x), self.num_heads, self.scale)
         positional = self.positional_attention()
-        gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
+        gate = self.gate()
         return {"content": content, "positional": positional, "combined": (1.0 - gate) * content + gate * positional}
 
     def forward(self, x):
         qkv = self._qkv(x)
-        gate = F.sigmoid(self.gating_param).reshape([-1, 1, 1])
+        gate = self.gate()
         positional = gate * self.positional_attention()  # [H, N, N], small
-        if fused_attention_wanted(qkv, self.head_dim) and not (self.training and self.attn_drop.p > 0):
-            # (1 - g) softmax(q kᵀ) v is plain attention: one fused kernel, the [B, H, N, N] map
-            # never stored; the positional part stays one shared product. Token-major throughout.
-            # No dropout here, and the default scale 1/sqrt(d) is self.scale (see fused_attention_call).
-            q, k, v = split_tokens(qkv, self.num_heads)
-            content = F.scaled_dot_product_attention(q, k, v, training=self.training)
-            out = (1.0 - gate.reshape([-1, 1])) * content + batch_shared_matmul(positional, v, layout="token_major")
-            return self.proj_drop(self.proj(out.flatten(2)))
-        content, v = content_attention(qkv, self.num_heads, self.scale)
         # Rows of a convex mix of two softmaxes sum to 1: the reference's renormalisation is
         # a no-op up to rounding and is skipped here.
         if self.training and self.attn_drop.p > 0:  # dropout must see the mixed map
-            out = paddle.matmul(self.attn_drop((1.0 - gate) * content + positional), v)
-            return self.proj_drop(self.proj(merge_heads(out)))
-        # A v = (1 - g) (C v) + (g P) v: the mixed [B, H, N, N] map is never formed, and
-        # the positional product is one matrix product per head for the whole batch.
-        return self.proj_drop(self.proj(gated_heads(paddle.matmul(content, v), positional, v, gate)))
+            content, v = ops.content_attention(qkv, self.num_heads, self.scale)
+            out = ops.merge_heads(paddle.matmul(self.attn_drop((1.0 - gate) * content + positional), v))
+        else:  # A v = (1 - g) (C v) + (g P) v: the mixed [B, H, N, N] map is never formed
+            out = ops.gated_attention(qkv, positional, gate, self.num_heads, self.scale, self.training)
+        return self.proj_drop(self.proj(out))
 
 
 class ReferenceGPSA(GPSA):
@@ -161,144 +159,10 @@ class MHSA(nn.Layer):
 
     def attention_maps(self, x):
         """The attention forward applies to v, for normed tokens x [B, N, D]."""
-        content, _ = content_attention(paddle.matmul(x, self.qkv.weight), self.num_heads, self.scale)
+        content, _ = ops.content_attention(paddle.matmul(x, self.qkv.weight), self.num_heads, self.scale)
         return {"content": content, "positional": None, "combined": content}
 
     def forward(self, x):
         qkv = paddle.matmul(x, self.qkv.weight)
-        if fused_attention_wanted(qkv, self.head_dim):
-            q, k, v = split_tokens(qkv, self.num_heads)
-            # Paddle 3.0-3.2 ignore `training` without a mask: dropout_p itself is 0 outside training.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                 training=self.training)
-            return self.proj_drop(self.proj(out.flatten(2)))
-        attn, v = content_attention(qkv, self.num_heads, self.scale)
-        out = paddle.matmul(self.attn_drop(attn), v)
-        return self.proj_drop(self.proj(merge_heads(out)))
-
-
-FUSED_ATTENTION = True  # False: always the explicit softmax(q kᵀ) v
-_CUDA_BUILD = paddle.is_compiled_with_cuda()
-FLASH_MIN_CAPABILITY = (8, 0)  # FlashAttention-2, Paddle's flash kernel: Ampere (A100, RTX 30xx) or newer
-FLASH_MAX_HEAD_DIM = 256
-
-
-def version_tuple(version: str):
-    """(major, minor) of a Paddle version string; a development build ("0.0.0") counts as newest."""
-    parts = []
-    for piece in str(version).split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        parts.append(int(digits) if digits else 0)
-    major, minor = (parts + [0, 0])[:2]
-    return (99, 99) if (major, minor) == (0, 0) else (major, minor)
-
-
-def fused_attention_call(paddle_version: str, device: str, capability, dtype: str, head_dim: int) -> bool:
-    """Whether F.scaled_dot_product_attention runs its flash kernel here (pure: the caller gives
-    Paddle's version, the device "cpu"/"gpu:N", its compute capability, the dtype, the head size).
-
-    The call never passes `scale` (Paddle 3.0-3.2 have no such argument; 3.3 refuses its flash
-    kernel whenever it is given and falls back to one that stores the full map): the default,
-    1/sqrt(head_dim), is the models' scale. Without a mask, Paddle 3.0-3.2 send every GPU call to
-    the flash kernel, which needs compute capability >= 8.0 and fails below; 3.3 checks that,
-    the head size (a multiple of 8, at most 256) and the dtype itself. Elsewhere (the CPU, where
-    Paddle runs it as the same products 20% slower than ours; float32; older GPUs; odd head
-    sizes) the explicit path runs.
-    """
-    return (version_tuple(paddle_version) >= (3, 0) and device.startswith("gpu")
-            and dtype in ("float16", "bfloat16") and tuple(capability)[:2] >= FLASH_MIN_CAPABILITY
-            and head_dim % 8 == 0 and head_dim <= FLASH_MAX_HEAD_DIM)
-
-
-_fused_decisions = {}  # (device, dtype, head_dim) -> bool, decided once
-
-
-def fused_attention_wanted(qkv, head_dim: int) -> bool:
-    """Whether this forward pass computes its content attention with the flash kernel
-    (fused_attention_call on this process's device; float16/bfloat16 come from trainer.amp)."""
-    if not (FUSED_ATTENTION and _CUDA_BUILD) or qkv.dtype not in (paddle.float16, paddle.bfloat16):
-        return False
-    device = paddle.device.get_device()
-    dtype = "float16" if qkv.dtype == paddle.float16 else "bfloat16"
-    key = (device, dtype, head_dim)
-    if key not in _fused_decisions:
-        capability = (0, 0)
-        if device.startswith("gpu"):
-            capability = paddle.device.cuda.get_device_capability(int(device.partition(":")[2] or 0))
-        _fused_decisions[key] = fused_attention_call(paddle.__version__, device, capability, dtype, head_dim)
-    return _fused_decisions[key]
-
-
-def split_heads(qkv, num_heads):
-    """[B, N, 3D] (q | k | v columns) -> q, k, v, each [B, H, N, d] (head-major, for matmul).
-
-    On the CPU one compiled pass (cpu_kernels); else the heads of all three split off by a single
-    transpose: a split into q, k, v and three head transposes cost 3.2 ms per block (convit_tiny
-    at 224, batch 32), this 1.8 ms.
-    """
-    if kernel_fits(qkv, "head_layouts"):
-        return cpu_kernels.split_heads(qkv, num_heads)
-    return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]).transpose([2, 0, 3, 1, 4]), axis=0)
-
-
-def softmax(x):
-    """Softmax over the last axis; on the CPU one compiled pass (cpu_kernels: Paddle's CPU softmax
-    is a scalar loop: 4.4 ms for convit_tiny's [64, 4, 65, 65] scores, this 1.0 ms; experiments/perf)."""
-    return cpu_kernels.softmax(x, 1.0) if kernel_fits(x, "softmax") else F.softmax(x, axis=-1)
-
-
-def content_attention(qkv, num_heads, scale):
-    """softmax(q kᵀ · scale) [B, H, N, N] and v [B, H, N, d] from qkv [B, N, 3D]: the explicit
-    path of forward and attention_maps alike. The compiled softmax takes the scale itself;
-    without it, q is scaled before the product ([B, H, N, d] is 4x smaller than the scores at 224)."""
-    q, k, v = split_heads(qkv, num_heads)
-    if kernel_fits(qkv, "softmax"):
-        return cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True), scale), v
-    return F.softmax(paddle.matmul(q * scale, k, transpose_y=True), axis=-1), v
-
-
-def split_tokens(qkv, num_heads):
-    """[B, N, 3D] -> q, k, v, each [B, N, H, d] (token-major: scaled_dot_product_attention's
-    layout; no transpose at all)."""
-    return paddle.unbind(qkv.reshape([0, 0, 3, num_heads, -1]), axis=2)
-
-
-def merge_heads(x):
-    """[B, H, N, d] -> [B, N, H*d]."""
-    if kernel_fits(x, "head_layouts"):
-        return cpu_kernels.merge_heads(x)
-    return x.transpose([0, 2, 1, 3]).flatten(2)
-
-
-def gated_heads(content_values, positional, v, gate):
-    """GPSA's output tokens [B, N, H*d]: (1 - g_h) (C v)_h + (g P)_h v for content_values = C v and
-    v [B, H, N, d], positional = g P [H, N, N], gate g [H, 1, 1].
-
-    On the CPU, compiled re-layouts (cpu_kernels) put v beside the batch for the positional
-    product and mix the two results while merging the heads: one pass each instead of two
-    transposes, a broadcast product, an add and the heads' transpose (with their backward passes,
-    ~3 ms per block at convit_tiny 32/4 batch 64).
-    """
-    if kernel_fits(v, "head_layouts"):
-        shared = paddle.matmul(positional, cpu_kernels.values_by_head(v))  # [H, N, B*d]
-        return cpu_kernels.gated_merge(content_values, shared, gate.reshape([-1]))
-    return merge_heads((1.0 - gate) * content_values + batch_shared_matmul(positional, v))
-
-
-# values layout -> the permutation that brings it to [H, N, B, d], and back
-_TO_HEADS_TOKENS = {"head_major": ([1, 2, 0, 3], [2, 0, 1, 3]),   # [B, H, N, d]
-                    "token_major": ([2, 1, 0, 3], [2, 1, 0, 3])}  # [B, N, H, d]
-
-
-def batch_shared_matmul(maps, values, layout="head_major"):
-    """maps [H, N, N] (the same for every image) times values ([B, H, N, d], or [B, N, H, d]
-    with layout="token_major"), in the values' layout.
-
-    Broadcasting maps over the batch would make the backward pass reduce a [B, H, N, N]
-    gradient; laying the batch beside d makes it one [N, N] x [N, B*d] product per head.
-    """
-    forward, back = _TO_HEADS_TOKENS[layout]
-    heads, tokens, batch, dim = (values.shape[axis] for axis in forward)
-    stacked = values.transpose(forward).reshape([heads, tokens, batch * dim])
-    out = paddle.matmul(maps, stacked).reshape([heads, tokens, batch, dim])
-    return out.transpose(back)
+        out = ops.attention(qkv, self.num_heads, self.scale, self.attn_drop, self.training)
+        return self.proj_drop(self.proj(out))

@@ -9,11 +9,11 @@ threads (runtime.cpu_threads). The C++ source beside this file is compiled with 
 compiler ($CXX, else c++; $CXXFLAGS appended) on first use (20-30 s, once per cache key: source,
 Paddle, Python ABI, compiler, flags, target, processor) into CACHE_ROOT, and loaded from there by
 every later process. Without a compiler, or if the build fails, `available()` is False (said once
-in the log) and the layers (cpu_layers, attention) keep Paddle's ops. Each kernel runs only on the
-CPU kinds where it was measured faster than the Paddle op it replaces (`wanted`, MEASURED_SPEEDUP);
-CONVITLAB_CPU_KERNELS=0 turns them all off, =all on, =gelu,softmax chooses. Inputs they cannot
-take raise ValueError; they have no second derivative (nor have Paddle's gelu, softmax and
-layer_norm): a second backward pass through them raises.
+in the log) and their callers (cpu_layers, attention_ops) run Paddle's ops. Each kernel runs only
+on the CPU kinds where it was measured faster than the Paddle op it replaces (`wanted`,
+MEASURED_SPEEDUP); CONVITLAB_CPU_KERNELS=0 turns them all off, =all on, =gelu,softmax chooses.
+Inputs they cannot take raise ValueError; they have no second derivative (nor have Paddle's gelu,
+softmax and layer_norm): a second backward pass through them raises.
 """
 import fcntl
 import hashlib

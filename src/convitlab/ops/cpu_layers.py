@@ -15,11 +15,11 @@ convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
   2-core Intel Xeon, 1 thread, CPU time per forward + backward, measured with other jobs
   running: [512, 64] 0.64 vs 0.36 ms, [2048, 64] 1.46 vs 1.23; from [4096, 192] on, even or
   better: 7.7 vs 8.5 ms).
-- GELU's backward (9 ms for [6272, 768]) was tried the same way and is not faster: it needs an
-  exp, which Paddle runs as a scalar loop (3.4 ms alone).
+- GELU has no hand-written pass here: its backward needs an exp, which Paddle runs as a scalar
+  loop (experiments/perf/amd-zen5/README.md).
 GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available
-(kernel_fits; attention's softmax and head re-layouts use the same test); LayerNorm's passes here
-are the fallback. On a GPU build the stock layers run.
+(backend.use_cpu_kernel, the switch attention_ops asks too); LayerNorm's passes here are the
+fallback. On a GPU build, or with backend.CPU_BACKEND off, the stock layers run.
 """
 
 import math
@@ -29,13 +29,11 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from convitlab.ops import cpu_kernels
-
-_CPU_BUILD = not paddle.is_compiled_with_cuda()
+from convitlab.ops import backend, cpu_kernels
 
 
 def _custom_backward_wanted():
-    return _CPU_BUILD and paddle.is_grad_enabled()
+    return backend.CPU_BACKEND and paddle.is_grad_enabled()
 
 
 def _rows(t):
@@ -77,7 +75,7 @@ class _LinearFunction(PyLayer):
 
 class Linear(nn.Linear):
     def forward(self, x):
-        if self.bias is None or not _CPU_BUILD:
+        if self.bias is None or not backend.CPU_BACKEND:
             return F.linear(x, self.weight, self.bias)
         if paddle.is_grad_enabled():
             return _LinearFunction.apply(x, self.weight, self.bias)
@@ -122,21 +120,11 @@ def _large(x, elements):
     return any(d < 0 for d in x.shape) or math.prod(x.shape) >= elements
 
 
-def kernel_fits(x, kernel):
-    """convitlab's CPU kernel `kernel` (cpu_kernels.KERNELS) runs here (cpu_kernels.wanted) and can
-    take x: a non-empty float32 tensor with at least one axis, on the CPU of a CPU build (not a GPU
-    or another accelerator's), kernels loaded."""
-    # `0 not in x.shape`, not `x.size > 0`: Tensor.size costs 8 µs, half of this whole test (Zen 3),
-    # and the micro models call it 37 times per forward pass.
-    return (_CPU_BUILD and x.dtype == paddle.float32 and cpu_kernels.available()  # dynamic mode: x has a place
-            and cpu_kernels.wanted(kernel) and x.ndim > 0 and 0 not in x.shape and x.place.is_cpu_place())
-
-
 class GELU(nn.GELU):
     """Exact GELU; on the CPU through cpu_kernels when they are available."""
 
     def forward(self, x):
-        if not self._approximate and kernel_fits(x, "gelu"):
+        if not self._approximate and backend.use_cpu_kernel(x, "gelu"):
             return cpu_kernels.gelu(x)
         return super().forward(x)
 
@@ -146,7 +134,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         affine_last_axis = self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
-        if affine_last_axis and kernel_fits(x, "layer_norm"):
+        if affine_last_axis and backend.use_cpu_kernel(x, "layer_norm"):
             return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
         if affine_last_axis and _custom_backward_wanted() and _large(x, LAYER_NORM_MIN_ELEMENTS):
             return _LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
