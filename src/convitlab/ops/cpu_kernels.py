@@ -262,7 +262,7 @@ def _run(name, *inputs_and_attrs):
     global calls
     calls += 1
     try:
-        return paddle._C_ops._run_custom_op(name, *inputs_and_attrs, _threads())
+        return paddle._C_ops._run_custom_op(name, *inputs_and_attrs, _threads())  # private API: paddle._C_ops._run_custom_op
     except (OSError, ValueError, RuntimeError) as error:  # Paddle adds the C++ source line below the reason
         lines = str(error).strip().splitlines()
         raise ValueError(f"{name}: {lines[0] if lines else type(error).__name__}") from None
