@@ -97,6 +97,12 @@ def deit_checkpoint(tmp_path_factory):
     return save_pdparams(create_model("deit_micro", **DIGITS), tmp_path_factory.mktemp("deit") / "deit.pdparams")
 
 
+@pytest.fixture(scope="module")
+def deit_export(deit_checkpoint, tmp_path_factory):
+    """deit_checkpoint exported (model=deit_micro ckpt=): read, never changed, by the tests of predict.py."""
+    return exported(tmp_path_factory.mktemp("deit_export") / "export", "model=deit_micro", f"ckpt={deit_checkpoint}")
+
+
 def test_export_of_a_run_gives_the_dygraph_logits_and_classes(tiny_run, tmp_path):
     """convit_micro from a training run (run=): its best weights, its model and data."""
     out = exported(tmp_path / "export", f"run={tiny_run}")
@@ -132,10 +138,9 @@ def test_export_of_a_finetuned_run_at_another_resolution(tiny_run, tmp_path):
     assert_predicts_like(model, out, tmp_path / "pngs", (16, 16), tmp_path)
 
 
-def test_predict_one_file_prints_one_line(deit_checkpoint, tmp_path):
-    out = exported(tmp_path / "export", "model=deit_micro", f"ckpt={deit_checkpoint}")
+def test_predict_one_file_prints_one_line(deit_checkpoint, deit_export, tmp_path):
     image = write_pngs(tmp_path / "pngs", count=1)[0]
-    proc = run(PREDICT + [f"model_dir={out}", f"images={image}"], cwd=tmp_path)
+    proc = run(PREDICT + [f"model_dir={deit_export}", f"images={image}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, last = proc.stdout.strip().splitlines()
     top1 = dygraph_classes(dygraph("deit_micro", deit_checkpoint), [image], (8, 8))[0]
@@ -171,7 +176,8 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tiny_run, tmp_pat
         expected = [f"run={str(tiny_run)!r} has no checkpoint checkpoints/best.pdparams", "give ckpt=<file>"]
     elif case == "another image size":
         arguments.append("data.img_size=16")
-        expected = ["data.img_size=16 is not allowed: the checkpoint", "4x4 grid of patches (data.img_size=8 at patch 2)"]
+        expected = ["data.img_size=16 is not allowed: the checkpoint",
+                    "takes a 4x4 grid of patches (data.img_size=8 at patch 2)"]
     elif case == "size not in patches":
         arguments.append("data.img_size=9")
         expected = ["data.img_size=9 is not allowed: sides divisible by model.patch_size=2"]
@@ -198,11 +204,10 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tiny_run, tmp_pat
 
 
 @pytest.mark.parametrize("case", ["not an export", "missing folder", "topk above classes", "out a folder",
-                                  "no images"])
-def test_bad_predict_input_is_one_line_and_writes_nothing(case, deit_checkpoint, tmp_path):
-    model_dir = exported(tmp_path / "export", "model=deit_micro", f"ckpt={deit_checkpoint}")
+                                  "out below a file", "no images"])
+def test_bad_predict_input_is_one_line_and_writes_nothing(case, deit_export, tmp_path):
     images = write_pngs(tmp_path / "pngs", count=1)[0]
-    arguments = {"model_dir": model_dir, "images": images, "out": tmp_path / "predictions.csv"}
+    arguments = {"model_dir": deit_export, "images": images, "out": tmp_path / "predictions.csv"}
     if case == "not an export":
         (tmp_path / "empty").mkdir()
         arguments["model_dir"] = tmp_path / "empty"
@@ -217,6 +222,9 @@ def test_bad_predict_input_is_one_line_and_writes_nothing(case, deit_checkpoint,
     elif case == "out a folder":
         arguments["out"] = tmp_path / "pngs"
         expected = ["is not allowed: a file path for the CSV; it is a folder"]
+    elif case == "out below a file":
+        arguments["out"] = images / "predictions.csv"
+        expected = [f"cannot write out={str(images / 'predictions.csv')!r} ({images} is a file)"]
     else:
         (tmp_path / "none").mkdir()
         arguments["images"] = tmp_path / "none"

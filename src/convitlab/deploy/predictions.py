@@ -91,18 +91,22 @@ def predict(predictor, files, topk: int, batch_size: int, on_row=None) -> pd.Dat
     return table.astype({f"top{rank}": "Int64" for rank in range(1, topk + 1)})
 
 
+def cannot_write(out, reason) -> UserError:
+    return UserError(f"cannot write out={str(out)!r} ({reason}): give a path you can write to")
+
+
 def check_out(out) -> Path:
-    """The CSV to write: a file path whose folder can be created and written; refused before any work."""
+    """The CSV to write: a file path in a folder that exists or can be made, writable; checked
+    before any work, and nothing is created until the table is written."""
     path = Path(out).expanduser()
     if path.is_dir() or (os.path.lexists(path) and not path.is_file() and broken_link(path) is None):
         raise bad_value("out", str(out), "a file path for the CSV; it is a folder (or not a regular file)")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write out={str(out)!r} ({exc.strerror or exc}): give a path you can write to") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write out={str(out)!r} (Permission denied): give a path you can write to")
+    ancestor = next(p for p in path.parents if p.exists())  # the root at worst
+    if not ancestor.is_dir():
+        raise cannot_write(out, f"{ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise cannot_write(out, "Read-only file system" if os.statvfs(ancestor).f_flag & os.ST_RDONLY
+                           else "Permission denied")
     return path
 
 
@@ -111,10 +115,10 @@ def write_csv(table: pd.DataFrame, path) -> None:
     try:
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
-    except UserError:  # a full disk, said as such
+    except UserError:  # a full disk, said as such (core.files.DiskFull)
         raise
     except OSError as exc:
-        raise UserError(f"cannot write out={str(path)!r} ({exc.strerror or exc}): give a path you can write to") from None
+        raise cannot_write(path, exc.strerror or exc) from None
 
 
 def describe(row: dict) -> str:
