@@ -233,3 +233,30 @@ def test_bad_predict_input_is_one_line_and_writes_nothing(case, deit_export, tmp
     proc = run(PREDICT + [f"{key}={value}" for key, value in arguments.items()], cwd=tmp_path)
     one_line_error(proc, *expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_export_of_an_image_folder_model_keeps_its_class_names_and_centre_crop(val_only_folder, tmp_path):
+    """An image folder's model (3 channels, ImageNet's mean/std): its class folders name the classes, and
+    predict.py frames images as evaluation does there (short side to img_size/0.875, the centre)."""
+    image = dict(img_size=16, patch_size=4, in_chans=3, num_classes=2)
+    paddle.seed(5)
+    ckpt = save_pdparams(create_model("deit_micro", **image), tmp_path / "folder.pdparams")
+    out = exported(tmp_path / "export", "model=deit_micro", f"ckpt={ckpt}", "data=imagefolder",
+                   f"data.root={val_only_folder}", "data.img_size=16", "data.patch_size=4", "data.num_classes=2")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["class_names"] == ["cat", "dog"] and manifest["framing"] == "resize_and_centre_crop"
+    assert manifest["in_chans"] == 3 and manifest["mean"] == [0.485, 0.456, 0.406]
+    files = sorted((val_only_folder / "val").rglob("*.png"))
+    proc = run(PREDICT + [f"model_dir={out}", f"images={val_only_folder / 'val'}", "topk=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert [row["path"] for row in rows] == [str(f) for f in files]
+    model = load_pretrained(create_model("deit_micro", **image), ckpt)
+    model.eval()
+    transform = EvalTransform((16, 16), Normalise(np.asarray(manifest["mean"], np.float32),
+                                                  np.asarray(manifest["std"], np.float32), 3), centre_crop=True)
+    reader = FileImages(files, np.zeros(len(files)), "RGB")
+    with paddle.no_grad():
+        want = model(paddle.to_tensor(np.stack([transform(reader.load(i)) for i in range(len(files))]))).numpy()
+    assert [int(row["top1"]) for row in rows] == want.argmax(axis=1).tolist()
+    assert [row["top1_name"] for row in rows] == [["cat", "dog"][c] for c in want.argmax(axis=1)]
