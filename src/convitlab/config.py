@@ -243,6 +243,27 @@ class ConvertConfig:
     target: str = MISSING              # the .pdparams to write
 
 
+@dataclass
+class ExportConfig:
+    """export.py: a run's best weights (run=) or a checkpoint of a named size (model=, ckpt=) to Paddle Inference."""
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
+    run: Optional[str] = None          # a training run's folder: its model, data and best weights
+    out: str = MISSING                 # the folder to write (created; an earlier export there is replaced)
+
+
+@dataclass
+class PredictConfig:
+    """predict.py: an exported model (export.py's folder) on image files, through paddle.inference."""
+    model_dir: str = MISSING           # the folder export.py wrote
+    images: str = MISSING              # an image file, or a folder (searched recursively)
+    out: str = "predictions.csv"
+    topk: int = ranged(5, POSITIVE_INT, "at most the model's classes")
+    batch_size: int = ranged(32, POSITIVE_INT)
+    device: Device = Device.auto
+
+
 # Keys that do not change what a run computes: they stay out of the hash, so a run started
 # again with another value resumes, and out of a sweep job's folder name (conf/hydra/default.yaml).
 NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "trainer.keep_checkpoints",
@@ -359,6 +380,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="convert_schema", node=ConvertConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
     for name in list_models():  # `model=<name>`: one option per named size
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
