@@ -89,12 +89,13 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg):
     from convitlab.run.launch import describe_error  # here, as above
+    from convitlab.run.record import first_row
 
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
-    row = {"run_id": Path(run_dir).name, "kind": tables.EVAL, "run_dir": run_dir, "overrides": " ".join(overrides)}
+    row = first_row(run_dir, tables.EVAL, overrides)
     try:
         row = evaluate_checkpoint(cfg, run_dir, row, overrides)
     except (Exception, Interrupted) as exc:  # noqa: BLE001  (every failure is reported in one line)

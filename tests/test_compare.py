@@ -16,7 +16,8 @@ from scipy import stats
 from convitlab.results import load
 
 from convitlab.core import tables
-from convitlab.results.compare import compare, compare_results, fieller_interval, gain_test
+from convitlab.results.compare import compare, compare_results
+from convitlab.results.stats import fieller_interval, gain_test
 from convitlab.results.load import load_results
 from convitlab.core.errors import UserError
 from convitlab.results.sweeps import gather_sweep

@@ -1,10 +1,18 @@
 """The result row comes from the loop's state (LoopState, kept in every checkpoint), not from
 re-reading metrics.csv: it agrees with the rows the Recorder wrote, also after a resume that has
-no epoch left to train and when a run diverges between evaluations."""
+no epoch left to train and when a run diverges between evaluations. Every row a run writes has
+the columns of core.tables' schema, in its order."""
+import csv
+import signal
+
+import pytest
 from helpers import QUICK, compose_train, read_csv
 
+from convitlab.core import tables
+from convitlab.core.signals import Interrupted
 from convitlab.engine import trainer
-from convitlab.run.launch import run_training
+from convitlab.run.launch import interrupted_outcome, run_training
+from convitlab.run.record import first_row, identity_row
 from convitlab.core.layout import RunFolder
 
 # result.csv column <- the metrics.csv column it reports
@@ -48,3 +56,36 @@ def test_a_diverged_run_reports_its_last_epoch_and_its_last_evaluation(tmp_path,
     assert {k: result[k] for k in FINAL if k != "final_train_loss"} == \
         {k: metrics[1][v] for k, v in FINAL.items() if k != "final_train_loss"}
     assert result["best_epoch"] == "2" and result["best_top1"] == metrics[1]["val_top1"]
+
+
+def test_the_rows_a_run_writes_hold_exactly_the_schemas_columns_in_order(tmp_path):
+    """core.tables is the one schema: identity_row fills CONFIG_COLUMNS, the result row is
+    RESULT_COLUMNS, metrics.csv and locality.csv have METRIC_COLUMNS and LOCALITY_COLUMNS, and an
+    interrupted run's outcome uses outcome columns only; each in the schema's order, nothing else."""
+    cfg = compose_train(*QUICK)
+    assert list(identity_row(cfg, tmp_path, "0123")) == tables.CONFIG_COLUMNS
+    assert list(first_row(tmp_path, tables.TRAIN)) == tables.RESULT_COLUMNS
+    row = run_training(cfg, tmp_path)
+    assert row["status"] == "completed" and list(row) == tables.RESULT_COLUMNS
+    folder = RunFolder(tmp_path)
+    for path, columns in ((folder.result, tables.RESULT_COLUMNS), (folder.metrics, tables.METRIC_COLUMNS),
+                          (folder.locality, tables.LOCALITY_COLUMNS)):
+        with open(path, newline="") as f:
+            assert next(csv.reader(f)) == columns, path.name
+    outcome = interrupted_outcome(tmp_path, Interrupted(signal.SIGTERM), row["epochs"])
+    assert set(outcome) <= set(tables.OUTCOME_COLUMNS) and outcome["epochs_done"] == row["epochs"]
+
+
+def test_the_schemas_selections_are_its_own_columns():
+    result = set(tables.RESULT_COLUMNS)
+    assert set(tables.KNOBS) <= set(tables.IDENTITY_COLUMNS) and "seed" not in tables.KNOBS
+    assert set(tables.CONFIG_COLUMNS) <= result and set(tables.RUN_KEYS) <= result
+    assert tables.STRING_COLUMNS <= result | {tables.SOURCE}
+    for columns in (tables.KNOBS, tables.CONFIG_COLUMNS, tables.METRIC_COLUMNS, tables.LOCALITY_COLUMNS):
+        assert len(columns) == len(set(columns))
+    assert tables.ordered_row({"layer": 1, "epoch": 2}, tables.LOCALITY_COLUMNS) == {
+        "epoch": 2, "layer": 1, "head": None, "nonlocality": None, "gate": None, "window_distance": None}
+    with pytest.raises(ValueError, match="not columns of the table: val_top1"):
+        tables.ordered_row({"epoch": 1, "val_top1": 50.0}, tables.LOCALITY_COLUMNS)
+    with pytest.raises(ValueError, match="missing columns: head"):
+        tables.ordered_row({"epoch": 1, "layer": 0}, tables.LOCALITY_COLUMNS[:3], complete=True)

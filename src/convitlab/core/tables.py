@@ -18,8 +18,12 @@ caught by one or the other, whatever the cut. A row that is not complete is read
 finished run. (No checksum column: it would also flag the hand edits a CSV invites, and tables of
 older versions have none; those load as they are when complete.)
 
-The column lists here are the only ones: the result row, the per-epoch curves and the locality
-table are written and read by these names (convitlab.results loads many runs at once).
+The schema is here and only here: the columns of result.csv (identity, outcome, provenance),
+metrics.csv and locality.csv, which of them are text, which a comparison groups by (KNOBS) and
+which a run's config fills (CONFIG_COLUMNS). The row builders (run.record.identity_row, the
+result row of run.launch and eval.py, engine.recorder's metrics and locality rows) put their
+values in these columns with ordered_row, which refuses a name the schema does not have; the
+loaders and convitlab.results read many runs at once by the same names.
 """
 import csv
 import io
@@ -31,40 +35,85 @@ import numpy as np
 import pandas as pd
 
 from convitlab.core.files import write_text
-from convitlab.core.errors import UserError
-from convitlab.core.layout import LOCALITY, METRICS, RESULT, RunFolder
+from convitlab.core.layout import LOCALITY, METRICS, RunFolder
 
 log = logging.getLogger(__name__)
 
+# ---------- the schema: every column of every table, named here and nowhere else ----------
+# Each list is in the order the columns are written. Other modules use these lists, or select
+# from them with _of, which refuses a name that is not one of the schema's.
+
+# metrics.csv, a row per epoch (the val_* columns blank on an epoch without an evaluation)
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_s",
                   "img_per_s", "data_wait_frac", "skipped_steps"]
+# locality.csv, a row per epoch, layer and head (gate NaN for an MHSA layer)
 LOCALITY_COLUMNS = ["epoch", "layer", "head", "nonlocality", "gate", "window_distance"]
+# result.csv, one row per run: which run (identity), how it ended (outcome; epochs_done: the epochs
+# an interrupted run's checkpoint holds), what made it (provenance)
 IDENTITY_COLUMNS = ["run_id", "kind", "study", "ablation", "model", "dataset", "fraction", "subset",
                     "locality_strength", "local_up_to_layer", "use_local_init", "train_gating", "train_gpsa",
                     "embed_dim", "num_heads", "depth", "img_size", "patch_size", "seed", "batch_size", "lr",
                     "optimizer", "weight_decay", "drop_path_rate", "label_smoothing", "random_crop", "mixup",
                     "cutmix", "ema", "epochs", "world_size", "threads"]
 OUTCOME_COLUMNS = ["status", "top1", "top5", "best_top1", "best_epoch", "final_val_loss", "final_train_loss",
-                   "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "error"]
-PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir", "tags",
-                      "pretrained", "pretrained_sha256"]
+                   "images_seen", "params", "flops", "train_time_s", "img_per_s", "skipped_steps", "epochs_done",
+                   "error"]
+PROVENANCE_COLUMNS = ["config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides", "run_dir",
+                      "tags", "pretrained", "pretrained_sha256"]
 RESULT_COLUMNS = IDENTITY_COLUMNS + OUTCOME_COLUMNS + PROVENANCE_COLUMNS
 SOURCE = "source"  # added by the loaders: the CSV file a row came from (a sweep's: its summary.csv)
+
+
+def _of(columns, *names) -> list:
+    """`names`, each checked to be one of `columns` (at import: a misspelt or dropped column fails here)."""
+    unknown = [name for name in names if name not in columns]
+    if unknown:
+        raise ValueError(f"not columns of the schema: {', '.join(unknown)}")
+    return list(names)
+
+
 # What wrote a row: a training run (train.py) or an evaluation of a checkpoint (eval.py).
 # Rows without a kind (tables of older versions) are training runs.
 TRAIN, EVAL = "train", "eval"
 KIND_CHOICES = (TRAIN, EVAL, "all")
 DAMAGED = "damaged"  # the status of a row that is not a complete line of its table
 # Text even when it looks like a number: a config hash of digits must not become an int.
-STRING_COLUMNS = frozenset({"run_id", "kind", "study", "ablation", "model", "dataset", "subset", "optimizer",
-                            "status", "error", "config_hash", "setup_hash", "convitlab_version", "paddle_version", "overrides",
-                            "run_dir", "tags", "pretrained", "pretrained_sha256", SOURCE})
+STRING_COLUMNS = frozenset(_of(RESULT_COLUMNS + [SOURCE], "run_id", "kind", "study", "ablation", "model", "dataset",
+                               "subset", "optimizer", "status", "error", "config_hash", "setup_hash",
+                               "convitlab_version", "paddle_version", "overrides", "run_dir", "tags", "pretrained",
+                               "pretrained_sha256", SOURCE))
+# The columns run.record.identity_row fills from a run's config and machine, in this order: the
+# identity and provenance columns but the kind (the entry point's), the epochs (the schedule's
+# plan) and the pretrained weights (set when they are loaded).
+CONFIG_COLUMNS = [name for name in IDENTITY_COLUMNS + PROVENANCE_COLUMNS
+                  if name not in _of(RESULT_COLUMNS, "kind", "epochs", "pretrained", "pretrained_sha256")]
 # The columns of a run joined onto each row of its curves (load_metrics, load_locality).
-RUN_KEYS = IDENTITY_COLUMNS + ["status", "setup_hash", "run_dir"]
+RUN_KEYS = IDENTITY_COLUMNS + _of(RESULT_COLUMNS, "status", "setup_hash", "run_dir")
+# The knobs a comparison may group runs by, in the order its table shows them: the identity
+# columns but the run's name, its seed (runs of several seeds are repeats of one setup), where
+# it ran (world_size, threads) and random_crop (a study that varies random_crop is refused as
+# mixing setups unless --by names it). The batch size, the epochs and the study come last: they
+# usually follow other knobs (epochs scaled by the fraction), and compare.default_by keeps a
+# knob only when the knobs before it do not already determine it.
+_NOT_KNOBS = _of(IDENTITY_COLUMNS, "run_id", "seed", "world_size", "threads", "random_crop")
+_LAST_KNOBS = _of(IDENTITY_COLUMNS, "batch_size", "epochs", "study")
+KNOBS = [name for name in IDENTITY_COLUMNS if name not in _NOT_KNOBS + _LAST_KNOBS] + _LAST_KNOBS
 # The columns of each per-epoch table (others may follow: readers keep whatever a file has).
 CURVE_COLUMNS = {METRICS: METRIC_COLUMNS, LOCALITY: LOCALITY_COLUMNS}
 # What reading a CSV may raise when the file is missing, damaged or not a CSV.
 READ_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError, csv.Error)
+
+
+def ordered_row(values: dict, columns, complete=False) -> dict:
+    """`values` as a row of `columns`: each column in their order, None where `values` has none;
+    complete: every column must have a value. A key that is not one of `columns` raises
+    ValueError: the rows this project builds hold the schema's columns and no other."""
+    unknown = [key for key in values if key not in columns]
+    missing = [name for name in columns if name not in values] if complete else []
+    if unknown or missing:
+        raise ValueError(", ".join(filter(None, [unknown and f"not columns of the table: {', '.join(unknown)}",
+                                                 missing and f"missing columns: {', '.join(missing)}"])))
+    return {name: values.get(name) for name in columns}
 
 
 # ---------- writing ----------

@@ -1,5 +1,8 @@
 """What a run records epoch by epoch: metrics.csv, locality.csv, VisualDL and the log line.
 
+Rows are written in the columns of core.tables (METRIC_COLUMNS, LOCALITY_COLUMNS, through
+tables.ordered_row): a key the schema does not have is an error, not a new column.
+
 Only rank 0 writes; on the other ranks a Recorder logs and writes nothing. metrics.csv's rows
 are written with the checkpoint that covers them (flush), so the table never runs ahead of
 what a resume restores; locality rows and VisualDL scalars are written as they come, and rows
@@ -15,6 +18,10 @@ from convitlab.core import distributed
 from convitlab.core import tables
 
 log = logging.getLogger(__name__)
+# The metrics.csv columns shown in VisualDL (train/... and val/...): all but the epoch (the x axis)
+# and the bookkeeping of how long an epoch took and what it skipped.
+SCALARS = [name for name in tables.METRIC_COLUMNS
+           if name not in ("epoch", "epoch_s", "data_wait_frac", "skipped_steps")]
 
 
 class Recorder:
@@ -52,18 +59,20 @@ class Recorder:
         self.pending.append(metrics)
         _scalars(self.writer, metrics, locality)
         if locality:
-            tables.append_rows(self.folder.locality, locality, tables.LOCALITY_COLUMNS)
+            rows = [tables.ordered_row(row, tables.LOCALITY_COLUMNS) for row in locality]
+            tables.append_rows(self.folder.locality, rows, tables.LOCALITY_COLUMNS)
 
     def flush(self) -> None:
         """Write the pending metrics rows: before a checkpoint, and when the run stops diverged."""
         if self.writer is not None and self.pending:
-            tables.append_rows(self.folder.metrics, self.pending, tables.METRIC_COLUMNS)
+            rows = [tables.ordered_row(row, tables.METRIC_COLUMNS) for row in self.pending]
+            tables.append_rows(self.folder.metrics, rows, tables.METRIC_COLUMNS)
         self.pending = []
 
 
 def _scalars(writer, metrics, locality):
     epoch = metrics["epoch"]
-    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "img_per_s"):
+    for key in SCALARS:
         if key not in metrics:  # not an evaluation epoch
             continue
         group = "train" if key.startswith("train") or key in ("lr", "img_per_s") else "val"

@@ -1,5 +1,6 @@
 """Results across runs: loading runs and sweeps as DataFrames (load.py), gathering a sweep
-(sweeps.py), and the paper-style comparison with its statistics and plots (compare.py).
+(sweeps.py), and the paper-style comparison: its tables and output files (compare.py), the
+gain's interval and t-test (stats.py), its figures (plots.py) and what those two share (cells.py).
 
 `from convitlab.results import load_results, load_metrics, load_locality` in a notebook.
 """

@@ -13,7 +13,7 @@ from convitlab.run import lock as run_lock
 from convitlab.core.errors import UserError
 from convitlab.core.layout import RunFolder
 from convitlab.config import config_hash
-from convitlab.run.record import RunRecord, identity_row
+from convitlab.run.record import RunRecord, first_row, identity_row
 from convitlab.core.signals import Interrupted, signal_name
 from convitlab.ops.runtime import cpu_threads
 
@@ -44,7 +44,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
     main = distributed.is_main()
     folder = RunFolder(run_dir)
     record = RunRecord(run_dir)
-    row = {"run_id": run_dir.name, "kind": tables.TRAIN, "run_dir": str(run_dir), "overrides": " ".join(overrides)}
+    row = first_row(run_dir, tables.TRAIN, overrides)  # every column of the schema, in order
     cfg_hash = None
     try:
         from convitlab.engine.checkpoint import Checkpointer  # inside: an import failure is a failed run too

@@ -13,6 +13,7 @@ import paddle
 
 from convitlab.config import setup_hash
 from convitlab.core import distributed
+from convitlab.core import tables
 from convitlab.core.files import write_text
 from convitlab.core.errors import UserError
 from convitlab.core.layout import RunFolder
@@ -29,23 +30,33 @@ def convitlab_version() -> str:
     return f"{convitlab.__version__}+{commit}" if commit else convitlab.__version__
 
 
+def first_row(run_dir, kind, overrides=()) -> dict:
+    """A result row of the schema (every column of tables.RESULT_COLUMNS, in order), blank but
+    what is known before the config is checked: the run's name, kind, folder and overrides.
+    A run that fails its checks is written with these, so its result.csv still says which run it was."""
+    return tables.ordered_row({"run_id": Path(run_dir).name, "kind": kind, "run_dir": str(run_dir),
+                               "overrides": " ".join(overrides)}, tables.RESULT_COLUMNS)
+
+
 def identity_row(cfg, run_dir, cfg_hash, overrides=()):
-    """The columns of result.csv that say which run this is: every knob a sweep may vary."""
+    """The columns of result.csv that say which run this is (every knob a sweep may vary) and what
+    made it: exactly tables.CONFIG_COLUMNS, in their order."""
     m, d, o = cfg.model, cfg.data, cfg.get("optimizer") or {}  # eval configs have no optimizer
     h, w = image_size_pair(m.img_size, "model.img_size")
-    return {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"), "model": m.name, "dataset": d.name,
-            "fraction": d.fraction, "subset": d.subset, "locality_strength": m.locality_strength,
-            "local_up_to_layer": m.local_up_to_layer, "use_local_init": m.use_local_init,
-            "train_gating": m.train_gating, "train_gpsa": m.train_gpsa, "embed_dim": m.embed_dim,
-            "num_heads": m.num_heads, "depth": m.depth, "img_size": h if h == w else f"{h}x{w}",
-            "patch_size": m.patch_size, "seed": cfg.seed, "batch_size": d.batch_size,
-            "lr": o.get("lr"), "optimizer": o.get("name"), "weight_decay": o.get("weight_decay"),
-            "drop_path_rate": m.drop_path_rate, "label_smoothing": cfg.trainer.label_smoothing,
-            "random_crop": d.augment.random_crop, "mixup": d.augment.mixup, "cutmix": d.augment.cutmix,
-            "ema": cfg.trainer.ema,
-            "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
-            "config_hash": cfg_hash, "setup_hash": setup_hash(cfg), "convitlab_version": convitlab_version(),
-            "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
+    values = {"run_id": Path(run_dir).name, "study": cfg.get("study"), "ablation": cfg.get("ablation"),
+              "model": m.name, "dataset": d.name, "fraction": d.fraction, "subset": d.subset,
+              "locality_strength": m.locality_strength, "local_up_to_layer": m.local_up_to_layer,
+              "use_local_init": m.use_local_init, "train_gating": m.train_gating, "train_gpsa": m.train_gpsa,
+              "embed_dim": m.embed_dim, "num_heads": m.num_heads, "depth": m.depth,
+              "img_size": h if h == w else f"{h}x{w}", "patch_size": m.patch_size, "seed": cfg.seed,
+              "batch_size": d.batch_size, "lr": o.get("lr"), "optimizer": o.get("name"),
+              "weight_decay": o.get("weight_decay"), "drop_path_rate": m.drop_path_rate,
+              "label_smoothing": cfg.trainer.label_smoothing, "random_crop": d.augment.random_crop,
+              "mixup": d.augment.mixup, "cutmix": d.augment.cutmix, "ema": cfg.trainer.ema,
+              "world_size": distributed.world_size(), "threads": cpu_threads(), "overrides": " ".join(overrides),
+              "config_hash": cfg_hash, "setup_hash": setup_hash(cfg), "convitlab_version": convitlab_version(),
+              "paddle_version": paddle.__version__, "run_dir": str(run_dir), "tags": " ".join(cfg.get("tags", []))}
+    return tables.ordered_row(values, tables.CONFIG_COLUMNS, complete=True)
 
 
 class RunRecord:
