@@ -20,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs, validate  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import UserError, bad_value  # noqa: E402
+from convitlab.core.errors import UserError, bad_value, check  # noqa: E402
 from convitlab.run.launch import describe_error  # noqa: E402
 
 register_configs()
@@ -110,11 +110,13 @@ def draw(cfg, overrides) -> list:
         raise UserError("run=<a training run's folder> is required (its best weights), or ckpt=<file> with "
                         "model=<name>: the weights whose attention to draw")
     validate(cfg)
+    check(cfg.model.local_up_to_layer > 0, "model.local_up_to_layer", 0,
+          f"at least 1: the maps are of GPSA heads, and this {cfg.model.name} has none (a DeiT-style model)")
     height, width = image_size_pair(cfg.model.img_size, "model.img_size")
     query = query_patch(cfg.query, (height // cfg.model.patch_size, width // cfg.model.patch_size))
     out = out_folder(cfg.out)
     images = chosen_images(cfg)  # every image read before anything is written
-    select_device("cpu")
+    select_device("cpu")  # a forward pass of one image per figure: the CPU is enough, whichever Paddle build
     model = load_pretrained(build_model(cfg), cfg.ckpt)
     model.eval()
     try:

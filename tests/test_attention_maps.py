@@ -83,7 +83,7 @@ def test_maps_writes_one_png_per_image_of_a_folder_and_of_validation_indices(tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["no such image", "unreadable image", "validation index", "query", "no best"])
+@pytest.mark.parametrize("case", ["no such image", "unreadable image", "validation index", "query", "no best", "a DeiT"])
 def test_bad_input_is_one_line_and_writes_nothing(case, tiny_run, tmp_path):
     folder = write_digit_pngs(tmp_path / "digits")
     arguments, expected = {
@@ -96,6 +96,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_run, tmp_path):
         "query": ([f"images={folder}", "query=16"], "query=16 is not allowed: a patch index 0..15 of the "
                   "4x4 grid (row-major), [row, col], or centre"),
         "no best": ([f"images={folder}"], f"run='{tiny_run}' has no checkpoints/best.pdparams"),
+        "a DeiT": ([f"images={folder}", "model.local_up_to_layer=0"], "model.local_up_to_layer=0 is not allowed: "
+                   "at least 1: the maps are of GPSA heads, and this convit_micro has none (a DeiT-style model)"),
     }[case]
     if case == "unreadable image":
         (folder / "zz_broken.png").write_bytes(b"not a png")  # read last: the good ones before it are not drawn
