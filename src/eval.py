@@ -14,13 +14,11 @@ runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, P
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.core import tables  # noqa: E402
 from convitlab.config import register_configs, validate  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
 from convitlab.core.errors import UserError  # noqa: E402
-from convitlab.core.layout import RunFolder  # noqa: E402
 from convitlab.config import config_hash  # noqa: E402
 from convitlab.core.signals import Interrupted, signal_name, stop_at_step_boundaries  # noqa: E402
 from convitlab.ops.runtime import select_device  # noqa: E402
@@ -30,34 +28,13 @@ register_configs()
 report_composition_errors_in_one_line()
 
 
-def with_training_run(cfg, overrides):
-    """cfg with the model and data of the training run in cfg.run (its resolved config.yaml), the
-    command line's model.* and data.* keys on top (e.g. data.root), and ckpt, when not given,
-    that run's best weights."""
-    from convitlab.engine.checkpoint import BEST  # here, as below
-
-    folder = RunFolder(cfg.run)
-    if not folder.config.is_file():
-        raise UserError(f"run={cfg.run!r} is not a training run's folder: it holds no {folder.config.name} "
-                        "(give the folder train.py printed as its run directory)")
-    saved = OmegaConf.load(folder.config)
-    given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith(("model.", "data."))]
-    cfg = OmegaConf.merge(cfg, {"model": saved.model, "data": saved.data}, OmegaConf.from_dotlist(given))
-    if not cfg.ckpt:
-        best = folder.checkpoints / BEST
-        if not best.is_file():
-            raise UserError(f"run={cfg.run!r} has no {best.relative_to(folder.path)} (trained with "
-                            "trainer.save_best=false, or not evaluated yet): give ckpt=<file>")
-        cfg.ckpt = str(best)
-    return cfg
-
-
 def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
     """Evaluate cfg.ckpt into `row` (result.csv's columns, filled as they become known) and write it."""
     # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.data import build_eval_dataset, build_eval_loader
     from convitlab.run.record import identity_row
+    from convitlab.run.training_run import with_training_run
     from convitlab.engine.trainer import evaluate
     from convitlab.models.registry import build_model
     from convitlab.models.weights import load_pretrained

@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from convitlab.analysis.attention_maps import plot_attention_maps
+from convitlab.analysis.attention_maps import draw_attention_maps
 from convitlab.analysis.locality import locality_rows, window_distance
 from convitlab.analysis.summary import count_flops, count_parameters, summary
 from convitlab.core.errors import UserError
@@ -243,8 +243,8 @@ def test_locality_measures_and_summary(tmp_path):
     assert np.isnan(window_distance(np.array([[1.0], [1.0], [0.5]])))[0]  # no window: score grows outwards
     assert "301,038 parameters" in summary(model)
     assert count_flops(create_model("convit_tiny")) == pytest.approx(1.25e9, rel=0.02)  # the paper: ~1G
-    path = plot_attention_maps(model, np.random.rand(1, 8, 8).astype("float32"), 0, tmp_path / "maps.png")
-    assert path.stat().st_size > 5000
+    drawn = draw_attention_maps(model, np.random.rand(1, 8, 8).astype("float32"), tmp_path / "maps.png", [0.5], [0.5])
+    assert drawn.path.stat().st_size > 5000
 
 
 def test_patch_embedding_init_is_the_references():

@@ -264,6 +264,18 @@ class PredictConfig:
     device: Device = Device.auto
 
 
+@dataclass
+class MapsConfig:
+    """maps.py: attention maps of chosen images, from a run's best weights (run=) or a checkpoint of a named size."""
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
+    run: Optional[str] = None          # a training run's folder: its model, data and best weights
+    images: str = MISSING              # an image file, a folder of them, or val:<indices> of the data's validation split
+    out: str = MISSING                 # the folder for the PNGs, one per image (created)
+    query: Any = "centre"              # the query patch: centre, a patch index (row-major) or [row, col]
+
+
 # Keys that do not change what a run computes: they stay out of the hash, so a run started
 # again with another value resumes, and out of a sweep job's folder name (conf/hydra/default.yaml).
 NEUTRAL_KEYS = ("trainer.resume", "trainer.progress_bar", "trainer.device", "trainer.keep_checkpoints",
@@ -382,6 +394,7 @@ def register_configs() -> None:
     cs.store(name="convert_schema", node=ConvertConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="maps_schema", node=MapsConfig)
     for name in list_models():  # `model=<name>`: one option per named size
         cs.store(group="model", name=name, node=ModelConfig(name=name, **size_knobs(name)))
 
