@@ -88,12 +88,13 @@ def full_epochs_per_pass(runs: pd.DataFrame) -> pd.Series:
     or from its fraction with the default scale_epochs when the run kept no config."""
     scales = {}
     for label, row in zip(runs.index, runs.astype(object).where(runs.notna(), None).to_dict("records")):
+        fraction, scaled = row.get("fraction") or 1.0, True  # the default schedule scales
         folder = load.run_directory(row, CONFIG)
         if folder is not None:
             cfg = OmegaConf.load(folder / CONFIG)
-        else:
-            cfg = OmegaConf.create({"data": {"fraction": row.get("fraction") or 1.0},
-                                    "schedule": {"scale_epochs": True}})
+            fraction = OmegaConf.select(cfg, "data.fraction", default=fraction)
+            scaled = OmegaConf.select(cfg, "schedule.scale_epochs", default=scaled)
+        cfg = OmegaConf.create({"data": {"fraction": fraction}, "schedule": {"scale_epochs": scaled}})
         scales[label] = 1.0 / epoch_scale(cfg)
     return pd.Series(scales, dtype="float64")
 
