@@ -118,7 +118,7 @@ def test_visualdl_logs_train_and_val_on_one_chart_heads_per_layer_and_the_hyper_
     heads = [f"head_{h:02d}" for h in range(4)]
     assert sorted(parts) == sorted(["train", "val", *heads])
     for part, (name, *_) in parts.items():  # relative, meaningful, one per part
-        assert name == f"my_sweep/model=convit_micro,seed=3 · {part.replace('_', ' ')}"
+        assert name == f"model=convit_micro,seed=3 (my_sweep) · {part.replace('_', ' ')}"
     train, val = parts["train"][1], parts["val"][1]
     # the same tags in train and val: one chart each for loss and top-1, the group sorting first
     assert set(train) == {"classification/loss", "classification/top1", "schedule/lr", "speed/img_per_s"}
@@ -143,7 +143,8 @@ def test_visualdl_logs_train_and_val_on_one_chart_heads_per_layer_and_the_hyper_
     assert hparam_metrics == ["result/best_top1", "result/final_top1"]
     assert scalars["result/best_top1"][-1][1] == pytest.approx(float(row["best_top1"]))
     assert scalars["result/final_top1"][-1][1] == pytest.approx(float(row["top1"]))
-    assert {"model": "convit_micro", "seed": 3, "fraction": 0.5, "epochs": 2, "passes": 4,
+    assert list(hparams)[:6] == ["run", "model", "fraction", "seed", "epochs", "passes"]
+    assert {"run": "model=convit_micro,seed=3 (my_sweep)", "model": "convit_micro", "seed": 3, "fraction": 0.5, "epochs": 2, "passes": 4,
             "locality_strength": 1.0, "local_up_to_layer": 5}.items() <= hparams.items()
     assert set(tables.KNOBS) - {"epochs", "study", "ablation"} <= set(hparams)  # study, ablation: unset here
     assert not any(parts[p][2] for p in parts if p != "val")
@@ -154,6 +155,6 @@ def test_a_hash_named_job_is_shown_by_its_overrides(tmp_path):
 
     folder = RunFolder(tmp_path / "sweep" / "overrides-0123456789abcdef")
     folder.path.mkdir(parents=True)
-    assert run_name(folder) == "sweep/overrides-0123456789abcdef"
+    assert run_name(folder) == "overrides-0123456789abcdef (sweep)"
     folder.job_overrides.write_text("model=convit_micro,seed=0\n")
-    assert run_name(folder) == "sweep/model=convit_micro,seed=0"
+    assert run_name(folder) == "model=convit_micro,seed=0 (sweep)"

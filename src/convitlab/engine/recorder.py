@@ -12,8 +12,8 @@ VisualDL (2.5.3) draws one chart per tag with a line per run, and a run is a fol
 by the display name its log gives. So the run writes several folders under vdl/, each a "run" of
 one name: `train` and `val` (the same tags, so one chart holds train and val loss, and train and
 val top-1), and `head_NN` per attention head (the same tag per layer, so one chart holds a
-layer's heads). The name is the run's folder relative to the folder above it: a sweep job's
-`<sweep>/<overrides>`, a single run's `runs/<stamp>`, then the part (`· val`). VisualDL lists the
+layer's heads). The name is the run's folder name and the folder above it (run_name: a sweep
+job's `<overrides> (<sweep>)`, a single run's `<stamp> (runs)`), then the part (`· val`). VisualDL lists the
 groups of charts (the tag's first part) alphabetically: `classification` (loss, top-1, top-5)
 comes before `gate` and `nonlocality`, then `schedule` and `speed`. The hyper-parameter view gets
 the run's knobs (core.tables.KNOBS, the columns compare.py may group by), its seed, fraction,
@@ -39,20 +39,24 @@ BEST, FINAL = "result/best_top1", "result/final_top1"
 
 
 def run_name(folder) -> str:
-    """What VisualDL calls a run: its folder's name after the folder above (`<sweep>/<overrides>`
-    for a sweep's job, `runs/<stamp>` for a single run), a job named by a hash by its overrides."""
+    """What VisualDL calls a run: its folder's name (a sweep job's overrides, a single run's stamp;
+    a job named by a hash by its overrides), then the folder above it in brackets (the sweep, or
+    `runs`), which keeps jobs of two sweeps apart. The part that differs comes first: VisualDL's
+    run list cuts long names at the end (the full name shows on hover)."""
     name = folder.path.name
     if folder.job_overrides.is_file():
         name = folder.job_overrides.read_text().strip() or name
-    return f"{folder.path.parent.name}/{name}"
+    return f"{name} ({folder.path.parent.name})"
 
 
-def hparams(cfg, identity, passes) -> dict:
-    """The hyper-parameter view's columns: every knob of the identity row (tables.KNOBS, as
-    compare.py groups runs), the seed, the epochs as configured and the passes they make; booleans
-    as text, missing values left out (VisualDL takes int, float and str)."""
-    values = {name: identity.get(name) for name in tables.KNOBS if name != "epochs"}
-    values.update(seed=int(cfg.seed), fraction=float(cfg.data.fraction), epochs=cfg.schedule.epochs, passes=passes)
+def hparams(cfg, identity, name, passes) -> dict:
+    """The hyper-parameter view's columns: the run's name, the knobs a sweep varies most (model,
+    fraction, seed, the epochs as configured and the passes they make), then every other knob of
+    the identity row (tables.KNOBS, as compare.py groups runs); booleans as text, missing values
+    left out (VisualDL takes int, float and str)."""
+    values = {"run": name, "model": identity.get("model"), "fraction": float(cfg.data.fraction),
+              "seed": int(cfg.seed), "epochs": cfg.schedule.epochs, "passes": passes}
+    values.update({key: identity.get(key) for key in tables.KNOBS if key not in values})
     shown = {}
     for name, value in values.items():
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -97,7 +101,7 @@ class Recorder:
         if state.best_epoch > 0:  # evaluated at least once
             val.add_scalar(BEST, state.best_top1, state.epoch)
             val.add_scalar(FINAL, state.val_top1, state.epoch)
-        val.add_hparams(hparams(self.cfg, self.identity, self.epochs), [BEST, FINAL])
+        val.add_hparams(hparams(self.cfg, self.identity, self.name, self.epochs), [BEST, FINAL])
         for writer in self.writers.values():
             writer.close()
 
