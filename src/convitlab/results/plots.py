@@ -309,7 +309,7 @@ def plot_gates(comparison, out):
         ax.grid(True, alpha=0.3)
     axes[0].set_ylim(max(low - margin, -0.02), min(high + margin, 1.02))
     axes[0].set_ylabel("σ(λ): 1 positional, 0 content\nline: mean over heads, band: min-max")
-    fig.suptitle(f"GPSA gates: y axis fitted to the data ({low:.2f}-{high:.2f} of the range 0-1; "
-                 "dotted lines at 0 and 1 when in view)", fontsize="medium")
+    fig.suptitle(f"σ(λ), y axis fitted to the data:\n{low:.2f}-{high:.2f} of 0-1 (dotted: 0 and 1, when in view)",
+                 fontsize="medium")
     _shared_legend(fig, axes, title="GPSA layer")
     return _save(fig, path)
