@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from convitlab.results import load
+from convitlab.results import load, plots
 
 from convitlab.core import tables
 from convitlab.results.compare import compare, compare_results
@@ -135,6 +135,62 @@ def test_nonlocality_and_gate_plots(tmp_path):
         assert f"wrote {tmp_path / 'out' / name}" in report
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def write_metrics(run_dir, top1, passes=3):
+    rows = [{"epoch": e, "train_loss": 1.0, "val_top1": top1 - 3 + e} for e in range(1, passes + 1)]
+    tables.append_rows(run_dir / "metrics.csv", rows, tables.METRIC_COLUMNS)
+
+
+def test_plot_data_every_cell_in_full_data_epochs(tmp_path):
+    """Every table cell gets its nonlocality and gate panel (not only the first row), each x in
+    full-data epochs (a pass at fraction f is f of one, or one pass when the run counted passes),
+    the gates per layer with the heads' spread, and learning curves a panel per fraction."""
+    sweep = sample_efficiency_sweep(tmp_path, locality=True)
+    for job in sweep.iterdir():
+        row = tables.read_result(job) if (job / "result.csv").exists() else None
+        if row and row["status"] == "completed":
+            write_metrics(job, float(row["top1"]))
+    passes = sweep / "model=deit_micro,data.fraction=0.25,seed=0"  # this one counted passes
+    (passes / "config.yaml").write_text("data: {fraction: 0.25}\nschedule: {scale_epochs: false}\n")
+    c = compare(load_results([sweep]))
+    cells = plots.locality_data(c)
+    assert list(cells) == [(row, column) for row in range(3) for column in range(2)]
+    for (row, column), frame in cells.items():
+        if (row, column) != (1, 0):
+            for epochs in frame.groupby(["layer", "head"])["full_epoch"].apply(list):
+                assert epochs == pytest.approx([c.keys[row][0] * e for e in (1, 2, 3)])
+    # the 0.25 deit cell: two runs scaled (a pass is 0.25 epoch), the one counting passes not
+    assert sorted(set(cells[(1, 0)]["full_epoch"])) == pytest.approx([0.25, 0.5, 0.75, 1.0, 2.0, 3.0])
+    gates = plots.gate_data(c)
+    assert list(gates) == [(row, 1) for row in range(3)]  # convit only: deit has no gate
+    for frame in gates.values():
+        assert sorted(frame["layer"].unique()) == [0, 1]
+        assert list(frame["min"]) == pytest.approx([0.4] * 6) and list(frame["max"]) == pytest.approx([0.7] * 6)
+    curves = plots.learning_curve_data(c)
+    assert list(curves) == ["fraction=0.05", "fraction=0.25", "fraction=1"]
+    first = curves["fraction=0.05"]
+    assert set(first["line"]) == {"model=convit_micro", "model=deit_micro"}
+    convit = first[first["line"] == "model=convit_micro"]
+    assert list(convit["full_epoch"]) == pytest.approx([0.05, 0.10, 0.15]) and set(convit["n"]) == {3}
+    assert list(convit["mean"]) == pytest.approx([45.8, 46.8, 47.8])
+    assert all((frame["low"] >= 0).all() and (frame["high"] <= 100).all() for frame in curves.values())
+    report = compare_results([sweep], out=tmp_path / "out")
+    for name in ("learning_curves.png", "nonlocality.png", "gates.png"):
+        assert (tmp_path / "out" / name).read_bytes().startswith(PNG), report
+
+
+def test_error_bars_are_the_t_interval_cut_to_possible_accuracies(tmp_path):
+    rows = [{"model": "convit_micro", "fraction": fraction, "seed": seed, "status": "completed", "top1": top1}
+            for fraction, values in ((0.1, (5.0, 95.0)), (1.0, (97.0, 98.0, 99.0))) for seed, top1 in enumerate(values)]
+    tables.write_table(tmp_path / "runs.csv", rows, tables.RESULT_COLUMNS)
+    points = plots.metric_points(compare(load_results([tmp_path / "runs.csv"])), "fraction", [])
+    wide, tight = points.to_dict("records")
+    # two seeds at 5% and 95%: mean 50 ± 12.71·45 reaches far past both ends; cut at 0 and 100
+    assert (wide["mean"], wide["low"], wide["high"], wide["n"]) == (50.0, 0.0, 100.0, 2)
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
+    assert (tight["low"], tight["high"]) == pytest.approx((98.0 - half, min(98.0 + half, 100.0)))
+    assert tight["high"] == 100.0  # 98 + 2.48 would be an accuracy above 100%
 
 
 def test_old_csv_without_some_columns_still_compares(tmp_path):

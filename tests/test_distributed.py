@@ -128,14 +128,15 @@ def test_two_ranks_train_what_one_process_trains_on_the_global_batch_and_write_o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launch_logs", "outputs", "single"]
     assert {p.name for p in dist_dir.iterdir()} == RUN_FILES  # nothing per rank but the log
 
-    # Written once, by rank 0: one result row, one metrics row per epoch, one VisualDL file.
+    # Written once, by rank 0: one result row, one metrics row per epoch, one file per VisualDL folder.
     result = read_csv(dist_dir / "result.csv")
     assert len(result) == 1
     assert result[0]["status"] == "completed" and result[0]["world_size"] == "2"
     assert result[0]["batch_size"] == "16" and read_csv(single_dir / "result.csv")[0]["world_size"] == "1"
     metrics = read_csv(dist_dir / "metrics.csv")
     assert [m["epoch"] for m in metrics] == ["1", "2"]
-    assert len(list((dist_dir / "vdl").iterdir())) == 1
+    vdl = {part.name: len(list(part.iterdir())) for part in (dist_dir / "vdl").iterdir()}
+    assert vdl == {name: 1 for name in ("train", "val", "head_00", "head_01", "head_02", "head_03")}
     assert len(read_csv(dist_dir / "locality.csv")) == 2 * 6 * 4
     rank0, rank1 = (dist_dir / "train.log").read_text(), (dist_dir / "train.rank1.log").read_text()
     assert "epoch 2/2" in rank0 and "epoch 2/2" in rank1

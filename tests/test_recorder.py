@@ -89,3 +89,72 @@ def test_the_schemas_selections_are_its_own_columns():
         tables.ordered_row({"epoch": 1, "val_top1": 50.0}, tables.LOCALITY_COLUMNS)
     with pytest.raises(ValueError, match="missing columns: head"):
         tables.ordered_row({"epoch": 1, "layer": 0}, tables.LOCALITY_COLUMNS[:3], complete=True)
+
+
+def read_vdl(folder):
+    """{part: (display name, {tag: [(step, value)]}, hparams, hparam metrics)} of each VisualDL
+    folder under `folder`, read back by VisualDL's own LogReader."""
+    from visualdl import LogReader
+
+    parts = {}
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        (log_file,) = part.glob("vdlrecords.*.log")
+        reader = LogReader(file_path=str(log_file))
+        tags = reader.get_tags()
+        scalars = {tag: [(r.id, r.value) for r in reader.get_data("scalar", tag)] for tag in tags.get("scalar", [])}
+        hparams, metrics = {}, []
+        if "hyper_parameters" in tags:
+            (record,) = reader.get_data("hyper_parameters", "hparam")
+            hparams = {info.name: getattr(info, info.WhichOneof("type")) for info in record.hparam.hparamInfos}
+            metrics = [info.name for info in record.hparam.metricInfos]
+        parts[part.name] = (reader.tags2name[str(log_file)], scalars, hparams, metrics)
+    return parts
+
+
+def test_visualdl_logs_train_and_val_on_one_chart_heads_per_layer_and_the_hyper_parameters(tmp_path):
+    run_dir = tmp_path / "my_sweep" / "model=convit_micro,seed=3"
+    row = run_training(compose_train(*QUICK, "model=convit_micro", "seed=3", "data.fraction=0.5"), run_dir)
+    parts = read_vdl(RunFolder(run_dir).vdl)
+    heads = [f"head_{h:02d}" for h in range(4)]
+    assert sorted(parts) == sorted(["train", "val", *heads])
+    for part, (name, *_) in parts.items():  # relative, meaningful, one per part
+        assert name == f"model=convit_micro,seed=3 (my_sweep) · {part.replace('_', ' ')}"
+    train, val = parts["train"][1], parts["val"][1]
+    # the same tags in train and val: one chart each for loss and top-1, the group sorting first
+    assert set(train) == {"classification/loss", "classification/top1", "schedule/lr", "speed/img_per_s"}
+    assert {"classification/loss", "classification/top1", "classification/top5"} <= set(val)
+    assert min(tag.split("/")[0] for tag in [*train, *val, *parts["head_00"][1]]) == "classification"
+    assert not any("train_" in tag or "val_" in tag for tag in [*train, *val])
+    metrics = read_csv(RunFolder(run_dir).metrics)
+    assert [step for step, _ in train["classification/loss"]] == [int(m["epoch"]) for m in metrics]
+    assert [v for _, v in val["classification/top1"]] == pytest.approx(
+        [float(m["val_top1"]) for m in metrics if m["val_top1"]])
+    # a chart per layer, a line (a head's folder) per head: every GPSA layer's gate, every layer's nonlocality
+    locality = read_csv(RunFolder(run_dir).locality)
+    layers = sorted({int(r["layer"]) for r in locality})
+    gated = sorted({int(r["layer"]) for r in locality if r["gate"] != "nan"})
+    for head in heads:
+        tags = parts[head][1]
+        assert sorted(tags) == sorted([f"gate/layer_{layer:02d}" for layer in gated] +
+                                      [f"nonlocality/layer_{layer:02d}" for layer in layers])
+    assert gated and len(gated) < len(layers)
+    # the hyper-parameter view: the knobs, seed, fraction, epochs and passes, best and final top-1
+    name, scalars, hparams, hparam_metrics = parts["val"]
+    assert hparam_metrics == ["result/best_top1", "result/final_top1"]
+    assert scalars["result/best_top1"][-1][1] == pytest.approx(float(row["best_top1"]))
+    assert scalars["result/final_top1"][-1][1] == pytest.approx(float(row["top1"]))
+    assert list(hparams)[:6] == ["run", "model", "fraction", "seed", "epochs", "passes"]
+    assert {"run": "model=convit_micro,seed=3 (my_sweep)", "model": "convit_micro", "seed": 3, "fraction": 0.5, "epochs": 2, "passes": 4,
+            "locality_strength": 1.0, "local_up_to_layer": 5}.items() <= hparams.items()
+    assert set(tables.KNOBS) - {"epochs", "study", "ablation"} <= set(hparams)  # study, ablation: unset here
+    assert not any(parts[p][2] for p in parts if p != "val")
+
+
+def test_a_hash_named_job_is_shown_by_its_overrides(tmp_path):
+    from convitlab.engine.recorder import run_name
+
+    folder = RunFolder(tmp_path / "sweep" / "overrides-0123456789abcdef")
+    folder.path.mkdir(parents=True)
+    assert run_name(folder) == "overrides-0123456789abcdef (sweep)"
+    folder.job_overrides.write_text("model=convit_micro,seed=0\n")
+    assert run_name(folder) == "model=convit_micro,seed=0 (sweep)"

@@ -35,7 +35,7 @@ RESULT = "result.csv"
 JOB_OVERRIDES = "overrides.txt"  # a sweep job named by a hash: the folder name it would have had
 # The kernel's limits on a path (Linux): PATH_MAX bytes in all, NAME_MAX in one name unless the
 # file system says otherwise. INSIDE is room for the longest path a run writes below its directory
-# (checkpoints/.tmp-epoch_NNNN/optimizer.pdopt, .hydra/overrides.yaml, vdl/vdlrecords.<time>.log, ...),
+# (checkpoints/.tmp-epoch_NNNN/optimizer.pdopt, .hydra/overrides.yaml, vdl/head_NN/vdlrecords.<time>.log, ...),
 # so a long directory is refused before training rather than at its first checkpoint.
 PATH_MAX, NAME_MAX, INSIDE = 4096, 255, 100
 # What a fresh start (trainer.resume=false) removes: the outputs of training, not the lock,

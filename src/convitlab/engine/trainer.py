@@ -262,15 +262,16 @@ def set_up(cfg, folder: RunFolder):
                     columns=columns), state
 
 
-def fit(cfg, run_dir) -> dict:
-    """Train per `cfg` in `run_dir` (resuming from its last checkpoint when there is one).
+def fit(cfg, run_dir, identity=None) -> dict:
+    """Train per `cfg` in `run_dir` (resuming from its last checkpoint when there is one);
+    `identity`, the run's identity columns, goes to VisualDL's hyper-parameter view.
 
     Returns the result row; only rank 0 writes files.
     """
     folder = RunFolder(run_dir)
     t, state = set_up(cfg, folder)
     row = {**t.columns, "epochs": t.protocol.epochs, "status": "running"}
-    with Recorder(folder, cfg, t.protocol.epochs, resumed_epoch=state.epoch) as recorder:
+    with Recorder(folder, cfg, t.protocol.epochs, state, identity) as recorder:
         try:
             for epoch in range(state.epoch + 1, t.protocol.epochs + 1):
                 metrics, locality = train_one_epoch(t, cfg, state, epoch), []

@@ -38,7 +38,8 @@ from convitlab.core.layout import RunFolder
 from convitlab.core.tables import KNOBS, SOURCE
 from convitlab.results import load
 from convitlab.results.cells import COLUMN, ROW, show
-from convitlab.results.plots import plot_gates, plot_metric_vs_fraction, plot_metric_vs_locality, plot_nonlocality
+from convitlab.results.plots import (plot_gates, plot_learning_curves, plot_metric_vs_fraction, plot_metric_vs_locality,
+                                     plot_nonlocality)
 from convitlab.results.stats import GainTest, gain_test
 from convitlab.results.sweeps import gather_sweep, job_dirs
 
@@ -417,7 +418,7 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
         notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
         if plots:
             notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
-                                                         plot_nonlocality, plot_gates)]
+                                                         plot_learning_curves, plot_nonlocality, plot_gates)]
     if write_summary:
         for sweep in [Path(p) for p in inputs if Path(p).is_dir() and not RunFolder(p).result.is_file()
                       and job_dirs(p)]:

@@ -1,39 +1,74 @@
 """The figures compare_results writes beside comparison.csv: the metric against the data fraction
-and against the locality strength (mean ± std over seeds), nonlocality per layer over epochs and
-the GPSA gates at the last epoch (from the runs' locality.csv files).
+and against the locality strength, the learning curves (val top-1 over epochs), and, for every
+table cell whose runs kept a locality.csv, nonlocality per layer and the GPSA gates over epochs.
 
-Each plot function takes a Comparison and the output folder and returns one line for the report:
-"wrote <path>", or "skipped <name>: <why>" when the runs have nothing to draw. Figures are drawn
-by Agg into files (no display, no pyplot state); matplotlib is imported only where a figure is
-drawn, so the tables and --no-plots run without it.
+Epochs on every x axis are full-data epochs, as the configuration counts them (schedule.epochs):
+a pass over a subset of fraction f is f of one (engine.protocol), unless the run counted passes
+(schedule.scale_epochs=false). Error bars and bands are the 95% t-interval of the mean over seeds,
+cut to the values the metric can take (0-100 for accuracies), never mean ± std, which can cross them.
+
+Each plot_* function takes a Comparison and the output folder and returns one line for the report:
+"wrote <path>", or "skipped <name>: <why>" when the runs have nothing to draw. What a figure shows
+comes from a *_data function (a DataFrame per panel), so it can be checked without the picture.
+Figures are drawn by Agg into files (no display, no pyplot state); matplotlib is imported only
+where a figure is drawn, so the tables and --no-plots run without it.
 """
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from convitlab.core.files import atomic_path
-from convitlab.core.layout import LOCALITY
+from convitlab.core.layout import CONFIG, LOCALITY, METRICS
+from convitlab.engine.protocol import epoch_scale
 from convitlab.results import load
 from convitlab.results.cells import COLUMN, ROW, show
+from convitlab.results.stats import mean_interval
 
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "best_top1": "best top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
+PERCENT = (0.0, 100.0)  # what an accuracy in percent can be
+INTERVAL = "mean and 95% t-interval over seeds, cut to 0-100"
+PANEL_COLUMNS = 3  # panels per figure row: a grid grows downwards, each panel stays readable
 
 
-def _figure(ncols=1, width=6.4, height=4.4, sharey=False):
-    """A figure with one row of `ncols` axes, drawn by Agg (no display, no pyplot state)."""
+def bounds_of(metric) -> tuple:
+    """The values `metric` can take: 0-100 for the accuracies, else unbounded."""
+    return PERCENT if metric in METRIC_LABELS else (-math.inf, math.inf)
+
+
+# ---------- drawing ----------
+
+def _grid(npanels, width=4.8, height=3.6, sharey=False):
+    """A figure of `npanels` axes, PANEL_COLUMNS to a row, its height growing with the rows."""
     # matplotlib only where a plot is drawn: --no-plots and the tables start without its import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    ncols = min(npanels, PANEL_COLUMNS)
+    nrows = math.ceil(npanels / ncols)
+    fig = Figure(figsize=(width * ncols + 2.2, height * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False, sharey=sharey)[0]
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel()
+    for ax in axes[npanels:]:
+        ax.set_visible(False)
+    return fig, axes[:npanels]
+
+
+def _shared_legend(fig, axes, title=None):
+    """One legend for every panel, outside them on the right (labels in first-seen order)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small", title=title)
 
 
 def _save(fig, path) -> str:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     return f"wrote {path}"
 
 
@@ -41,29 +76,86 @@ def _floats(series) -> np.ndarray:
     return series.astype("float64").to_numpy()
 
 
+def _label(keys, values) -> str:
+    return ", ".join(f"{k}={show(v)}" for k, v in zip(keys, values))
+
+
+# ---------- full-data epochs ----------
+
+def full_epochs_per_pass(runs: pd.DataFrame) -> pd.Series:
+    """For each run (indexed as `runs`), the full-data epochs one pass over its training subset is:
+    engine.protocol's scale read back from the run's config.yaml (schedule.scale_epochs, data.fraction),
+    or from its fraction with the default scale_epochs when the run kept no config."""
+    scales = {}
+    for label, row in zip(runs.index, runs.astype(object).where(runs.notna(), None).to_dict("records")):
+        fraction, scaled = row.get("fraction") or 1.0, True  # the default schedule scales
+        folder = load.run_directory(row, CONFIG)
+        if folder is not None:
+            cfg = OmegaConf.load(folder / CONFIG)
+            fraction = OmegaConf.select(cfg, "data.fraction", default=fraction)
+            scaled = OmegaConf.select(cfg, "schedule.scale_epochs", default=scaled)
+        cfg = OmegaConf.create({"data": {"fraction": fraction}, "schedule": {"scale_epochs": scaled}})
+        scales[label] = 1.0 / epoch_scale(cfg)
+    return pd.Series(scales, dtype="float64")
+
+
+def _curves(comparison, filename) -> pd.DataFrame:
+    """The `filename` rows of the comparison's runs, indexed by run, with their table ROW and
+    COLUMN and `full_epoch`: the pass counted in full-data epochs."""
+    c = comparison
+    runs = c.runs[c.runs[ROW].notna()]
+    curves = load.run_curves(runs, filename, columns=[ROW, COLUMN])
+    if curves.empty or "epoch" not in curves:
+        return curves.iloc[0:0]
+    curves = curves[curves["epoch"].notna()]
+    per_pass = full_epochs_per_pass(runs.loc[curves.index.unique()])
+    return curves.assign(full_epoch=_floats(curves["epoch"]) * per_pass.reindex(curves.index).to_numpy())
+
+
+def _cell_title(comparison, row, column) -> str:
+    c = comparison
+    parts = [_label(c.by, c.keys[int(row)])] + ([f"{c.vs}={show(c.columns[int(column)])}"] if c.vs else [])
+    return ", ".join(part for part in parts if part) or "all runs"
+
+
+# ---------- the metric against a knob ----------
+
+def metric_points(comparison, x, line_keys) -> pd.DataFrame:
+    """Per line (a combination of `line_keys`) and value of `x`: the metric's mean, low and high
+    (INTERVAL) and n over the runs."""
+    c = comparison
+    data = c.runs[c.runs[x].notna() & c.runs[c.metric].notna()]
+    bounds = bounds_of(c.metric)
+    rows = []
+    for key, part in data.groupby([*line_keys, x], dropna=False, sort=True):
+        mean, low, high = mean_interval(_floats(part[c.metric]), bounds)
+        rows.append({**dict(zip([*line_keys, x], key)), "mean": mean, "low": low, "high": high, "n": len(part)})
+    return pd.DataFrame(rows)
+
+
 def line_plot(comparison, x, line_keys, path, xscale):
-    """Metric (mean ± std over seeds) against knob `x`, one line per combination of `line_keys`."""
+    """Metric (INTERVAL) against knob `x`, one line per combination of `line_keys`."""
     c = comparison
     if x not in c.runs or c.runs[x].nunique() < 2:
         return f"skipped {path.name}: {x} does not vary"
     line_keys = [key for key in line_keys if key in c.runs]
-    data = c.runs[c.runs[x].notna() & c.runs[c.metric].notna()]
-    points = data.groupby([*line_keys, x], dropna=False, sort=True)[c.metric].agg(["mean", "std"]).reset_index()
-    fig, (ax,) = _figure()
+    points = metric_points(c, x, line_keys)
+    fig, (ax,) = _grid(1, width=6.4, height=4.4)
     for line, part in (points.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), points)]):
-        label = ", ".join(f"{k}={show(v)}" for k, v in zip(line_keys, line)) or c.metric
-        ax.errorbar(_floats(part[x]), _floats(part["mean"]), yerr=_floats(part["std"]), marker="o", capsize=3,
-                    label=label)
+        mean = _floats(part["mean"])
+        errors = np.vstack([mean - _floats(part["low"]), _floats(part["high"]) - mean])
+        ax.errorbar(_floats(part[x]), mean, yerr=errors, marker="o", capsize=3,
+                    label=_label(line_keys, line) or c.metric)
     if xscale == "symlog":
-        positive = data[x][data[x] > 0]
+        positive = c.runs[x][c.runs[x] > 0]
         ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
     else:
         ax.set_xscale(xscale)
     ax.set_xlabel(x)
-    ax.set_ylabel(METRIC_LABELS.get(c.metric, c.metric))
-    ax.set_title(f"{c.metric} vs {x} (mean ± std over seeds)")
+    ax.set_ylabel(f"{METRIC_LABELS.get(c.metric, c.metric)}\n{INTERVAL if c.metric in METRIC_LABELS else 'mean and 95% t-interval over seeds'}")
+    ax.set_title(f"{c.metric} vs {x}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    _shared_legend(fig, [ax])
     return _save(fig, path)
 
 
@@ -80,90 +172,144 @@ def plot_metric_vs_locality(comparison, out):
     return line_plot(c, "locality_strength", line_keys, Path(out) / f"{c.metric}_vs_locality.png", "symlog")
 
 
-def locality_panels(comparison):
-    """(title, {column: locality rows of its runs}) for one table row whose runs have locality.csv
-    files: the first whose runs have GPSA layers (the plots are about them), else the first of all.
-    The rows are indexed by run (see load.run_curves)."""
+# ---------- learning curves ----------
+
+def learning_curve_data(comparison) -> dict:
+    """{panel title: frame} for the learning curves: a panel per fraction (one when it does not
+    vary), in it per line (the other row and column keys) and full-data epoch the val top-1's mean,
+    low, high (INTERVAL) and n over the runs evaluated there."""
     c = comparison
-    curves = load.run_curves(c.runs[c.runs[ROW].notna()], LOCALITY, columns=[ROW, COLUMN])
-    if curves.empty or any(key not in curves for key in ("epoch", "layer", "head", "nonlocality", "gate")):
-        return None, {}
-    curves = curves.dropna(subset=["epoch", "layer", "head"])
-    with_gates = np.isfinite(_floats(curves["gate"]))
-    rows = sorted(curves[ROW].unique())
-    gated = sorted(curves.loc[with_gates, ROW].unique())
-    row = int((gated or rows)[0])
-    title = ", ".join(f"{k}={show(v)}" for k, v in zip(c.by, c.keys[row]))
-    mine = curves[curves[ROW] == row]
-    return title, {c.columns[int(column)]: part for column, part in mine.groupby(COLUMN, sort=True)}
+    curves = _curves(c, METRICS)
+    if curves.empty or "val_top1" not in curves:
+        return {}
+    curves = curves[curves["val_top1"].notna()]
+    keys = c.runs.loc[curves.index, [k for k in dict.fromkeys([*([c.vs] if c.vs else []), *c.by])]]
+    frame = keys.assign(full_epoch=_floats(curves["full_epoch"]), val_top1=_floats(curves["val_top1"]),
+                        run=curves.index.to_numpy())
+    panel_key = "fraction" if "fraction" in keys and keys["fraction"].nunique() > 1 else None
+    line_keys = [k for k in keys if k != panel_key]
+    panels = {}
+    for panel, part in (frame.groupby(panel_key, sort=True) if panel_key else [(None, frame)]):
+        rows = []
+        for key, points in part.groupby([*line_keys, "full_epoch"], dropna=False, sort=True):
+            mean, low, high = mean_interval(_floats(points["val_top1"]), PERCENT)
+            rows.append({"line": _label(line_keys, key[:-1]) or "val top-1", "full_epoch": key[-1],
+                         "mean": mean, "low": low, "high": high, "n": points["run"].nunique()})
+        panels[f"fraction={show(panel)}" if panel_key else "all runs"] = pd.DataFrame(rows)
+    return panels
 
 
-def _run_means(part, value, keys) -> pd.Series:
-    """`value` averaged over each run's rows per `keys`, then over runs (non-finite values skipped)."""
-    frame = part.reset_index().assign(**{value: part[value].where(np.isfinite(_floats(part[value]))).to_numpy()})
-    return frame.groupby(["run", *keys])[value].mean().groupby(level=keys).mean().dropna()
-
-
-def _panel_title(comparison, column, group) -> str:
-    parts = [f"{comparison.vs}={show(column)}"] if comparison.vs else []
-    return ", ".join(parts + ([group] if group else [])) or "all runs"
-
-
-def plot_nonlocality(comparison, out):
-    """Mean nonlocality per layer over epochs; one panel per vs value, dashed lines for MHSA layers."""
-    from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
-
-    path = Path(out) / "nonlocality.png"
-    group, panels = locality_panels(comparison)
+def plot_learning_curves(comparison, out):
+    """Val top-1 over full-data epochs (INTERVAL as a band), a line per model, a panel per fraction."""
+    path = Path(out) / "learning_curves.png"
+    panels = learning_curve_data(comparison)
     if not panels:
-        return f"skipped {path.name}: no run has a locality.csv"
-    fig, axes = _figure(len(panels), sharey=True)
-    for ax, (column, part) in zip(axes, panels.items()):
-        means = _run_means(part, "nonlocality", ["layer", "epoch"])
-        gpsa = set(part.loc[np.isfinite(_floats(part["gate"])), "layer"])  # MHSA layers: NaN
-        layers = sorted(means.index.get_level_values("layer").unique())
-        for layer in layers:
-            curve = means.xs(layer, level="layer")
-            kind = "GPSA" if layer in gpsa else "MHSA"
-            ax.plot(_floats(curve.index.to_series()), curve.to_numpy(), "-" if layer in gpsa else "--", marker=".",
-                    color=colormaps["viridis"](layer / max(len(layers) - 1, 1)), label=f"layer {layer} ({kind})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("nonlocality (mean attention distance, patches)")
-        ax.set_title(_panel_title(comparison, column, group))
+        return f"skipped {path.name}: no run has a metrics.csv with val_top1"
+    from matplotlib import colormaps
+
+    lines = list(dict.fromkeys(line for frame in panels.values() for line in frame["line"]))
+    colors = {line: colormaps["tab10"](i % 10) for i, line in enumerate(lines)}
+    fig, axes = _grid(len(panels), sharey=True)
+    for ax, (title, frame) in zip(axes, panels.items()):
+        for line, part in frame.groupby("line", sort=False):
+            x = _floats(part["full_epoch"])
+            ax.plot(x, _floats(part["mean"]), color=colors[line], label=line)
+            ax.fill_between(x, _floats(part["low"]), _floats(part["high"]), color=colors[line], alpha=0.2, linewidth=0)
+        ax.set_title(title)
+        ax.set_xlabel("full-data epoch")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+    axes[0].set_ylabel(f"val top-1 (%)\n{INTERVAL}")
+    _shared_legend(fig, axes)
     return _save(fig, path)
 
 
+# ---------- nonlocality and gates ----------
+
+def locality_data(comparison) -> dict:
+    """{(row, column): frame} for every table cell whose runs kept a locality.csv, in table order:
+    per full-data epoch, layer and head the nonlocality and gate averaged over the cell's runs
+    (non-finite values skipped; the gate is NaN for an MHSA layer)."""
+    curves = _curves(comparison, LOCALITY)
+    if curves.empty or any(key not in curves for key in ("layer", "head", "nonlocality", "gate")):
+        return {}
+    curves = curves.dropna(subset=["layer", "head"])
+    values = curves[["nonlocality", "gate"]].astype("float64")
+    curves = curves.assign(**{name: values[name].where(np.isfinite(values[name])) for name in values})
+    panels = {}
+    for (row, column), part in curves.groupby([ROW, COLUMN], sort=True):
+        per_run = part.reset_index().groupby(["run", "full_epoch", "layer", "head"])[["nonlocality", "gate"]].mean()
+        panels[(int(row), int(column))] = per_run.groupby(level=["full_epoch", "layer", "head"]).mean().reset_index()
+    return panels
+
+
+def _layer_colors(panels):
+    from matplotlib import colormaps
+
+    layers = sorted({int(layer) for frame in panels.values() for layer in frame["layer"]})
+    return {layer: colormaps["viridis"](i / max(len(layers) - 1, 1)) for i, layer in enumerate(layers)}
+
+
+def plot_nonlocality(comparison, out):
+    """Nonlocality per layer (mean over heads) over full-data epochs; a panel per table cell,
+    dashed lines for MHSA layers."""
+    path = Path(out) / "nonlocality.png"
+    panels = locality_data(comparison)
+    if not panels:
+        return f"skipped {path.name}: no run has a locality.csv"
+    colors = _layer_colors(panels)
+    fig, axes = _grid(len(panels), sharey=True)
+    for ax, ((row, column), frame) in zip(axes, panels.items()):
+        for layer, part in frame.groupby("layer", sort=True):
+            gpsa = part["gate"].notna().any()
+            curve = part.groupby("full_epoch")["nonlocality"].mean()
+            ax.plot(curve.index.to_numpy(dtype=float), curve.to_numpy(), "-" if gpsa else "--", marker=".",
+                    color=colors[int(layer)], label=f"layer {int(layer)} ({'GPSA' if gpsa else 'MHSA'})")
+        ax.set_title(_cell_title(comparison, row, column), fontsize="medium")
+        ax.set_xlabel("full-data epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("nonlocality\n(mean attention distance, patches)")
+    _shared_legend(fig, axes)
+    return _save(fig, path)
+
+
+def gate_data(comparison) -> dict:
+    """{(row, column): frame} per cell with GPSA gates: per GPSA layer and full-data epoch the
+    heads' mean σ(λ) and their spread (min and max over the heads)."""
+    panels = {}
+    for cell, frame in locality_data(comparison).items():
+        gated = frame[frame["gate"].notna()]
+        if len(gated):
+            spread = gated.groupby(["layer", "full_epoch"])["gate"].agg(["mean", "min", "max"]).reset_index()
+            panels[cell] = spread
+    return panels
+
+
 def plot_gates(comparison, out):
-    """σ(λ) per GPSA layer and head at each run's last epoch (averaged over runs), as heatmaps."""
+    """σ(λ) per GPSA layer over full-data epochs: the heads' mean as a line, their spread as a
+    band; a panel per table cell, the y axis fitted to the data (0 and 1 drawn when in view)."""
     path = Path(out) / "gates.png"
-    group, panels = locality_panels(comparison)
-    maps = {}
-    for column, part in panels.items():
-        last = part[part["epoch"] == part.groupby(level="run")["epoch"].transform("max")]
-        gates = _run_means(last, "gate", ["layer", "head"])
-        if len(gates):
-            maps[column] = gates.unstack("head")  # layers × heads, NaN where a head has no gate
-    if not maps:
+    panels = gate_data(comparison)
+    if not panels:
         return f"skipped {path.name}: no GPSA gate in any locality.csv"
-    fig, axes = _figure(len(maps), width=5.0)
-    for ax, (column, grid) in zip(axes, maps.items()):
-        layers, heads = list(grid.index), list(grid.columns)
-        values = grid.to_numpy(dtype=float)
-        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
-        ax.set_xticks(range(len(heads)), [str(h) for h in heads])
-        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        ax.set_xticks([j - 0.5 for j in range(1, len(heads))], minor=True)
-        ax.set_yticks([i - 0.5 for i in range(1, len(layers))], minor=True)
-        ax.grid(True, which="minor", color="white", linewidth=1.5)
-        ax.tick_params(which="minor", length=0)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(f"σ(λ) at the last epoch\n{_panel_title(comparison, column, group)}")
-        fig.colorbar(image, ax=ax, label="σ(λ): 1 positional, 0 content")
+    colors = _layer_colors(panels)
+    low = min(float(frame["min"].min()) for frame in panels.values())
+    high = max(float(frame["max"].max()) for frame in panels.values())
+    margin = max(0.1 * (high - low), 0.01)
+    fig, axes = _grid(len(panels), sharey=True)
+    for ax, ((row, column), frame) in zip(axes, panels.items()):
+        for layer, part in frame.groupby("layer", sort=True):
+            x = _floats(part["full_epoch"])
+            ax.plot(x, _floats(part["mean"]), color=colors[int(layer)], label=f"layer {int(layer)}")
+            ax.fill_between(x, _floats(part["min"]), _floats(part["max"]), color=colors[int(layer)], alpha=0.2,
+                            linewidth=0)
+        for bound in (0.0, 1.0):
+            ax.axhline(bound, color="black", linewidth=0.8, linestyle=":")
+        ax.set_title(_cell_title(comparison, row, column), fontsize="medium")
+        ax.set_xlabel("full-data epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylim(max(low - margin, -0.02), min(high + margin, 1.02))
+    axes[0].set_ylabel("σ(λ): 1 positional, 0 content\nline: mean over heads, band: min-max")
+    fig.suptitle(f"σ(λ), y axis fitted to the data:\n{low:.2f}-{high:.2f} of 0-1 (dotted: 0 and 1, when in view)",
+                 fontsize="medium")
+    _shared_legend(fig, axes, title="GPSA layer")
     return _save(fig, path)

@@ -79,7 +79,7 @@ def _run_training(cfg, run_dir: Path, overrides) -> dict:
             record.claim(cfg_hash, overwrite=fresh or stale)
             write_text(folder.config, OmegaConf.to_yaml(cfg, resolve=True))
         distributed.barrier()
-        row.update(fit(cfg, run_dir))
+        row.update(fit(cfg, run_dir, identity=row))
     except BaseException as exc:
         stopped = isinstance(exc, (Interrupted, SystemExit))  # SystemExit: submitit's requeue
         full = None if stopped else find_disk_full(exc, run_dir)
