@@ -39,6 +39,7 @@ from convitlab.core import distributed
 from convitlab.core.files import reporting_disk_full
 from convitlab.core.errors import UserError
 from convitlab.core.layout import RunFolder, check_run_dir
+from convitlab.core.processes import process_start
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30
@@ -69,16 +70,6 @@ def launch_id():
         return None
     key = f"{os.environ.get('PADDLE_MASTER', '')}|{os.environ.get('PADDLE_TRAINER_ENDPOINTS', '')}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def process_start(pid: int):
-    """The start time of process `pid` in clock ticks since boot (None if it is gone): with the
-    pid it names one process, not a later one that reuses the pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def describe(holder: dict) -> str:
