@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from convitlab.data.sources import ArrayImages
-from convitlab.core.errors import UserError, bad_value
+from convitlab.core.errors import UserError, bad_value, whole_message
 from convitlab.core.safe_pickle import ArrayUnpickler
 
 URL = "https://www.cs.toronto.edu/~kriz/"
@@ -64,7 +64,7 @@ def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path
         return Path(get_path_from_url(URL + archive.file, str(folder), archive.md5 if checksum else None,
                                       decompress=False))
     except Exception as exc:  # noqa: BLE001  (offline, refused, bad MD5 after retries: all end the same way)
-        raise UserError(f"could not download {URL}{archive.file} into {folder} ({_one_line(exc)}): "
+        raise UserError(f"could not download {URL}{archive.file} into {folder} ({whole_message(exc)}): "
                         f"put {archive.file} in {folder} by hand") from None
 
 
@@ -86,7 +86,7 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with
         names = [n.decode() for n in batches[archive.meta][archive.names_key]]
     except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError, KeyError, ValueError,
             TypeError, AttributeError, IndexError) as exc:
-        raise UserError(f"{path} is damaged or not the official {archive.file} ({_one_line(exc)}): "
+        raise UserError(f"{path} is damaged or not the official {archive.file} ({whole_message(exc)}): "
                         "download it again") from None
     return (ArrayImages(*train) if with_train else None), ArrayImages(*test), names
 
@@ -121,7 +121,3 @@ def _md5(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -16,7 +16,7 @@ import paddle.nn as nn
 from safetensors.numpy import load_file
 
 from convitlab.core.files import atomic_path
-from convitlab.core.errors import UserError, broken_link
+from convitlab.core.errors import UserError, broken_link, first_line
 from convitlab.models.convit import resize_pos_embed, square_grid
 from convitlab.core.safe_pickle import load_arrays
 
@@ -74,8 +74,7 @@ def _read_file(path):
     except UserError:
         raise
     except Exception as exc:  # a torn or foreign file: say which file and why, in one line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({reason})") from None
+        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({first_line(exc)})") from None
     raise UserError(f"checkpoint {str(path)!r} has an unknown format: expected one of {', '.join(FORMATS)}")
 
 
