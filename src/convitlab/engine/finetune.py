@@ -24,8 +24,8 @@ import os
 import numpy as np
 
 from convitlab.core import distributed
-from convitlab.engine.checkpoint import Checkpointer, file_sha256
-from convitlab.core.files import write_text
+from convitlab.engine.checkpoint import Checkpointer
+from convitlab.core.files import file_digest, write_text
 from convitlab.core.errors import UserError
 from convitlab.models.convit import square_grid
 from convitlab.core.layout import RunFolder
@@ -92,7 +92,7 @@ def apply_pretrained(model, path, channel_adapt="sum") -> dict:
         raise UserError(f"model.pretrained={str(path)!r}: {exc}") from None
     for note in notes:
         log.info("model.pretrained: %s", note)
-    digest = file_sha256(path)
+    digest = file_digest(path)
     log.info("model.pretrained: %d tensors from %s (sha256 %s, %s layout)", len(state), path, digest[:16], layout)
     return {"pretrained": os.fspath(path), "pretrained_sha256": digest}
 
