@@ -15,7 +15,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.models.registry import build_model  # noqa: E402
-from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.core.errors import UserError, describe_error  # noqa: E402
 from convitlab.models import list_models  # noqa: E402
 from convitlab.models.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
 
@@ -48,8 +48,6 @@ def main(cfg):
     try:
         convert(cfg)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        from convitlab.run.launch import describe_error
-
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {cfg.target}")

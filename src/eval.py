@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from convitlab.core import tables  # noqa: E402
 from convitlab.config import register_configs, validate  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.core.errors import UserError, describe_error  # noqa: E402
 from convitlab.config import config_hash  # noqa: E402
 from convitlab.core.signals import Interrupted, signal_name, stop_at_step_boundaries  # noqa: E402
 from convitlab.ops.runtime import select_device  # noqa: E402
@@ -65,8 +65,7 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg):
-    from convitlab.run.launch import describe_error  # here, as above
-    from convitlab.run.record import first_row
+    from convitlab.run.record import first_row  # here, as above
 
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop between batches, without a traceback
     hydra_cfg = HydraConfig.get()

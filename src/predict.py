@@ -16,10 +16,9 @@ from tqdm import tqdm  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.core.errors import UserError, describe_error  # noqa: E402
 from convitlab.deploy import predictions  # noqa: E402
 from convitlab.deploy.inference import Predictor  # noqa: E402
-from convitlab.run.launch import describe_error  # noqa: E402
 
 register_configs()
 report_composition_errors_in_one_line()

@@ -76,7 +76,8 @@ def main(cfg):
     # imports then, before RunGuard.on_job_start sets the runtime up there; this loads Paddle.
     from convitlab.core import distributed
     from convitlab.engine.checkpoint import BEST
-    from convitlab.run.launch import describe_error, run_training
+    from convitlab.core.errors import describe_error
+    from convitlab.run.launch import run_training
     from convitlab.core.layout import RunFolder
 
     logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error

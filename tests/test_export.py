@@ -16,7 +16,7 @@ from convitlab.data.sources import FileImages
 from convitlab.data.transforms import EvalTransform, Normalise
 from convitlab.deploy.bundle import MANIFEST, PARAMS
 from convitlab.deploy.inference import Predictor
-from convitlab.engine.checkpoint import file_sha256
+from convitlab.core.files import file_digest as file_sha256
 from convitlab.models import create_model
 from convitlab.models.weights import load_pretrained, save_pdparams
 

@@ -12,7 +12,7 @@ from helpers import TRAIN, compose_train, kill_after_checkpoint, read_csv, run, 
 from safetensors.numpy import save_file
 
 from convitlab.core.errors import UserError
-from convitlab.engine.checkpoint import file_sha256
+from convitlab.core.files import file_digest as file_sha256
 from convitlab.engine.finetune import adapt_state, backbone_lr_scale
 from convitlab.models import create_model
 from convitlab.models.convit import resize_pos_embed

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from convitlab.core.errors import UserError, bad_value, check
 from convitlab.core.layout import job_folder_name
+from convitlab.core.processes import process_started_at
 from convitlab.data.transforms import image_size_pair
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
 
@@ -361,16 +362,11 @@ def run_stamp() -> str:
     """
     if os.environ.get("CONVITLAB_RUN_STAMP"):
         return os.environ["CONVITLAB_RUN_STAMP"]
-    started = time.time()
+    started = None
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
-        try:
-            with open(f"/proc/{os.getppid()}/stat") as f:
-                ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-            with open("/proc/stat") as f:
-                boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-            started = boot + ticks / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, StopIteration):
-            pass
+        started = process_started_at(os.getppid())
+    if started is None:
+        started = time.time()
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
 
 

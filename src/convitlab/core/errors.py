@@ -17,6 +17,29 @@ def check(condition: bool, key: str, value, allowed: str) -> None:
         raise bad_value(key, value, allowed)
 
 
+def whole_message(exc: BaseException) -> str:
+    """The exception's whole message on one line (its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message (its type's name when it has none): what a
+    library says before its traceback or source lines."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """An unexpected error as result.csv and the log record it: its type and first line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def describe_error(exc: BaseException) -> str:
+    """The line an entry point prints for a failure: the message alone for a UserError."""
+    return str(exc) if isinstance(exc, UserError) else one_line(exc)
+
+
 def broken_link(path):
     """What is wrong with `path` when it is a symbolic link that leads nowhere ("a symbolic link
     loop (-> target)", "a symbolic link to target, which does not exist"); None otherwise."""

@@ -9,6 +9,7 @@ killed process left behind are removed by remove_temporaries, when the run start
 """
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -86,6 +87,15 @@ def find_disk_full(exc: BaseException, directory="."):
     if bare.filename:
         return disk_full_error(bare.filename, bare)
     return disk_full_error(directory, bare, directory=True)
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read 1 MiB at a time (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)  # integrity checks, not secrets: MD5 too under FIPS
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _create_temporary(path: Path) -> str:

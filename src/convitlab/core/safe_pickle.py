@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convitlab.core.errors import UserError
+from convitlab.core.errors import UserError, first_line
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]        # numpy.{core,_core}.multiarray._reconstruct
 _FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]     # numpy.{core,_core}.numeric._frombuffer
@@ -106,5 +106,4 @@ def load_arrays(path):
                         "written by paddle.save)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             ImportError, MemoryError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({reason})") from None
+        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({first_line(exc)})") from None

@@ -1,6 +1,5 @@
 """CIFAR-10 and CIFAR-100, read straight from the official python-pickle archives (no extraction)."""
 import functools
-import hashlib
 import pickle
 import tarfile
 import zlib
@@ -10,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from convitlab.data.sources import ArrayImages
-from convitlab.core.errors import UserError, bad_value
+from convitlab.core.errors import UserError, bad_value, whole_message
+from convitlab.core.files import file_digest
 from convitlab.core.safe_pickle import ArrayUnpickler
 
 URL = "https://www.cs.toronto.edu/~kriz/"
@@ -64,7 +64,7 @@ def _locate(archive: CifarArchive, root, download: bool, checksum: bool) -> Path
         return Path(get_path_from_url(URL + archive.file, str(folder), archive.md5 if checksum else None,
                                       decompress=False))
     except Exception as exc:  # noqa: BLE001  (offline, refused, bad MD5 after retries: all end the same way)
-        raise UserError(f"could not download {URL}{archive.file} into {folder} ({_one_line(exc)}): "
+        raise UserError(f"could not download {URL}{archive.file} into {folder} ({whole_message(exc)}): "
                         f"put {archive.file} in {folder} by hand") from None
 
 
@@ -73,7 +73,7 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with
     """(train or None without with_train, test, class names) of the archive at `path`."""
     archive = ARCHIVES[name]
     if checksum:
-        digest = _md5(path)
+        digest = file_digest(path, "md5")
         if digest != archive.md5:
             raise UserError(f"{path} has MD5 {digest}, not the official {archive.md5}: download it again "
                             "(delete it and set data.download=true), or set data.checksum=false to use a "
@@ -86,7 +86,7 @@ def _decode(path: str, size: int, mtime_ns: int, name: str, checksum: bool, with
         names = [n.decode() for n in batches[archive.meta][archive.names_key]]
     except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError, KeyError, ValueError,
             TypeError, AttributeError, IndexError) as exc:
-        raise UserError(f"{path} is damaged or not the official {archive.file} ({_one_line(exc)}): "
+        raise UserError(f"{path} is damaged or not the official {archive.file} ({whole_message(exc)}): "
                         "download it again") from None
     return (ArrayImages(*train) if with_train else None), ArrayImages(*test), names
 
@@ -113,15 +113,3 @@ def _images_and_labels(batches: list, label_key: bytes):
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
-
-
-def _md5(path: str) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convitlab.core.errors import UserError
+from convitlab.core.errors import UserError, whole_message
 
 
 WIDE_INTEGERS = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF), and I as Pillow widens it
@@ -65,5 +65,4 @@ class FileImages:
             with Image.open(path) as image:
                 return to_8_bit(image, self.mode)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise UserError(f"cannot read image {path}: {reason} (replace or remove the file)") from None
+            raise UserError(f"cannot read image {path}: {whole_message(exc)} (replace or remove the file)") from None

@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 
 from convitlab.config import validate
 from convitlab.core.errors import UserError, broken_link
-from convitlab.core.files import find_disk_full
+from convitlab.core.files import file_digest, find_disk_full
 from convitlab.data.transforms import image_size_pair
 from convitlab.deploy import bundle, source
-from convitlab.engine.checkpoint import file_sha256
 from convitlab.models.convit import square_grid
 from convitlab.models.registry import build_model
 from convitlab.models.weights import load_state_dict, read_checkpoint
@@ -130,7 +129,7 @@ def export(cfg, overrides=()) -> bundle.Manifest:
             std=list(cfg.data.std), framing="resize_and_centre_crop" if cfg.data.name == "imagefolder" else "resize",
             num_classes=cfg.data.num_classes, class_names=source.class_names(cfg.data), input_name=INPUT_NAME,
             program=bundle.program_file(staging).name, params=bundle.PARAMS, checkpoint=str(Path(cfg.ckpt).resolve()),
-            checkpoint_sha256=file_sha256(cfg.ckpt), run=str(Path(src.run).resolve()) if src.run else None,
+            checkpoint_sha256=file_digest(cfg.ckpt), run=str(Path(src.run).resolve()) if src.run else None,
             paddle_version=paddle.__version__)
         manifest.write(staging)
     return manifest

@@ -16,7 +16,8 @@ from pathlib import Path
 import paddle
 
 from convitlab.core import distributed
-from convitlab.core.files import atomic_path, disk_full_error, human_bytes, is_disk_full, remove_temporaries
+from convitlab.core.files import (atomic_path, disk_full_error, file_digest, human_bytes, is_disk_full,
+                                  remove_temporaries)
 from convitlab.engine import rng
 from convitlab.core.errors import UserError
 
@@ -25,14 +26,6 @@ _TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/
 # A checkpoint folder's files; best.pdparams sits beside the folders.
 MODEL, OPTIMIZER, EMA, RNG, STATE = "model.pdparams", "optimizer.pdopt", "ema.pdparams", "rng.pkl", "state.json"
 BEST = "best.pdparams"
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_digest(state: dict) -> str:
@@ -102,7 +95,7 @@ class Checkpointer:
             with open(tmp / writing.name, "wb") as f:
                 pickle.dump(extras, f)
             writing = final / STATE
-            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
             content = {**state, "epoch": epoch, "files": files}
             (tmp / writing.name).write_text(json.dumps({**content, "sha256": _state_digest(content)}, indent=1))
             writing = final
@@ -151,7 +144,7 @@ class Checkpointer:
                 raise ValueError("state.json does not match its checksum" if recorded else
                                  "state.json has no checksum of its own (written by an older convitlab)")
             for name, digest in state["files"].items():
-                if file_sha256(folder / name) != digest:
+                if file_digest(folder / name) != digest:
                     raise ValueError(f"{name} does not match its checksum")
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {folder} is damaged ({exc}): {way_out}") from None

@@ -24,12 +24,11 @@ import os
 import numpy as np
 
 from convitlab.core import distributed
-from convitlab.engine.checkpoint import Checkpointer, file_sha256
-from convitlab.core.files import write_text
+from convitlab.engine.checkpoint import Checkpointer
+from convitlab.core.files import file_digest, write_text
 from convitlab.core.errors import UserError
-from convitlab.models.convit import square_grid
 from convitlab.core.layout import RunFolder
-from convitlab.models.weights import linear_weight_names, load_state_dict, read_checkpoint, resize_pos_embed_array
+from convitlab.models.weights import fit_state_dict, read_checkpoint, set_state
 
 log = logging.getLogger(__name__)
 # ImageNet's statistics, which the published weights were trained with; one grey channel takes
@@ -39,46 +38,9 @@ GREY_MEAN, GREY_STD = 0.449, 0.226
 
 
 def adapt_state(model, state, layout="paddle", channel_adapt="sum"):
-    """The file's tensors in the model's layout, adapted where they may be: (state, notes).
-
-    `notes` holds one line per tensor skipped, re-initialised, resized or adapted. Names and
-    shapes that still do not fit are left for load_state_dict to report.
-    """
-    linear = linear_weight_names(model) if layout == "reference" else set()
-    targets = {name: list(t.shape) for name, t in model.state_dict().items()}
-    adapted, notes = {}, []
-    for name, value in state.items():
-        value = np.asarray(value, dtype=np.float32)
-        if name in linear:
-            value = value.T
-        want = targets.get(name)
-        if want is None:
-            if name.split(".")[-1] == "rel_indices":  # a grid buffer some ports save; rebuilt here
-                notes.append(f"skipped {name} {list(value.shape)}: relative positions, rebuilt for the model's grid")
-                continue
-            adapted[name] = value  # reported as unexpected
-            continue
-        have = list(value.shape)
-        if have == want:
-            adapted[name] = value
-        elif name == "pos_embed" and value.ndim == 3 and have[-1] == want[-1]:
-            adapted[name] = resize_pos_embed_array(value, model.grid_size)  # UserError unless a square grid
-            old = square_grid(have[1])
-            notes.append(f"resized pos_embed {have} -> {want}: {old[0]}x{old[1]} grid interpolated (bicubic) "
-                         f"to {model.grid_size[0]}x{model.grid_size[1]}")
-        elif (name == "patch_embed.proj.weight" and value.ndim == 4 and have[1] == 3 and want[1] == 1
-              and have[0] == want[0] and have[2:] == want[2:]):
-            combine = value.sum if channel_adapt == "sum" else value.mean
-            adapted[name] = combine(axis=1, keepdims=True)
-            notes.append(f"adapted {name} {have} -> {want}: the 3 input channels' filters "
-                         f"{'summed' if channel_adapt == 'sum' else 'averaged'} for 1-channel images")
-        elif name.startswith("head.") and value.ndim == len(want) and have[:-1] == want[:-1]:
-            adapted[name] = model.state_dict()[name].numpy()
-            notes.append(f"re-initialised {name} {want}: the file's {have} is for {have[-1]} classes, "
-                         f"the data has {want[-1]}")
-        else:
-            adapted[name] = value  # reported as mis-shaped
-    return adapted, notes
+    """The file's tensors fitted to the model under fine-tuning's policy (models.weights.fit_state_dict):
+    (values, notes), one note per tensor skipped, re-initialised, resized or adapted."""
+    return fit_state_dict(model, state, layout, "finetune", channel_adapt)
 
 
 def apply_pretrained(model, path, channel_adapt="sum") -> dict:
@@ -87,12 +49,12 @@ def apply_pretrained(model, path, channel_adapt="sum") -> dict:
     state, layout = read_checkpoint(path)  # a missing, unknown or corrupt file: one line naming it
     try:
         adapted, notes = adapt_state(model, state, layout, channel_adapt)
-        load_state_dict(model, adapted, "paddle")
     except UserError as exc:
         raise UserError(f"model.pretrained={str(path)!r}: {exc}") from None
+    set_state(model, adapted)
     for note in notes:
         log.info("model.pretrained: %s", note)
-    digest = file_sha256(path)
+    digest = file_digest(path)
     log.info("model.pretrained: %d tensors from %s (sha256 %s, %s layout)", len(state), path, digest[:16], layout)
     return {"pretrained": os.fspath(path), "pretrained_sha256": digest}
 

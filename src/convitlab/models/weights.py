@@ -16,7 +16,7 @@ import paddle.nn as nn
 from safetensors.numpy import load_file
 
 from convitlab.core.files import atomic_path
-from convitlab.core.errors import UserError, broken_link
+from convitlab.core.errors import UserError, broken_link, first_line
 from convitlab.models.convit import resize_pos_embed, square_grid
 from convitlab.core.safe_pickle import load_arrays
 
@@ -74,8 +74,7 @@ def _read_file(path):
     except UserError:
         raise
     except Exception as exc:  # a torn or foreign file: say which file and why, in one line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({reason})") from None
+        raise UserError(f"checkpoint {str(path)!r} is unreadable or corrupt ({first_line(exc)})") from None
     raise UserError(f"checkpoint {str(path)!r} has an unknown format: expected one of {', '.join(FORMATS)}")
 
 
@@ -96,36 +95,68 @@ def linear_weight_names(model):
     return {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
 
 
-def load_state_dict(model, state, layout="paddle"):
-    """Assign a NumPy state dict to `model` after checking every name and shape.
+POLICIES = ("load", "finetune")
 
-    A position embedding of another grid is interpolated; a classifier head of another size is
-    refused (fine-tuning re-initialises it first: convitlab/finetune.py). Anything else that does
-    not fit is an error that lists the missing, unexpected and mis-shaped keys.
+
+def fit_state_dict(model, state, layout="paddle", policy="load", channel_adapt="sum"):
+    """`state`'s arrays in the model's names, layout and shapes: (values, notes), else a UserError.
+
+    The one place a state dict is matched to a model. With either policy, Linear weights of the
+    reference layout are transposed and a pos_embed of another square grid is interpolated.
+    - policy="load" (eval.py, convert.py, load_pretrained): a head for another number of classes
+      is refused, in a message of its own when it is the only misfit: a head that is not the
+      checkpoint's would score random outputs as its classes.
+    - policy="finetune" (engine/finetune.py): such a head keeps the model's initialisation; the
+      relative positions some ports save (rel_indices) are skipped, as the model rebuilds them
+      for its grid; the patch filters of a 3-channel file on a 1-channel model are summed over
+      the channels, or averaged (channel_adapt="mean").
+    Anything else that does not fit is one line listing the missing, unexpected and mis-shaped
+    tensors. `notes` has one line per tensor skipped, re-initialised, resized or adapted.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: one of {', '.join(POLICIES)}")
+    finetune = policy == "finetune"
     linear = linear_weight_names(model) if layout == "reference" else set()
     targets = model.state_dict()
     missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets))
-    misshaped, values, head_classes = [], {}, []  # head_classes: the head's tensors of another class count
-    for name in sorted(set(targets) & set(state)):
+    misshaped, values, notes = [], {}, []
+    unexpected, head_classes = [], []  # head_classes: the head's tensors of another class count
+    for name in state:  # the file's order, for the notes
+        if name not in targets:
+            if finetune and name.split(".")[-1] == "rel_indices":  # a grid buffer some ports save
+                notes.append(f"skipped {name} {list(np.shape(state[name]))}: relative positions, rebuilt "
+                             "for the model's grid")
+            else:
+                unexpected.append(name)
+            continue
         value = np.asarray(state[name], dtype=np.float32)
         if name in linear:
             value = value.T
-        want = list(targets[name].shape)
-        if list(value.shape) != want:
-            if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
-                value = resize_pos_embed_array(value, model.grid_size)
-            elif name.startswith("head.") and list(value.shape[:-1]) == want[:-1]:
-                head_classes.append((name, list(value.shape), want))
-                continue
+        have, want = list(value.shape), list(targets[name].shape)
+        if have == want:
+            values[name] = value
+        elif name == "pos_embed" and value.ndim == 3 and have[-1] == want[-1]:
+            values[name] = resize_pos_embed_array(value, model.grid_size)  # UserError unless a square grid
+            old = square_grid(have[1])
+            notes.append(f"resized pos_embed {have} -> {want}: {old[0]}x{old[1]} grid interpolated (bicubic) "
+                         f"to {model.grid_size[0]}x{model.grid_size[1]}")
+        elif (finetune and name == "patch_embed.proj.weight" and value.ndim == 4 and have[1] == 3 and want[1] == 1
+              and have[0] == want[0] and have[2:] == want[2:]):
+            combine = value.sum if channel_adapt == "sum" else value.mean
+            values[name] = combine(axis=1, keepdims=True)
+            notes.append(f"adapted {name} {have} -> {want}: the 3 input channels' filters "
+                         f"{'summed' if channel_adapt == 'sum' else 'averaged'} for 1-channel images")
+        elif name.startswith("head.") and have[:-1] == want[:-1]:
+            if finetune:
+                values[name] = targets[name].numpy()
+                notes.append(f"re-initialised {name} {want}: the file's {have} is for {have[-1]} classes, "
+                             f"the data has {want[-1]}")
             else:
-                misshaped.append(f"{name} {list(value.shape)} vs model {want}")
-                continue
-        values[name] = value
+                head_classes.append((name, have, want))
+        else:
+            misshaped.append(f"{name} {have} vs model {want}")
+    unexpected, misshaped, head_classes = sorted(unexpected), sorted(misshaped), sorted(head_classes)
     if head_classes and not (missing or unexpected or misshaped):
-        # The rest fits: only the classes differ. A head that is not the checkpoint's would
-        # score random outputs as its classes, so it is refused rather than left as initialised.
         name, have, want = head_classes[0]
         raise UserError(f"checkpoint's head is for {have[-1]} classes ({name} {have}), the model's for {want[-1]} "
                         f"(data.num_classes): use data.num_classes={have[-1]}, or fine-tune a new head with "
@@ -136,8 +167,21 @@ def load_state_dict(model, state, layout="paddle"):
                  for label, keys in (("missing", missing), ("unexpected", unexpected),
                                      ("mis-shaped", misshaped)) if keys]
         raise UserError("checkpoint does not fit the model (" + "; ".join(parts) + ")")
+    return values, notes
+
+
+def set_state(model, values) -> None:
+    """Assign fitted values (fit_state_dict's) to the model's tensors."""
+    targets = model.state_dict()
     for name, value in values.items():
         targets[name].set_value(value)
+
+
+def load_state_dict(model, state, layout="paddle", policy="load", channel_adapt="sum"):
+    """Assign a NumPy state dict to `model` after fitting it (fit_state_dict); returns the notes."""
+    values, notes = fit_state_dict(model, state, layout, policy, channel_adapt)
+    set_state(model, values)
+    return notes
 
 
 def resize_pos_embed_array(value, grid):

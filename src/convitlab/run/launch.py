@@ -10,7 +10,7 @@ from convitlab.core import tables
 from convitlab.core.files import find_disk_full, remove_temporaries, write_text
 from convitlab.config import validate
 from convitlab.run import lock as run_lock
-from convitlab.core.errors import UserError
+from convitlab.core.errors import one_line
 from convitlab.core.layout import RunFolder
 from convitlab.config import config_hash
 from convitlab.run.record import RunRecord, first_row, identity_row
@@ -121,13 +121,3 @@ def interrupted_outcome(run_dir: Path, exc: BaseException, epochs) -> dict:
     return {"status": "interrupted", "epochs_done": done, "error": f"stopped by {cause}: {kept}; the same command "
             "resumes it", "best_top1": state.get("best_top1") if best else None, "best_epoch": best,
             "images_seen": state.get("train_images"), "train_time_s": state.get("train_time_s")}
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-def describe_error(exc: BaseException) -> str:
-    """The line printed for a failed run: the message alone for a UserError."""
-    return str(exc) if isinstance(exc, UserError) else one_line(exc)

@@ -19,6 +19,10 @@ Shared file systems: flock works across the nodes of an NFS or GPFS mount, and o
 with `flock`. Where file locks are not supported at all, the file alone decides: a holder on
 this host is alive while its process is (pid and start time), one on another host until
 STALE_AFTER_S after its last heartbeat (it touches the file every HEARTBEAT_S).
+
+Not the filelock package: it cannot lock a directory, its 3.x releases truncate the lock file
+(the holder's record) on every attempt to take it, and it treats ENOLCK (NFS without its lock
+daemon) as a lock held by someone else or as an error, not as "no file locks here".
 """
 import atexit
 import contextlib
@@ -39,6 +43,7 @@ from convitlab.core import distributed
 from convitlab.core.files import reporting_disk_full
 from convitlab.core.errors import UserError
 from convitlab.core.layout import RunFolder, check_run_dir
+from convitlab.core.processes import process_start
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30
@@ -71,16 +76,6 @@ def launch_id():
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def process_start(pid: int):
-    """The start time of process `pid` in clock ticks since boot (None if it is gone): with the
-    pid it names one process, not a later one that reuses the pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def describe(holder: dict) -> str:
     if not holder:
         return "another process (its lock file names no holder yet)"
@@ -104,20 +99,16 @@ class RunLock:
     def holder(self, fd=None, attempts: int = 10) -> dict:
         """The holder the lock file names ({} if none); retried while it is being written."""
         for attempt in range(attempts):
+            if attempt:
+                time.sleep(0.05)
             try:
                 text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text()
-            except FileNotFoundError:
+            except OSError:  # gone, or unreadable: it names no one
                 return {}
-            except OSError:
-                text = ""
-            try:
+            with contextlib.suppress(ValueError):  # half-written: read it again
                 holder = json.loads(text) if text.strip() else {}
                 if isinstance(holder, dict):
                     return holder
-            except ValueError:
-                pass
-            if attempt + 1 < attempts:
-                time.sleep(0.05)
         return {}
 
     def _heartbeat_age(self, fd=None) -> float:
@@ -137,17 +128,13 @@ class RunLock:
         return self._heartbeat_age(fd) < STALE_AFTER_S
 
     def _in_use(self, holder: dict, fd=None, by_heartbeat: bool = False, deleted: bool = False) -> RunDirInUse:
-        if deleted:
-            holder_text = f"another process (its {self.path.name} file, which names it, was deleted)"
-            return RunDirInUse(f"run directory {self.run_dir} is in use by {holder_text}: wait for that run to end "
-                               "or stop it (it resumes where it stopped); to run alongside, choose another "
-                               "hydra.run.dir", holder_text)
-        age = self._heartbeat_age(fd)
+        who = (f"another process (its {self.path.name} file, which names it, was deleted)" if deleted
+               else describe(holder))
         stale = (f"; without file locks here, it is presumed gone {STALE_AFTER_S} s after its last heartbeat "
-                 f"({age:.0f} s ago)" if by_heartbeat and holder.get("host") != socket.gethostname() else "")
-        return RunDirInUse(f"run directory {self.run_dir} is in use by {describe(holder)}: wait for that run to end "
-                           f"or stop it (it resumes where it stopped); to run alongside, choose another "
-                           f"hydra.run.dir{stale}", describe(holder))
+                 f"({self._heartbeat_age(fd):.0f} s ago)"
+                 if by_heartbeat and holder.get("host") != socket.gethostname() else "")
+        return RunDirInUse(f"run directory {self.run_dir} is in use by {who}: wait for that run to end or stop it "
+                           f"(it resumes where it stopped); to run alongside, choose another hydra.run.dir{stale}", who)
 
     # --- taking and giving back ---------------------------------------------------------------
 
