@@ -38,12 +38,14 @@ import paddle.nn.functional as F  # noqa: E402
 from paddle.base import core  # noqa: E402
 
 from convitlab.analysis.summary import count_flops  # noqa: E402
-from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported  # noqa: E402
 from convitlab.core.errors import UserError  # noqa: E402
+from convitlab.engine.amp import amp_settings, backward_and_step, check_amp_supported  # noqa: E402
 from convitlab.models import create_model, model_defaults  # noqa: E402
-from convitlab.ops import cpu_kernels  # noqa: E402
-from convitlab.ops import backend  # noqa: E402
 from convitlab.models.attention import ReferenceGPSA, relative_positions  # noqa: E402
+from convitlab.ops import (
+    backend,  # noqa: E402
+    cpu_kernels,  # noqa: E402
+)
 from convitlab.ops.runtime import cpu_threads, machine_record, user_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

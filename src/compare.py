@@ -8,8 +8,8 @@ nothing else: a sweep is read as its jobs are now (--write-summary also writes i
 import argparse
 import sys
 
-from convitlab.results.compare import compare_results
 from convitlab.core.errors import UserError
+from convitlab.results.compare import compare_results
 
 
 def parse_args(argv):

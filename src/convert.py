@@ -14,9 +14,9 @@ import hydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
-from convitlab.models.registry import build_model  # noqa: E402
 from convitlab.core.errors import UserError, describe_error  # noqa: E402
 from convitlab.models import list_models  # noqa: E402
+from convitlab.models.registry import build_model  # noqa: E402
 from convitlab.models.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
 
 register_configs()

@@ -15,11 +15,10 @@ runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, P
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
-from convitlab.core import tables  # noqa: E402
-from convitlab.config import register_configs, validate  # noqa: E402
+from convitlab.config import config_hash, register_configs, validate, with_training_run  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
+from convitlab.core import tables  # noqa: E402
 from convitlab.core.errors import UserError, describe_error  # noqa: E402
-from convitlab.config import config_hash  # noqa: E402
 from convitlab.core.signals import Interrupted, signal_name, stop_at_step_boundaries  # noqa: E402
 from convitlab.ops.runtime import select_device  # noqa: E402
 
@@ -33,11 +32,10 @@ def evaluate_checkpoint(cfg, run_dir, row, overrides=()):
     # Imported here, as in train.py's main: a launcher's job process sets up the runtime before these load Paddle.
     from convitlab.analysis.summary import count_flops, count_parameters
     from convitlab.data import build_eval_dataset, build_eval_loader
-    from convitlab.run.record import identity_row
-    from convitlab.run.training_run import with_training_run
     from convitlab.engine.trainer import evaluate
     from convitlab.models.registry import build_model
     from convitlab.models.weights import load_pretrained
+    from convitlab.run.record import identity_row
 
     if cfg.run:
         cfg = with_training_run(cfg, overrides)

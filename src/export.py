@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.deploy.export import export  # noqa: E402
 from convitlab.core.errors import describe_error  # noqa: E402
+from convitlab.deploy.export import export  # noqa: E402
 
 register_configs()
 report_composition_errors_in_one_line()

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from convitlab.config import register_configs, validate  # noqa: E402
+from convitlab.config import register_configs, validate, with_training_run  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
 from convitlab.core.errors import UserError, bad_value, check  # noqa: E402
 from convitlab.run.launch import describe_error  # noqa: E402
@@ -99,7 +99,6 @@ def draw(cfg, overrides) -> list:
     from convitlab.models.registry import build_model
     from convitlab.models.weights import load_pretrained
     from convitlab.ops.runtime import select_device
-    from convitlab.run.training_run import with_training_run
 
     for key, message in REQUIRED.items():
         if OmegaConf.is_missing(cfg, key):

@@ -18,9 +18,11 @@ from hydra.types import RunMode  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
+from convitlab.core import distributed  # noqa: E402
+from convitlab.core.errors import describe_error  # noqa: E402
+from convitlab.core.layout import BEST, RunFolder  # noqa: E402
+from convitlab.core.signals import Interrupted, defer_signal_handlers, signal_name, stop_at_step_boundaries, stop_signal  # noqa: E402
 from convitlab.run.lock import RunDirInUse  # noqa: E402
-from convitlab.core.signals import (Interrupted, defer_signal_handlers, signal_name,  # noqa: E402
-                                    stop_at_step_boundaries, stop_signal)
 from convitlab.run.sharing import share_machine_between_jobs  # noqa: E402
 
 log = logging.getLogger("convitlab.train")
@@ -72,13 +74,8 @@ def interrupted(exc) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg):
-    # Imported here: a launcher's job process unpickles main, and what main's globals name it
-    # imports then, before RunGuard.on_job_start sets the runtime up there; this loads Paddle.
-    from convitlab.core import distributed
-    from convitlab.engine.checkpoint import BEST
-    from convitlab.core.errors import describe_error
+    # Here: a launcher's job process unpickles main before RunGuard.on_job_start sets the runtime up, and this loads Paddle.
     from convitlab.run.launch import run_training
-    from convitlab.core.layout import RunFolder
 
     logging.raiseExceptions = False  # a log that cannot be written (a full disk) must not bury the error
     stop_at_step_boundaries()  # SIGTERM, SIGINT: stop at the next step boundary, result.csv says interrupted

@@ -12,10 +12,10 @@ from helpers import QUICK, compose_train, read_csv
 from omegaconf import OmegaConf
 
 from convitlab.config import OptimizerConfig
+from convitlab.core.errors import UserError
 from convitlab.engine import amp, trainer
 from convitlab.engine.amp import LossScaler, amp_unsupported_reason, check_amp_supported
 from convitlab.engine.optim import build_optimizer
-from convitlab.core.errors import UserError
 
 
 def forced_scaler(**kwargs):

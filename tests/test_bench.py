@@ -11,9 +11,8 @@ from helpers import run
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 import bench  # noqa: E402  (the script's own functions; the reference formulation is the package's)
-
-from convitlab.ops import runtime  # noqa: E402
 from convitlab.models import ReferenceGPSA, create_model  # noqa: E402
+from convitlab.ops import runtime  # noqa: E402
 
 
 def test_bench_writes_positive_rows_for_every_variant(tmp_path):

@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from convitlab.results import load, plots
-
 from convitlab.core import tables
-from convitlab.results.compare import compare, compare_results
-from convitlab.results.stats import fieller_interval, gain_test
-from convitlab.results.load import load_results
 from convitlab.core.errors import UserError
+from convitlab.results import load, plots
+from convitlab.results.compare import compare, compare_results
+from convitlab.results.load import load_results
+from convitlab.results.stats import fieller_interval, gain_test
 from convitlab.results.sweeps import gather_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,7 @@ import time
 import pytest
 from paddle.utils.cpp_extension import extension_utils
 
-from convitlab.ops import runtime
-from convitlab.ops import cpu_kernels
+from convitlab.ops import cpu_kernels, runtime
 
 
 def fake_compiler(version="c++ (Debian 12.2.0-14) 12.2.0", march="znver3"):

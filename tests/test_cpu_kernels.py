@@ -355,8 +355,8 @@ def test_second_derivatives_raise(kernels, ours, stock):
 def test_each_kernel_runs_where_it_was_measured_faster(kernels, monkeypatch):
     """CONVITLAB_CPU_KERNELS=1 (the default) takes the kernels measured faster than Paddle's op on
     this CPU kind (cpu_kernels.MEASURED_SPEEDUP); a kind not measured takes them all; a list chooses."""
-    from convitlab.ops import runtime
     from convitlab.core.errors import UserError
+    from convitlab.ops import runtime
 
     x = paddle.randn([8, 16, 64])
     x.stop_gradient = False

@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from convitlab.config import AugmentConfig
+from convitlab.core.errors import UserError
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
 from convitlab.data.loaders import EvalBatchSampler, TrainBatchSampler
 from convitlab.data.randaugment import OPS, RandAugment
 from convitlab.data.subset import per_class_count
 from convitlab.data.transforms import pad_and_random_crop, random_erasing, random_hflip, random_resized_crop
-from convitlab.core.errors import UserError
 
 HEAVY_AUGMENT = ["augment.random_crop=true", "augment.hflip=true", "augment.randaugment=true",
                  "augment.random_erasing=0.5"]

@@ -12,11 +12,11 @@ from helpers import QUICK, ROOT, read_csv, run, trained
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from convitlab.core.files import file_digest as file_sha256
 from convitlab.data.sources import FileImages
 from convitlab.data.transforms import EvalTransform, Normalise
 from convitlab.deploy.bundle import MANIFEST, PARAMS
 from convitlab.deploy.inference import Predictor
-from convitlab.core.files import file_digest as file_sha256
 from convitlab.models import create_model
 from convitlab.models.weights import load_pretrained, save_pdparams
 
@@ -173,7 +173,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tiny_run, tmp_pat
     arguments = [f"run={tiny_run}", f"out={out}"]
     if case == "no checkpoint":
         (tiny_run / "checkpoints" / "best.pdparams").unlink()
-        expected = [f"run={str(tiny_run)!r} has no checkpoint checkpoints/best.pdparams", "give ckpt=<file>"]
+        expected = [f"run={str(tiny_run)!r} has no checkpoints/best.pdparams", "give ckpt=<file>"]
     elif case == "another image size":
         arguments.append("data.img_size=16")
         expected = ["data.img_size=16 is not allowed: the checkpoint",

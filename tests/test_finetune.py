@@ -13,10 +13,10 @@ from safetensors.numpy import save_file
 
 from convitlab.core.errors import UserError
 from convitlab.core.files import file_digest as file_sha256
+from convitlab.core.safe_pickle import load_arrays
 from convitlab.engine.finetune import adapt_state, backbone_lr_scale
 from convitlab.models import create_model
 from convitlab.models.convit import resize_pos_embed
-from convitlab.core.safe_pickle import load_arrays
 from convitlab.models.weights import linear_weight_names, save_pdparams
 
 # A tiny ConViT with the published checkpoints' input and head; on digits resized to 32x32 with
@@ -134,8 +134,8 @@ def test_grey_image_response_is_kept_by_summing_the_filters(channel_adapt, facto
 
 
 def test_freezing_and_backbone_scale_in_one_step(checkpoints):
-    from convitlab.engine.optim import build_optimizer
     from convitlab.engine.finetune import freeze
+    from convitlab.engine.optim import build_optimizer
 
     model = create_model("convit_tiny", **TINY, img_size=32, patch_size=16, in_chans=1, num_classes=10)
     freeze(model, freeze_patch_embed=True, freeze_blocks=1)

@@ -17,13 +17,13 @@ import pytest
 from helpers import QUICK, TRAIN, read_csv, run
 from omegaconf import OmegaConf
 
+from convitlab.core.errors import UserError
 from convitlab.engine import amp, rng
 from convitlab.engine.checkpoint import Checkpointer
-from convitlab.core.errors import UserError
-from convitlab.run.callbacks import GpuPerJob
 from convitlab.models import create_model
 from convitlab.ops import backend
 from convitlab.ops.runtime import select_device
+from convitlab.run.callbacks import GpuPerJob
 
 GPUS = paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0
 WHY = ("this Paddle is the CPU build (make setup EXTRAS=gpu,cluster,dev installs the GPU build)"

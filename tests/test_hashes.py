@@ -8,8 +8,7 @@ import pytest
 from helpers import ROOT, TRAIN, compose_train, read_csv, run
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from convitlab.config import validate
-from convitlab.config import NEUTRAL_KEYS, SEED_KEYS, config_hash, setup_hash
+from convitlab.config import NEUTRAL_KEYS, SEED_KEYS, config_hash, setup_hash, validate
 
 COMPARE = [sys.executable, str(ROOT / "src" / "compare.py")]
 # Neutral keys whose allowed values are a closed set: another allowed value.

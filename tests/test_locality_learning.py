@@ -7,8 +7,8 @@ import pytest
 from helpers import QUICK, compose_train, read_csv, trained
 
 from convitlab.data import build_datasets, build_loaders
-from convitlab.engine.ema import ModelEMA
 from convitlab.data.mixing import smoothed_one_hot
+from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import soft_target_cross_entropy
 from convitlab.engine.optim import build_optimizer
 from convitlab.models.registry import build_model

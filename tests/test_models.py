@@ -183,6 +183,7 @@ def test_checkpoint_file_errors(tmp_path):
 def test_safetensors_in_the_reference_layout_loads(tmp_path):
     """timm's file: names as ours, Linear weights [out, in]."""
     from safetensors.numpy import save_file
+
     from convitlab.models.weights import linear_weight_names
 
     source = create_model("convit_micro")

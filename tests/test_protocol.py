@@ -4,10 +4,10 @@ digits: 1,437 training images; per class 142, 146, 142, 146, 145, 145, 145, 143,
 2 warm-up epochs, evaluation every epoch; all three count full-data epochs.
 """
 import pytest
+from helpers import compose_train
 
 from convitlab.data import build_datasets
 from convitlab.engine.protocol import plan
-from helpers import compose_train
 
 
 @pytest.mark.parametrize("fraction, images, epochs, eval_every, warmup_steps", [

@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from convitlab.config import OptimizerConfig, ScheduleConfig
-from convitlab.engine.ema import ModelEMA
 from convitlab.data.mixing import smoothed_one_hot
+from convitlab.engine.ema import ModelEMA
 from convitlab.engine.metrics import correct_top_k, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at, parameter_groups
 from convitlab.models import create_model

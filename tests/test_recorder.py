@@ -9,11 +9,11 @@ import pytest
 from helpers import QUICK, compose_train, read_csv
 
 from convitlab.core import tables
+from convitlab.core.layout import RunFolder
 from convitlab.core.signals import Interrupted
 from convitlab.engine import trainer
 from convitlab.run.launch import interrupted_outcome, run_training
 from convitlab.run.record import first_row, identity_row
-from convitlab.core.layout import RunFolder
 
 # result.csv column <- the metrics.csv column it reports
 FINAL = {"top1": "val_top1", "top5": "val_top5", "final_val_loss": "val_loss", "final_train_loss": "train_loss"}

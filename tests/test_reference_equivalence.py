@@ -12,8 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import run
-from numpy_reference import (SMALL, assert_logits_close, gelu, gpsa, layer_norm, linear, paddle_logits, patch_embed,
-                             random_reference_state, reference_layout, reference_logits, relative_features)
+from numpy_reference import (
+    SMALL,
+    assert_logits_close,
+    gelu,
+    gpsa,
+    layer_norm,
+    linear,
+    paddle_logits,
+    patch_embed,
+    random_reference_state,
+    reference_layout,
+    reference_logits,
+    relative_features,
+)
 from safetensors.numpy import save_file
 
 from convitlab.models import create_model

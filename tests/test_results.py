@@ -13,10 +13,9 @@ import pytest
 from helpers import EVAL, QUICK, ROOT, TRAIN, run
 from omegaconf import OmegaConf
 
-from convitlab.results import load
-
 from convitlab.core import tables
 from convitlab.core.errors import UserError
+from convitlab.results import load
 from convitlab.results.sweeps import gather_sweep
 from convitlab.run.callbacks import GatherSweep
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from helpers import EVAL, QUICK, ROOT, TRAIN, processes, read_csv, run, started, trained, without_timings
 
-from convitlab.run import lock as run_lock
 from convitlab.core.layout import RunFolder
+from convitlab.run import lock as run_lock
 
 CONVERT = [sys.executable, str(ROOT / "src" / "convert.py")]
 FAULTS = ROOT / "tests" / "faults"  # sitecustomize.py: a full disk where asked
@@ -419,8 +419,8 @@ def test_the_safe_reader_reads_what_paddle_save_writes(tmp_path):
     containers, pickle protocols 2-4) reads back as paddle.load(return_numpy=True) does."""
     import paddle
 
-    from convitlab.models import create_model
     from convitlab.core.safe_pickle import load_arrays
+    from convitlab.models import create_model
     from convitlab.models.weights import save_pdparams
 
     model = create_model("convit_micro", img_size=8, patch_size=2, num_classes=10)

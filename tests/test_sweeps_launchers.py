@@ -198,8 +198,6 @@ def test_a_signal_handler_that_exits_runs_between_steps_not_inside_backward():
 
     from convitlab.core import signals
 
-    from convitlab.ops import runtime
-
     class SignalDuringBackward(PyLayer):
         @staticmethod
         def forward(ctx, x):

@@ -5,8 +5,14 @@ import numpy as np
 import paddle
 import pytest
 from helpers import compose_train
-from numpy_reference import (SMALL, assert_logits_close, paddle_logits, random_reference_state, reference_layout,
-                             reference_logits)
+from numpy_reference import (
+    SMALL,
+    assert_logits_close,
+    paddle_logits,
+    random_reference_state,
+    reference_layout,
+    reference_logits,
+)
 from PIL import Image
 
 from convitlab.data.transforms import build_transforms

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-import bench  # noqa: E402  (src/bench.py: the same models and steps as the benchmark)
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 import paddle.profiler as profiler  # noqa: E402
+
+import bench  # noqa: E402  (src/bench.py: the same models and steps as the benchmark)
 
 
 def main():

@@ -6,7 +6,6 @@ profile_ops.py; run with the Python that has torch and timm:
 import argparse
 
 import torch
-
 from timm_bench import import_timm
 
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from convitlab.core.errors import UserError, bad_value, check
-from convitlab.core.layout import job_folder_name
+from convitlab.core.errors import UserError, check
+from convitlab.core.layout import RunFolder, job_folder_name
 from convitlab.core.processes import process_started_at
 from convitlab.data.transforms import image_size_pair
 from convitlab.models.sizes import list_models, model_defaults, size_knobs
@@ -351,6 +351,35 @@ def check_known_keys(cfg, prefix="") -> None:
             raise unknown_key(f"{prefix}{key}", schema)
         if isinstance(value, DictConfig):
             check_known_keys(value, f"{prefix}{key}.")
+
+
+# The model's image keys: ${data.*} in the composed config, resolved in a run's config.yaml.
+FOLLOW_DATA = ("img_size", "patch_size", "in_chans", "num_classes")
+
+
+def with_training_run(cfg, overrides=()):
+    """cfg with the model and data of the training run in cfg.run (its resolved config.yaml; the
+    command line's model.* and data.* keys on top, e.g. data.root) and, when ckpt is not given,
+    that run's best weights. What followed the data in training follows it again, so data.img_size
+    on the command line resizes the model too."""
+    folder = RunFolder(cfg.run)
+    if not folder.config.is_file():
+        raise UserError(f"run={cfg.run!r} is not a training run's folder: it holds no {folder.config.name} "
+                        "(give the folder train.py printed as its run directory)")
+    saved = OmegaConf.load(folder.config)
+    given = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith(("model.", "data."))]
+    model = OmegaConf.to_container(saved.model)
+    for key in FOLLOW_DATA:
+        if key in model and key in saved.data and model[key] == saved.data[key] \
+                and not any(o.startswith(f"model.{key}=") for o in given):
+            model[key] = f"${{data.{key}}}"
+    cfg = OmegaConf.merge(cfg, {"model": model, "data": saved.data}, OmegaConf.from_dotlist(given))
+    if not cfg.ckpt:
+        if not folder.best.is_file():
+            raise UserError(f"run={cfg.run!r} has no {folder.best.relative_to(folder.path)} (trained with "
+                            "trainer.save_best=false, or stopped before its first evaluation): give ckpt=<file>")
+        cfg.ckpt = str(folder.best)
+    return cfg
 
 
 def run_stamp() -> str:

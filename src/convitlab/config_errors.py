@@ -6,6 +6,9 @@ import typing
 from dataclasses import fields, is_dataclass
 from enum import Enum
 
+import hydra._internal.utils as hydra_utils  # private API: hydra._internal.utils.run_and_report
+from hydra.errors import ConfigCompositionException, OverrideParseException
+
 from convitlab.config import unknown_key
 from convitlab.core.errors import bad_value
 
@@ -58,9 +61,6 @@ def report_composition_errors_in_one_line() -> None:
     Hydra runs every step of a command line through hydra._internal.utils.run_and_report,
     which prints an error over several lines and exits with 1; composition errors are caught
     before it sees them, everything else is left to it."""
-    import hydra._internal.utils as hydra_utils  # private API: hydra._internal.utils.run_and_report
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
     report = hydra_utils.run_and_report
     if getattr(report, "one_line", False):
         return

@@ -28,6 +28,7 @@ CONFIG = "config.yaml"
 PRETRAINED = "pretrained.json"
 SUBSET = "subset.csv"
 CHECKPOINTS = "checkpoints"
+BEST = "best.pdparams"  # in CHECKPOINTS: the best epoch's weights, for evaluation and export
 METRICS = "metrics.csv"
 LOCALITY = "locality.csv"
 VDL = "vdl"
@@ -56,6 +57,7 @@ class RunFolder:
     pretrained = property(lambda self: self.path / PRETRAINED)
     subset = property(lambda self: self.path / SUBSET)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    best = property(lambda self: self.path / CHECKPOINTS / BEST)
     metrics = property(lambda self: self.path / METRICS)
     locality = property(lambda self: self.path / LOCALITY)
     vdl = property(lambda self: self.path / VDL)

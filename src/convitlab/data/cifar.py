@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convitlab.data.sources import ArrayImages
 from convitlab.core.errors import UserError, bad_value, whole_message
 from convitlab.core.files import file_digest
 from convitlab.core.safe_pickle import ArrayUnpickler
+from convitlab.data.sources import ArrayImages
 
 URL = "https://www.cs.toronto.edu/~kriz/"
 

@@ -1,8 +1,8 @@
 """ImageNet-style folders: root/train/<class>/* and root/val/<class>/*, classes in sorted order."""
 from pathlib import Path
 
-from convitlab.data.sources import FileImages
 from convitlab.core.errors import UserError
+from convitlab.data.sources import FileImages
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 BOTH = "train/<class>/ and val/<class>/"

@@ -10,9 +10,9 @@ import signal
 import numpy as np
 import paddle
 
+from convitlab.core.errors import UserError
 from convitlab.data.seeds import shuffle_rng
 from convitlab.data.transforms import image_size_pair
-from convitlab.core.errors import UserError
 
 PREFETCH_FACTOR = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -6,7 +6,6 @@ from PIL import Image
 
 from convitlab.core.errors import UserError, whole_message
 
-
 WIDE_INTEGERS = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF), and I as Pillow widens it
 
 

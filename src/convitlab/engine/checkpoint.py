@@ -16,16 +16,22 @@ from pathlib import Path
 import paddle
 
 from convitlab.core import distributed
-from convitlab.core.files import (atomic_path, disk_full_error, file_digest, human_bytes, is_disk_full,
-                                  remove_temporaries)
-from convitlab.engine import rng
 from convitlab.core.errors import UserError
+from convitlab.core.files import (
+    atomic_path,
+    disk_full_error,
+    file_digest,
+    human_bytes,
+    is_disk_full,
+    remove_temporaries,
+)
+from convitlab.core.layout import BEST
+from convitlab.engine import rng
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"  # a checkpoint being built: .tmp-epoch_NNNN/
 # A checkpoint folder's files; best.pdparams sits beside the folders.
 MODEL, OPTIMIZER, EMA, RNG, STATE = "model.pdparams", "optimizer.pdopt", "ema.pdparams", "rng.pkl", "state.json"
-BEST = "best.pdparams"
 
 
 def _state_digest(state: dict) -> str:

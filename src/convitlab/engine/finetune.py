@@ -24,10 +24,10 @@ import os
 import numpy as np
 
 from convitlab.core import distributed
-from convitlab.engine.checkpoint import Checkpointer
-from convitlab.core.files import file_digest, write_text
 from convitlab.core.errors import UserError
+from convitlab.core.files import file_digest, write_text
 from convitlab.core.layout import RunFolder
+from convitlab.engine.checkpoint import Checkpointer
 from convitlab.models.weights import fit_state_dict, read_checkpoint, set_state
 
 log = logging.getLogger(__name__)

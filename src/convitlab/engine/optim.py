@@ -3,7 +3,6 @@ import math
 
 import paddle
 
-
 # Never weight-decayed in the reference (DeiT/ConViT): biases, norms (all 1-D) and these.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "gating_param")
 

@@ -24,8 +24,7 @@ import math
 
 from visualdl import LogWriter
 
-from convitlab.core import distributed
-from convitlab.core import tables
+from convitlab.core import distributed, tables
 
 log = logging.getLogger(__name__)
 # metrics.csv column -> (VisualDL folder, tag) for the columns shown; the others (epoch: the x

@@ -14,28 +14,27 @@ from typing import Optional
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from convitlab.core import distributed
-from convitlab.engine import finetune
 from convitlab.analysis.locality import locality_rows
 from convitlab.analysis.summary import count_flops, count_parameters
+from convitlab.core import distributed
+from convitlab.core.errors import UserError
+from convitlab.core.layout import RunFolder
+from convitlab.core.signals import run_deferred_signals
 from convitlab.data import build_datasets, build_loaders, mix_batch, mixing_enabled, write_subset_csv
+from convitlab.data.mixing import smoothed_one_hot
 from convitlab.data.seeds import mix_rng
+from convitlab.engine import finetune
 from convitlab.engine.amp import amp_settings, backward_and_step
 from convitlab.engine.checkpoint import Checkpointer
 from convitlab.engine.ema import ModelEMA
-from convitlab.engine.rng import capture as capture_rng
-from convitlab.data.mixing import smoothed_one_hot
 from convitlab.engine.metrics import Totals, correct_top_k, soft_target_cross_entropy
 from convitlab.engine.optim import base_learning_rate, build_optimizer, learning_rate_at
 from convitlab.engine.protocol import Protocol, plan
 from convitlab.engine.recorder import Recorder
-from convitlab.core.errors import UserError
+from convitlab.engine.rng import capture as capture_rng
 from convitlab.models.registry import build_model
-from convitlab.core.layout import RunFolder
-from convitlab.core.signals import run_deferred_signals
 from convitlab.ops.runtime import select_device
 
 log = logging.getLogger(__name__)

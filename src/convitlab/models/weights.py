@@ -15,10 +15,10 @@ import paddle
 import paddle.nn as nn
 from safetensors.numpy import load_file
 
-from convitlab.core.files import atomic_path
 from convitlab.core.errors import UserError, broken_link, first_line
-from convitlab.models.convit import resize_pos_embed, square_grid
+from convitlab.core.files import atomic_path
 from convitlab.core.safe_pickle import load_arrays
+from convitlab.models.convit import resize_pos_embed, square_grid
 
 log = logging.getLogger(__name__)
 FORMATS = (".safetensors", ".pth", ".pdparams")

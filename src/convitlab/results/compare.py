@@ -38,8 +38,13 @@ from convitlab.core.layout import RunFolder
 from convitlab.core.tables import KNOBS, SOURCE
 from convitlab.results import load
 from convitlab.results.cells import COLUMN, ROW, show
-from convitlab.results.plots import (plot_gates, plot_learning_curves, plot_metric_vs_fraction, plot_metric_vs_locality,
-                                     plot_nonlocality)
+from convitlab.results.plots import (
+    plot_gates,
+    plot_learning_curves,
+    plot_metric_vs_fraction,
+    plot_metric_vs_locality,
+    plot_nonlocality,
+)
 from convitlab.results.stats import GainTest, gain_test
 from convitlab.results.sweeps import gather_sweep, job_dirs
 

@@ -11,8 +11,19 @@ import pandas as pd
 
 from convitlab.core.errors import UserError
 from convitlab.core.layout import LOCALITY, METRICS, RESULT, RunFolder
-from convitlab.core.tables import (CURVE_COLUMNS, DAMAGED, KIND_CHOICES, READ_ERRORS, RUN_KEYS, SOURCE, TRAIN,
-                                   read_checked, read_text, result_row, typed_columns)
+from convitlab.core.tables import (
+    CURVE_COLUMNS,
+    DAMAGED,
+    KIND_CHOICES,
+    READ_ERRORS,
+    RUN_KEYS,
+    SOURCE,
+    TRAIN,
+    read_checked,
+    read_text,
+    result_row,
+    typed_columns,
+)
 from convitlab.results.sweeps import SUMMARY, job_dirs, sweep_table
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from hydra.experimental.callback import Callback
 
 from convitlab.core import tables
 from convitlab.core.errors import UserError

@@ -2,20 +2,16 @@
 import logging
 from pathlib import Path
 
-import paddle
 from omegaconf import OmegaConf
 
-from convitlab.core import distributed
-from convitlab.core import tables
-from convitlab.core.files import find_disk_full, remove_temporaries, write_text
-from convitlab.config import validate
-from convitlab.run import lock as run_lock
+from convitlab.config import config_hash, validate
+from convitlab.core import distributed, tables
 from convitlab.core.errors import one_line
+from convitlab.core.files import find_disk_full, remove_temporaries, write_text
 from convitlab.core.layout import RunFolder
-from convitlab.config import config_hash
-from convitlab.run.record import RunRecord, first_row, identity_row
 from convitlab.core.signals import Interrupted, signal_name
-from convitlab.ops.runtime import cpu_threads
+from convitlab.run import lock as run_lock
+from convitlab.run.record import RunRecord, first_row, identity_row
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")

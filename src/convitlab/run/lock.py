@@ -39,9 +39,9 @@ import threading
 import time
 from pathlib import Path
 
-from convitlab.core import distributed
-from convitlab.core.files import reporting_disk_full
+from convitlab.core import distributed, tables
 from convitlab.core.errors import UserError
+from convitlab.core.files import reporting_disk_full
 from convitlab.core.layout import RunFolder, check_run_dir
 from convitlab.core.processes import process_start
 
@@ -240,8 +240,6 @@ class RunLock:
         except OSError as exc:
             if exc.errno not in _NOT_WRITABLE:
                 raise
-            from convitlab.core import tables
-
             previous = tables.read_result(self.run_dir)
             kept = f" (its result.csv says {previous.get('status')}: read it where it is)" if previous else ""
             raise UserError(f"cannot write in run directory {self.run_dir} ({os.strerror(exc.errno)}){kept}: "

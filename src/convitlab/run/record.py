@@ -8,17 +8,17 @@ import json
 import subprocess
 from pathlib import Path
 
-import convitlab
 import paddle
 
+import convitlab
 from convitlab.config import setup_hash
-from convitlab.core import distributed
-from convitlab.core import tables
-from convitlab.core.files import write_text
+from convitlab.core import distributed, tables
 from convitlab.core.errors import UserError
+from convitlab.core.files import write_text
 from convitlab.core.layout import RunFolder
 from convitlab.data.transforms import image_size_pair
 from convitlab.ops.runtime import cpu_threads
+
 
 def convitlab_version() -> str:
     """The package version, with the git commit when running from a checkout."""
