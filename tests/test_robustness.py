@@ -212,8 +212,12 @@ def test_a_stop_signal_ends_at_a_step_boundary_and_the_printed_command_resumes_e
 
 
 def group_members(pgid: int) -> list:
-    """(pid, state, name) of the processes in process group `pgid`."""
-    return [(p.pid, p.state, p.name) for p in processes() if p.group == pgid]
+    """(pid, state, name) of the Python processes in process group `pgid`: the run, its loader
+    workers, launcher jobs. Not the short shell commands Paddle runs while it loads (sh, cat, grep,
+    ldd, awk: they come and go before training starts), which would be counted now and then."""
+    found = processes()
+    python = {p.name for p in found if p.pid == pgid}  # the group's leader is the Python process started
+    return [(p.pid, p.state, p.name) for p in found if p.group == pgid and p.name in python]
 
 
 @pytest.mark.timeout(600)
