@@ -20,8 +20,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs, validate, with_training_run  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import UserError, bad_value, check  # noqa: E402
-from convitlab.run.launch import describe_error  # noqa: E402
+from convitlab.core.errors import (  # noqa: E402
+    UserError,
+    bad_value,
+    check,
+    describe_error,  # noqa: E402
+)
 
 register_configs()
 report_composition_errors_in_one_line()
