@@ -1,22 +1,15 @@
 """Layers with hand-written passes where Paddle's stock CPU kernels are slow.
 
-Same parameters, same results (to float32 rounding). Measured on a 2-core AMD EPYC (Zen 5),
-convit_tiny at 224, batch 32, with the runtime's allocator and MKL settings:
-- Linear: the bias gradient, a column sum, took 44 ms for a [6272, 768] gradient with Paddle's
-  CPU reduction, under 1 ms as a product with a ones vector. The forward adds the bias inside
-  the matrix product (addmm): Paddle's broadcasting add is a scalar loop, 1.5 ms for fc1's
-  [6272, 768] output against 4 ms for the product itself (same-shape adds run in MKL's
-  vectorised kernels, 0.06 ms). Inference +4%.
-- LayerNorm: the stock backward takes 9 ms for [6272, 192]; recomputing the statistics with
-  matrix-vector products and same-shape (vectorised) elementwise ops takes 6 ms forward and
-  backward together. Training +9% at 224, +6% at 32/4. The forward stays the stock kernel.
-  Below LAYER_NORM_MIN_ELEMENTS (e.g. the demo's micro models, [544, 64]) the stock backward
-  runs: there the hand-written one's ~20 small ops cost more than the stock kernel (on the
-  2-core Intel Xeon, 1 thread, CPU time per forward + backward, measured with other jobs
-  running: [512, 64] 0.64 vs 0.36 ms, [2048, 64] 1.46 vs 1.23; from [4096, 192] on, even or
-  better: 7.7 vs 8.5 ms).
-- GELU has no hand-written pass here: its backward needs an exp, which Paddle runs as a scalar
-  loop (experiments/perf/amd-zen5/README.md).
+Same parameters, same results (to float32 rounding); the measurements behind each choice are in
+experiments/perf/amd-zen5/README.md ("Hand-written layer passes").
+- Linear: the bias gradient, a column sum, is a product with a ones vector (Paddle's CPU
+  reduction is slow there), and the forward adds the bias inside the matrix product (addmm):
+  Paddle's broadcasting add is a scalar loop, same-shape adds run in MKL's vectorised kernels.
+- LayerNorm: the backward recomputes the statistics with matrix-vector products and same-shape
+  elementwise ops; the forward stays the stock kernel. Below LAYER_NORM_MIN_ELEMENTS (e.g. the
+  demo's micro models, [544, 64]) the stock backward runs: there the ~20 small ops of the
+  hand-written one cost more than it.
+- GELU has no hand-written pass here: its backward needs an exp, which Paddle runs as a scalar loop.
 GELU and LayerNorm run in convitlab's compiled kernels (cpu_kernels) when those are available
 (backend.use_cpu_kernel, the switch attention_ops asks too); LayerNorm's passes here are the
 fallback. On a GPU build, or with backend.CPU_BACKEND off, the stock layers run.
