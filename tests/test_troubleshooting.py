@@ -425,7 +425,7 @@ def test_a_sweep_job_whose_name_is_too_long_is_named_by_a_hash_and_resumes(tmp_p
 
 
 def test_deleting_the_lock_file_of_a_running_run_does_not_let_a_second_one_in(tmp_path):
-    """The run directory itself is locked (engine/run_lock.py): the same command after `rm .lock`
+    """The run directory itself is locked (run/lock.py): the same command after `rm .lock`
     is refused, and the first run's metrics.csv has each epoch once."""
     import signal
     import subprocess

@@ -1,4 +1,4 @@
-"""The coefficients of the erf that convitlab's compiled GELU uses (src/convitlab/models/cpu_kernels.cc).
+"""The coefficients of the erf that convitlab's compiled GELU uses (src/convitlab/ops/cpu_kernels.cc).
 
 erf(z) = z P(z²) / Q(z²) on |z| <= 4 (erf(4) rounds to 1 in float32), P of degree 6, Q of degree 4
 with Q(0) = 1: a weighted least-squares fit of the linearised problem P - (erf(z)/z) Q on Chebyshev

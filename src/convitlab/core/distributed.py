@@ -2,7 +2,7 @@
 
 Started by `python -m paddle.distributed.launch`, each rank sees PADDLE_TRAINER_ID and
 PADDLE_TRAINERS_NUM; a plain `python src/train.py` is rank 0 of a world of 1.
-Paddle is imported inside the functions: run_lock and runtime use this module before
+Paddle is imported inside the functions: run/lock.py and ops/runtime.py use this module before
 runtime.setup() has loaded Paddle (in a launcher's job process, in setup's own module).
 """
 import os

@@ -1,17 +1,17 @@
 """The layout of a run directory: every file a run keeps there, named here and nowhere else.
 
     <run dir>/
-      .lock            the process training there (engine/run_lock.py)
-      .hydra/          Hydra's record of the job (its overrides.yaml: sweeps.py)
-      run.json         which config the directory belongs to (run_record.py)
-      config.yaml      that config, resolved (engine/run.py)
-      pretrained.json  the file a fine-tuned run started from, and its hash (finetune.py)
+      .lock            the process training there (run/lock.py)
+      .hydra/          Hydra's record of the job (its overrides.yaml: results/sweeps.py)
+      run.json         which config the directory belongs to (run/record.py)
+      config.yaml      that config, resolved (run/launch.py)
+      pretrained.json  the file a fine-tuned run started from, and its hash (engine/finetune.py)
       subset.csv       the per-class subset's images and labels
       checkpoints/     epoch_NNNN/ and best.pdparams (their insides: engine/checkpoint.py)
       metrics.csv      one row per epoch          } engine/recorder.py
       locality.csv     one row per epoch, layer and head
       vdl/             VisualDL's logs            }
-      result.csv       the run's one row (results.py)
+      result.csv       the run's one row (run/launch.py; its columns: core/tables.py)
       overrides.txt    a sweep job whose folder is named by a hash: its overrides (job_folder_name)
 """
 import hashlib

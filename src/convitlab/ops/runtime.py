@@ -7,7 +7,7 @@ at the code path an AMD processor supports (it otherwise runs its generic, sever
 kernels there) and makes glibc keep freed memory (see mkl_cpu_type, keep_freed_memory; measured:
 experiments/perf/amd-zen5/README.md).
 Importing convitlab does none of this: the entry points that run Paddle (src/train.py, eval.py,
-bench.py, convert.py) call setup() before anything imports Paddle, and so must a notebook.
+bench.py, convert.py, maps.py, export.py, predict.py) call setup() before anything imports Paddle, and so must a notebook.
 Paddle is imported inside the functions here: setup() must run before it loads.
 """
 import ctypes

@@ -435,7 +435,7 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
 @contextlib.contextmanager
 def _writable(what, way_out):
     """A write refused inside the block (a read-only folder, no permission) as one line with the
-    way out; a full disk is already one (atomic.DiskFull)."""
+    way out; a full disk is already one (core.files.DiskFull)."""
     try:
         yield
     except OSError as exc:

@@ -20,7 +20,7 @@ FINISHED = ("completed", "diverged")
 def run_training(cfg, run_dir, overrides=()) -> dict:
     """Train the run described by `cfg` in `run_dir` and return its result row.
 
-    The run directory is held for the whole run (engine/run_lock.py): another process holding
+    The run directory is held for the whole run (run/lock.py): another process holding
     it raises RunDirInUse before anything is written. A finished run with the same config is
     reported, not retrained (unless trainer.resume=false); any failure still writes result.csv
     with status "failed" and the error in one line, then re-raises; a stop (Interrupted, or
