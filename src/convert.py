@@ -4,7 +4,6 @@
 The model is the named size at its published image (conf/convert.yaml); data.* and model.* change it.
 """
 import os
-import sys
 
 from convitlab.ops import runtime
 
@@ -14,7 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
-from convitlab.core.errors import UserError, describe_error  # noqa: E402
+from convitlab.core.errors import UserError, exit_in_one_line  # noqa: E402
 from convitlab.models import list_models  # noqa: E402
 from convitlab.models.registry import build_model  # noqa: E402
 from convitlab.models.weights import FORMATS, load_pretrained, save_pdparams  # noqa: E402
@@ -48,8 +47,7 @@ def main(cfg):
     try:
         convert(cfg)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        exit_in_one_line(exc)
     print(f"wrote {cfg.target}")
 
 

@@ -3,7 +3,6 @@
 [data keys] out=<folder>`. Writes the static graph, its weights and export.json (README: Deploying).
 """
 import os
-import sys
 
 # Before Paddle and the model load: the exported graph is Paddle's ops, and to_static with
 # convitlab's compiled CPU kernels on is known to fail (convitlab/deploy/export.py).
@@ -20,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import describe_error  # noqa: E402
+from convitlab.core.errors import exit_in_one_line  # noqa: E402
 from convitlab.deploy.export import export  # noqa: E402
 
 register_configs()
@@ -32,8 +31,7 @@ def main(cfg):
     try:
         manifest = export(cfg, list(HydraConfig.get().overrides.task))
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        exit_in_one_line(exc)
     names = f", {len(manifest.class_names)} class names" if manifest.class_names else ", no class names"
     print(f"exported {manifest.model} ({manifest.checkpoint}) to {cfg.out}: input float32 "
           f"[batch, {manifest.in_chans}, {manifest.img_size[0]}, {manifest.img_size[1]}]{names}")

@@ -6,7 +6,6 @@ it and, per GPSA layer and head, the positional, content and combined attention 
 on one colour scale. Every input is checked, and every image read, before anything is written.
 """
 import os
-import sys
 from pathlib import Path
 
 from convitlab.ops import runtime
@@ -15,17 +14,21 @@ runtime.setup()  # first: Paddle must load after it (threads, MKL's code path, P
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from convitlab.analysis.attention_maps import draw_attention_maps, query_patch  # noqa: E402
 from convitlab.config import register_configs, validate, with_training_run  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import (  # noqa: E402
-    UserError,
-    bad_value,
-    check,
-    describe_error,  # noqa: E402
-)
+from convitlab.core.errors import UserError, bad_value, check, exit_in_one_line  # noqa: E402
+from convitlab.data import build_eval_dataset  # noqa: E402
+from convitlab.data.sources import FileImages  # noqa: E402
+from convitlab.data.transforms import build_transforms, image_size_pair  # noqa: E402
+from convitlab.deploy.predictions import list_images  # noqa: E402
+from convitlab.models.registry import build_model  # noqa: E402
+from convitlab.models.weights import load_pretrained  # noqa: E402
+from convitlab.ops.runtime import select_device  # noqa: E402
 
 register_configs()
 report_composition_errors_in_one_line()
@@ -53,10 +56,6 @@ def val_indices(spec: str, count: int) -> list:
 
 def chosen_images(cfg) -> list:
     """(name, image float32 [C, H, W] as the model takes it, caption) per image of cfg.images."""
-    from convitlab.data import build_eval_dataset  # here: Paddle loads after runtime.setup (above)
-    from convitlab.data.sources import FileImages
-    from convitlab.data.transforms import build_transforms
-    from convitlab.deploy.predictions import list_images
 
     spec = str(cfg.images)
     if spec.startswith(VAL):
@@ -96,13 +95,6 @@ def out_folder(out) -> Path:
 
 def draw(cfg, overrides) -> list:
     """Write one PNG per chosen image; their paths."""
-    import paddle  # here, as above
-
-    from convitlab.analysis.attention_maps import draw_attention_maps, query_patch
-    from convitlab.data.transforms import image_size_pair
-    from convitlab.models.registry import build_model
-    from convitlab.models.weights import load_pretrained
-    from convitlab.ops.runtime import select_device
 
     for key, message in REQUIRED.items():
         if OmegaConf.is_missing(cfg, key):
@@ -143,8 +135,7 @@ def main(cfg):
     try:
         written = draw(cfg, list(HydraConfig.get().overrides.task))
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        exit_in_one_line(exc)
     for path in written:
         print(path)
     print(f"{len(written)} attention map figure(s) in {cfg.out}")

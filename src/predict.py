@@ -16,7 +16,7 @@ from tqdm import tqdm  # noqa: E402
 
 from convitlab.config import register_configs  # noqa: E402
 from convitlab.config_errors import report_composition_errors_in_one_line  # noqa: E402
-from convitlab.core.errors import UserError, describe_error  # noqa: E402
+from convitlab.core.errors import UserError, exit_in_one_line  # noqa: E402
 from convitlab.deploy import predictions  # noqa: E402
 from convitlab.deploy.inference import Predictor  # noqa: E402
 
@@ -53,8 +53,7 @@ def main(cfg):
     try:
         run(cfg)
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        exit_in_one_line(exc)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_importing_convitlab_has_no_side_effects():
     assert probe(code) == ["False", "None", "None"]
 
 
-@pytest.mark.parametrize("entry", ["train", "eval", "bench", "convert"])
+@pytest.mark.parametrize("entry", ["train", "eval", "bench", "convert", "maps", "export", "predict"])
 def test_each_paddle_entry_point_sets_up_the_runtime_before_paddle_loads(entry):
     """Loading the script (its top, not its main) gives Paddle every core, MKL's code path for this
     processor and the CPU flags; were Paddle loaded first, setup() would do nothing."""

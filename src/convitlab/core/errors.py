@@ -1,6 +1,7 @@
 """The one place where bad user input becomes a one-line error."""
 import errno
 import os
+import sys
 
 
 class UserError(Exception):
@@ -38,6 +39,12 @@ def one_line(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """The line an entry point prints for a failure: the message alone for a UserError."""
     return str(exc) if isinstance(exc, UserError) else one_line(exc)
+
+
+def exit_in_one_line(exc: BaseException):
+    """End an entry point that failed: `error: <one line>` on stderr, exit code 2."""
+    print(f"error: {describe_error(exc)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def broken_link(path):
