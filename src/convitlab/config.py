@@ -245,12 +245,17 @@ class ConvertConfig:
 
 
 @dataclass
-class ExportConfig:
-    """export.py: a run's best weights (run=) or a checkpoint of a named size (model=, ckpt=) to Paddle Inference."""
+class TrainedWeights:
+    """A model with its weights: a training run's (run=) or a checkpoint of a named size (model=, ckpt=)."""
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
     run: Optional[str] = None          # a training run's folder: its model, data and best weights
+
+
+@dataclass
+class ExportConfig(TrainedWeights):
+    """export.py: a run's best weights (run=) or a checkpoint of a named size (model=, ckpt=) to Paddle Inference."""
     out: str = MISSING                 # the folder to write (created; an earlier export there is replaced)
 
 
@@ -266,12 +271,8 @@ class PredictConfig:
 
 
 @dataclass
-class MapsConfig:
+class MapsConfig(TrainedWeights):
     """maps.py: attention maps of chosen images, from a run's best weights (run=) or a checkpoint of a named size."""
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
-    ckpt: Optional[str] = None         # .safetensors, .pth or .pdparams (run=: the run's best weights)
-    run: Optional[str] = None          # a training run's folder: its model, data and best weights
     images: str = MISSING              # an image file, a folder of them, or val:<indices> of the data's validation split
     out: str = MISSING                 # the folder for the PNGs, one per image (created)
     query: Any = "centre"              # the query patch: centre, a patch index (row-major) or [row, col]
