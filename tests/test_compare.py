@@ -136,6 +136,39 @@ def test_nonlocality_and_gate_plots(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+def test_locality_trends_csv_holds_what_the_locality_plots_draw(tmp_path):
+    """locality_trends.csv: a row per run, layer and evaluation with the heads' mean nonlocality and
+    gate (blank for an MHSA layer) and the gate's range over the heads, epochs in full-data epochs;
+    nonlocality.png and gates.png draw its means over seeds."""
+    sweep = sample_efficiency_sweep(tmp_path, locality=True)
+    report = compare_results([sweep], out=tmp_path / "out")
+    path = tmp_path / "out" / "locality_trends.csv"
+    assert f"wrote {path}" in report
+    trends = pd.read_csv(path)
+    assert list(trends.columns) == ["model", "fraction", "seed", "layer", "epoch", "nonlocality", "gate",
+                                    "gate_min", "gate_max"]
+    assert len(trends) == 17 * 3 * 3  # 17 completed runs (one failed, one killed), 3 layers, 3 evaluations
+    row = trends[(trends["model"] == "convit_micro") & (trends["fraction"] == 0.05) & (trends["seed"] == 1)
+                 & (trends["layer"] == 0)]
+    assert list(row["epoch"]) == pytest.approx([0.05, 0.10, 0.15])  # a pass over 5% is 0.05 of an epoch
+    assert list(row["nonlocality"]) == pytest.approx([2.9, 2.8, 2.7])
+    assert list(row["gate"]) == pytest.approx([0.55] * 3)  # heads' gates 0.7, 0.6, 0.5, 0.4
+    assert list(row["gate_min"]) == pytest.approx([0.4] * 3) and list(row["gate_max"]) == pytest.approx([0.7] * 3)
+    mhsa = (trends["model"] == "deit_micro") | (trends["layer"] == 2)
+    assert trends.loc[mhsa, ["gate", "gate_min", "gate_max"]].isna().all().all()
+    assert trends.loc[~mhsa, "gate"].notna().all()
+    lines = path.read_text().splitlines()
+    assert all(line.endswith(",,,") for line in lines[1:] if line.startswith("deit_micro"))  # blank, not "nan"
+    c = compare(load_results([sweep]))
+    cells = plots.locality_data(c)
+    for (row_index, column), frame in cells.items():
+        fraction, model = c.keys[row_index][0], c.columns[column]
+        part = trends[(trends["model"] == model) & (trends["fraction"] == fraction)]
+        expected = part.groupby(["epoch", "layer"])[["nonlocality", "gate"]].mean().reset_index()
+        assert list(frame["nonlocality"]) == pytest.approx(list(expected["nonlocality"]))
+        assert frame["gate"].isna().tolist() == expected["gate"].isna().tolist()
+
+
 def write_metrics(run_dir, top1, passes=3):
     rows = [{"epoch": e, "train_loss": 1.0, "val_top1": top1 - 3 + e} for e in range(1, passes + 1)]
     tables.append_rows(run_dir / "metrics.csv", rows, tables.METRIC_COLUMNS)
@@ -157,7 +190,7 @@ def test_plot_data_every_cell_in_full_data_epochs(tmp_path):
     assert list(cells) == [(row, column) for row in range(3) for column in range(2)]
     for (row, column), frame in cells.items():
         if (row, column) != (1, 0):
-            for epochs in frame.groupby(["layer", "head"])["full_epoch"].apply(list):
+            for epochs in frame.groupby("layer")["full_epoch"].apply(list):
                 assert epochs == pytest.approx([c.keys[row][0] * e for e in (1, 2, 3)])
     # the 0.25 deit cell: two runs scaled (a pass is 0.25 epoch), the one counting passes not
     assert sorted(set(cells[(1, 0)]["full_epoch"])) == pytest.approx([0.25, 0.5, 0.75, 1.0, 2.0, 3.0])

@@ -38,6 +38,7 @@ from convitlab.core.layout import RunFolder
 from convitlab.core.tables import KNOBS, SOURCE
 from convitlab.results import load
 from convitlab.results.cells import COLUMN, ROW, show
+from convitlab.results.curves import write_locality_trends
 from convitlab.results.plots import (
     plot_gates,
     plot_learning_curves,
@@ -420,7 +421,8 @@ def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=
     with _writable(f"into {out}", "choose a folder you can write to with --out"):
         tables.write_table(out / "comparison.csv", comparison.table())
         write_text(out / "comparison.md", markdown)
-        notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}"]
+        notes = [f"wrote {out / 'comparison.csv'} and {out / 'comparison.md'}",
+                 write_locality_trends(comparison, out / "locality_trends.csv")]
         if plots:
             notes += [plot(comparison, out) for plot in (plot_metric_vs_fraction, plot_metric_vs_locality,
                                                          plot_learning_curves, plot_nonlocality, plot_gates)]

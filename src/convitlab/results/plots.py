@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from convitlab.core.files import atomic_path
-from convitlab.core.layout import CONFIG, LOCALITY, METRICS
-from convitlab.engine.protocol import epoch_scale
-from convitlab.results import load
+from convitlab.core.layout import METRICS
 from convitlab.results.cells import COLUMN, ROW, show
+from convitlab.results.curves import comparison_curves, floats, locality_trends
 from convitlab.results.stats import mean_interval
 
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "best_top1": "best top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
@@ -72,44 +70,8 @@ def _save(fig, path) -> str:
     return f"wrote {path}"
 
 
-def _floats(series) -> np.ndarray:
-    return series.astype("float64").to_numpy()
-
-
 def _label(keys, values) -> str:
     return ", ".join(f"{k}={show(v)}" for k, v in zip(keys, values))
-
-
-# ---------- full-data epochs ----------
-
-def full_epochs_per_pass(runs: pd.DataFrame) -> pd.Series:
-    """For each run (indexed as `runs`), the full-data epochs one pass over its training subset is:
-    engine.protocol's scale read back from the run's config.yaml (schedule.scale_epochs, data.fraction),
-    or from its fraction with the default scale_epochs when the run kept no config."""
-    scales = {}
-    for label, row in zip(runs.index, runs.astype(object).where(runs.notna(), None).to_dict("records")):
-        fraction, scaled = row.get("fraction") or 1.0, True  # the default schedule scales
-        folder = load.run_directory(row, CONFIG)
-        if folder is not None:
-            cfg = OmegaConf.load(folder / CONFIG)
-            fraction = OmegaConf.select(cfg, "data.fraction", default=fraction)
-            scaled = OmegaConf.select(cfg, "schedule.scale_epochs", default=scaled)
-        cfg = OmegaConf.create({"data": {"fraction": fraction}, "schedule": {"scale_epochs": scaled}})
-        scales[label] = 1.0 / epoch_scale(cfg)
-    return pd.Series(scales, dtype="float64")
-
-
-def _curves(comparison, filename) -> pd.DataFrame:
-    """The `filename` rows of the comparison's runs, indexed by run, with their table ROW and
-    COLUMN and `full_epoch`: the pass counted in full-data epochs."""
-    c = comparison
-    runs = c.runs[c.runs[ROW].notna()]
-    curves = load.run_curves(runs, filename, columns=[ROW, COLUMN])
-    if curves.empty or "epoch" not in curves:
-        return curves.iloc[0:0]
-    curves = curves[curves["epoch"].notna()]
-    per_pass = full_epochs_per_pass(runs.loc[curves.index.unique()])
-    return curves.assign(full_epoch=_floats(curves["epoch"]) * per_pass.reindex(curves.index).to_numpy())
 
 
 def _cell_title(comparison, row, column) -> str:
@@ -128,7 +90,7 @@ def metric_points(comparison, x, line_keys) -> pd.DataFrame:
     bounds = bounds_of(c.metric)
     rows = []
     for key, part in data.groupby([*line_keys, x], dropna=False, sort=True):
-        mean, low, high = mean_interval(_floats(part[c.metric]), bounds)
+        mean, low, high = mean_interval(floats(part[c.metric]), bounds)
         rows.append({**dict(zip([*line_keys, x], key)), "mean": mean, "low": low, "high": high, "n": len(part)})
     return pd.DataFrame(rows)
 
@@ -142,9 +104,9 @@ def line_plot(comparison, x, line_keys, path, xscale):
     points = metric_points(c, x, line_keys)
     fig, (ax,) = _grid(1, width=6.4, height=4.4)
     for line, part in (points.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), points)]):
-        mean = _floats(part["mean"])
-        errors = np.vstack([mean - _floats(part["low"]), _floats(part["high"]) - mean])
-        ax.errorbar(_floats(part[x]), mean, yerr=errors, marker="o", capsize=3,
+        mean = floats(part["mean"])
+        errors = np.vstack([mean - floats(part["low"]), floats(part["high"]) - mean])
+        ax.errorbar(floats(part[x]), mean, yerr=errors, marker="o", capsize=3,
                     label=_label(line_keys, line) or c.metric)
     if xscale == "symlog":
         positive = c.runs[x][c.runs[x] > 0]
@@ -179,12 +141,12 @@ def learning_curve_data(comparison) -> dict:
     vary), in it per line (the other row and column keys) and full-data epoch the val top-1's mean,
     low, high (INTERVAL) and n over the runs evaluated there."""
     c = comparison
-    curves = _curves(c, METRICS)
+    curves = comparison_curves(c, METRICS)
     if curves.empty or "val_top1" not in curves:
         return {}
     curves = curves[curves["val_top1"].notna()]
     keys = c.runs.loc[curves.index, [k for k in dict.fromkeys([*([c.vs] if c.vs else []), *c.by])]]
-    frame = keys.assign(full_epoch=_floats(curves["full_epoch"]), val_top1=_floats(curves["val_top1"]),
+    frame = keys.assign(full_epoch=floats(curves["full_epoch"]), val_top1=floats(curves["val_top1"]),
                         run=curves.index.to_numpy())
     panel_key = "fraction" if "fraction" in keys and keys["fraction"].nunique() > 1 else None
     line_keys = [k for k in keys if k != panel_key]
@@ -192,7 +154,7 @@ def learning_curve_data(comparison) -> dict:
     for panel, part in (frame.groupby(panel_key, sort=True) if panel_key else [(None, frame)]):
         rows = []
         for key, points in part.groupby([*line_keys, "full_epoch"], dropna=False, sort=True):
-            mean, low, high = mean_interval(_floats(points["val_top1"]), PERCENT)
+            mean, low, high = mean_interval(floats(points["val_top1"]), PERCENT)
             rows.append({"line": _label(line_keys, key[:-1]) or "val top-1", "full_epoch": key[-1],
                          "mean": mean, "low": low, "high": high, "n": points["run"].nunique()})
         panels[f"fraction={show(panel)}" if panel_key else "all runs"] = pd.DataFrame(rows)
@@ -212,9 +174,9 @@ def plot_learning_curves(comparison, out):
     fig, axes = _grid(len(panels), sharey=True)
     for ax, (title, frame) in zip(axes, panels.items()):
         for line, part in frame.groupby("line", sort=False):
-            x = _floats(part["full_epoch"])
-            ax.plot(x, _floats(part["mean"]), color=colors[line], label=line)
-            ax.fill_between(x, _floats(part["low"]), _floats(part["high"]), color=colors[line], alpha=0.2, linewidth=0)
+            x = floats(part["full_epoch"])
+            ax.plot(x, floats(part["mean"]), color=colors[line], label=line)
+            ax.fill_between(x, floats(part["low"]), floats(part["high"]), color=colors[line], alpha=0.2, linewidth=0)
         ax.set_title(title)
         ax.set_xlabel("full-data epoch")
         ax.grid(True, alpha=0.3)
@@ -227,18 +189,15 @@ def plot_learning_curves(comparison, out):
 
 def locality_data(comparison) -> dict:
     """{(row, column): frame} for every table cell whose runs kept a locality.csv, in table order:
-    per full-data epoch, layer and head the nonlocality and gate averaged over the cell's runs
-    (non-finite values skipped; the gate is NaN for an MHSA layer)."""
-    curves = _curves(comparison, LOCALITY)
-    if curves.empty or any(key not in curves for key in ("layer", "head", "nonlocality", "gate")):
-        return {}
-    curves = curves.dropna(subset=["layer", "head"])
-    values = curves[["nonlocality", "gate"]].astype("float64")
-    curves = curves.assign(**{name: values[name].where(np.isfinite(values[name])) for name in values})
+    per full-data epoch and layer the mean over the cell's runs of locality_trends' heads' mean
+    nonlocality, gate and the gate's range over the heads (the gate is NaN for an MHSA layer)."""
+    trends = locality_trends(comparison)
     panels = {}
-    for (row, column), part in curves.groupby([ROW, COLUMN], sort=True):
-        per_run = part.reset_index().groupby(["run", "full_epoch", "layer", "head"])[["nonlocality", "gate"]].mean()
-        panels[(int(row), int(column))] = per_run.groupby(level=["full_epoch", "layer", "head"]).mean().reset_index()
+    for (row, column), part in trends.groupby([ROW, COLUMN], sort=True):
+        values = part[["nonlocality", "gate", "gate_min", "gate_max"]].astype("float64")
+        per_epoch = values.groupby([floats(part["epoch"]), part["layer"].to_numpy()]).mean()
+        per_epoch.index.names = ["full_epoch", "layer"]
+        panels[(int(row), int(column))] = per_epoch.reset_index()
     return panels
 
 
@@ -261,7 +220,7 @@ def plot_nonlocality(comparison, out):
     for ax, ((row, column), frame) in zip(axes, panels.items()):
         for layer, part in frame.groupby("layer", sort=True):
             gpsa = part["gate"].notna().any()
-            curve = part.groupby("full_epoch")["nonlocality"].mean()
+            curve = part.set_index("full_epoch")["nonlocality"]
             ax.plot(curve.index.to_numpy(dtype=float), curve.to_numpy(), "-" if gpsa else "--", marker=".",
                     color=colors[int(layer)], label=f"layer {int(layer)} ({'GPSA' if gpsa else 'MHSA'})")
         ax.set_title(_cell_title(comparison, row, column), fontsize="medium")
@@ -273,14 +232,14 @@ def plot_nonlocality(comparison, out):
 
 
 def gate_data(comparison) -> dict:
-    """{(row, column): frame} per cell with GPSA gates: per GPSA layer and full-data epoch the
-    heads' mean σ(λ) and their spread (min and max over the heads)."""
+    """{(row, column): frame} per cell with GPSA gates: per GPSA layer and full-data epoch the heads'
+    mean σ(λ) and their spread (the heads' min and max), each averaged over the cell's runs."""
     panels = {}
     for cell, frame in locality_data(comparison).items():
         gated = frame[frame["gate"].notna()]
         if len(gated):
-            spread = gated.groupby(["layer", "full_epoch"])["gate"].agg(["mean", "min", "max"]).reset_index()
-            panels[cell] = spread
+            panels[cell] = gated.rename(columns={"gate": "mean", "gate_min": "min", "gate_max": "max"})[
+                ["layer", "full_epoch", "mean", "min", "max"]].sort_values(["layer", "full_epoch"]).reset_index(drop=True)
     return panels
 
 
@@ -298,9 +257,9 @@ def plot_gates(comparison, out):
     fig, axes = _grid(len(panels), sharey=True)
     for ax, ((row, column), frame) in zip(axes, panels.items()):
         for layer, part in frame.groupby("layer", sort=True):
-            x = _floats(part["full_epoch"])
-            ax.plot(x, _floats(part["mean"]), color=colors[int(layer)], label=f"layer {int(layer)}")
-            ax.fill_between(x, _floats(part["min"]), _floats(part["max"]), color=colors[int(layer)], alpha=0.2,
+            x = floats(part["full_epoch"])
+            ax.plot(x, floats(part["mean"]), color=colors[int(layer)], label=f"layer {int(layer)}")
+            ax.fill_between(x, floats(part["min"]), floats(part["max"]), color=colors[int(layer)], alpha=0.2,
                             linewidth=0)
         for bound in (0.0, 1.0):
             ax.axhline(bound, color="black", linewidth=0.8, linestyle=":")
@@ -308,7 +267,7 @@ def plot_gates(comparison, out):
         ax.set_xlabel("full-data epoch")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylim(max(low - margin, -0.02), min(high + margin, 1.02))
-    axes[0].set_ylabel("σ(λ): 1 positional, 0 content\nline: mean over heads, band: min-max")
+    axes[0].set_ylabel("σ(λ): 1 positional, 0 content\nline: mean over heads, band: their min-max\n(each averaged over seeds)")
     fig.suptitle(f"σ(λ), y axis fitted to the data:\n{low:.2f}-{high:.2f} of 0-1 (dotted: 0 and 1, when in view)",
                  fontsize="medium")
     _shared_legend(fig, axes, title="GPSA layer")
