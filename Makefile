@@ -18,7 +18,7 @@ WANTS_CPU := $(filter cpu,$(EXTRA_LIST))
 # The two Paddle builds install the same `paddle` package: remove the other one first.
 OTHER_PADDLE := $(if $(WANTS_GPU),paddlepaddle,$(if $(WANTS_CPU),paddlepaddle-gpu))
 
-.PHONY: setup test test-fast test-gpu check-gpu demo bench clean FORCE
+.PHONY: setup test test-fast test-gpu check-gpu demo locality-dynamics bench clean FORCE
 
 # Idempotent: re-installs only when pyproject.toml changed or EXTRAS differs from the last setup.
 setup: $(STAMP)
@@ -61,6 +61,10 @@ check-gpu: setup
 demo: setup
 	$(BIN)/python src/train.py -m experiment=demo
 	$(BIN)/python src/compare.py outputs/demo
+
+locality-dynamics: setup
+	$(BIN)/python src/train.py -m experiment=locality_dynamics
+	$(BIN)/python src/compare.py outputs/locality_dynamics
 
 bench: setup
 	$(BIN)/python src/bench.py
