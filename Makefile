@@ -2,14 +2,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEFAULT_EXTRAS := cpu,cluster,dev
+DEFAULT_EXTRAS := cpu,cluster,dev,onnx
 # paddlepaddle-gpu 3.x is not on PyPI: Paddle's own index (CUDA 12.6 wheels; cu118, cu129 also exist)
 PADDLE_GPU_INDEX ?= https://www.paddlepaddle.org.cn/packages/stable/cu126/
 comma := ,
 
 # The stamp holds the extras of the last setup (a stamp from before it did counts as the default).
-# EXTRAS given (make setup EXTRAS=gpu,cluster,dev) installs those; left out, every target keeps
+# EXTRAS given (make setup EXTRAS=gpu,cluster,dev,onnx) installs those; left out, every target keeps
 # what is installed, so `make test` on a GPU setup does not switch back to the CPU build.
+# onnx (export.py format=onnx: paddle2onnx, onnxruntime) joined the default later: a setup stamped
+# before it adds it with `make setup EXTRAS=cpu,cluster,dev,onnx` (its tests are skipped until then).
 INSTALLED_EXTRAS := $(if $(wildcard $(STAMP)),$(or $(strip $(shell cat $(STAMP))),$(DEFAULT_EXTRAS)))
 EXTRAS ?= $(or $(INSTALLED_EXTRAS),$(DEFAULT_EXTRAS))
 EXTRA_LIST := $(subst $(comma), ,$(EXTRAS))

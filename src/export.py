@@ -1,6 +1,7 @@
 """Export a trained model to Paddle Inference: `python src/export.py run=<run dir> out=<folder>`
 (the run's best weights, model and data), or `python src/export.py model=<name> ckpt=<file>
-[data keys] out=<folder>`. Writes the static graph, its weights and export.json (README: Deploying).
+[data keys] out=<folder>`. Writes the static graph, its weights and export.json (README: Deploying);
+with format=onnx, model.onnx and export.json (the onnx extra: paddle2onnx, onnxruntime).
 """
 import os
 
@@ -33,9 +34,14 @@ def main(cfg):
     except Exception as exc:  # noqa: BLE001  (every failure is reported in one line)
         exit_in_one_line(exc)
     names = f", {len(manifest.class_names)} class names" if manifest.class_names else ", no class names"
-    print(f"exported {manifest.model} ({manifest.checkpoint}) to {cfg.out}: input float32 "
+    where = f"{cfg.out}/{manifest.program} (ONNX opset {manifest.onnx_opset})" if manifest.format == "onnx" else cfg.out
+    print(f"exported {manifest.model} ({manifest.checkpoint}) to {where}: input float32 "
           f"[batch, {manifest.in_chans}, {manifest.img_size[0]}, {manifest.img_size[1]}]{names}")
-    print(f"predict with: python src/predict.py model_dir={cfg.out} images=<file or folder>")
+    if manifest.format == "onnx":
+        print(f"run it with onnxruntime: input {manifest.input_name!r}, any batch, normalised as {cfg.out}/export.json "
+              "says (checked against the model's logits at batch 1 and 2)")
+    else:
+        print(f"predict with: python src/predict.py model_dir={cfg.out} images=<file or folder>")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Deploying: export.py writes a Paddle Inference model whose logits are the dygraph model's;
-predict.py classifies image files through paddle.inference as the dygraph model does; bad input
-is one line. Tiny models, real files, the real entry points."""
+predict.py classifies image files through paddle.inference as the dygraph model does; format=onnx
+writes an ONNX model whose logits through onnxruntime are the dygraph model's, at any batch; bad
+input is one line. Tiny models, real files, the real entry points."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +18,9 @@ from sklearn.datasets import load_digits
 from convitlab.core.files import file_digest as file_sha256
 from convitlab.data.sources import FileImages
 from convitlab.data.transforms import EvalTransform, Normalise
-from convitlab.deploy.bundle import MANIFEST, PARAMS
+from convitlab.core.errors import UserError
+from convitlab.deploy import onnx_export
+from convitlab.deploy.bundle import MANIFEST, ONNX, PARAMS
 from convitlab.deploy.inference import Predictor
 from convitlab.models import create_model
 from convitlab.models.weights import load_pretrained, save_pdparams
@@ -260,3 +265,139 @@ def test_export_of_an_image_folder_model_keeps_its_class_names_and_centre_crop(v
         want = model(paddle.to_tensor(np.stack([transform(reader.load(i)) for i in range(len(files))]))).numpy()
     assert [int(row["top1"]) for row in rows] == want.argmax(axis=1).tolist()
     assert [row["top1_name"] for row in rows] == [["cat", "dog"][c] for c in want.argmax(axis=1)]
+
+
+# ONNX (format=onnx): the onnx extra of pyproject.toml, which make setup installs. Where it is not
+# installed the tests that need it are skipped, with the reason; not in CI (CI=true), where a
+# missing extra is a failure rather than a quiet skip.
+ONNX_TOOLS = all(importlib.util.find_spec(name) for name in onnx_export.TOOLS)
+needs_onnx = pytest.mark.skipif(not ONNX_TOOLS and os.environ.get("CI") != "true",
+                                reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+
+
+def assert_same_onnx_logits(model, export_dir, shape):
+    """model.onnx through onnxruntime gives the dygraph model's logits to 1e-4 at batch 1 and 7,
+    from one session: its batch is any batch."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_dir / ONNX), providers=["CPUExecutionProvider"])
+    (image,), (logits,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, image.shape) == ("image", ["batch", *shape])
+    assert (logits.name, logits.shape) == ("logits", ["batch", 10])
+    for batch in (1, 7):
+        images = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        with paddle.no_grad():
+            want = model(paddle.to_tensor(images)).numpy()
+        got = session.run(None, {"image": images})[0]
+        assert got.shape == want.shape == (batch, 10)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def assert_onnx_folder(out, checkpoint):
+    """out holds model.onnx and export.json only; export.json says what it is."""
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, ONNX])
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["format"], manifest["program"], manifest["params"]) == ("onnx", ONNX, None)
+    assert manifest["onnx_opset"] == onnx_export.OPSET and manifest["input_name"] == "image"
+    assert manifest["img_size"] == [8, 8] and manifest["in_chans"] == 1 and manifest["mean"] == [0.5]
+    assert manifest["class_names"] == [str(i) for i in range(10)]
+    assert manifest["checkpoint"] == str(checkpoint) and manifest["checkpoint_sha256"] == file_sha256(checkpoint)
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_onnx_export_of_a_run_gives_the_dygraph_logits_at_any_batch(tiny_run, tmp_path):
+    """convit_micro from a training run (run=): its best weights, its model and data; predict.py,
+    which runs Paddle Inference, refuses the folder in one line."""
+    out = exported(tmp_path / "export", f"run={tiny_run}", "format=onnx")
+    best = tiny_run / "checkpoints" / "best.pdparams"
+    assert_onnx_folder(out, best)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # nothing beside it
+    assert_same_onnx_logits(dygraph("convit_micro", best), out, (1, 8, 8))
+    image = write_pngs(tmp_path / "pngs", count=1)[0]
+    proc = run(PREDICT + [f"model_dir={out}", f"images={image}"], cwd=tmp_path)
+    one_line_error(proc, f"model_dir={str(out)!r} is an ONNX export (model.onnx)", "export again with format=paddle")
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+@needs_onnx
+def test_onnx_export_of_a_checkpoint_gives_the_dygraph_logits_at_any_batch(deit_checkpoint, tmp_path):
+    """deit_micro from a checkpoint of a named size (model=, ckpt=) on the digits' image; the check
+    export.py makes in onnxruntime refuses logits that are not the model's."""
+    out = exported(tmp_path / "export", "model=deit_micro", f"ckpt={deit_checkpoint}", "format=onnx")
+    assert_onnx_folder(out, deit_checkpoint)
+    model = dygraph("deit_micro", deit_checkpoint)
+    assert_same_onnx_logits(model, out, (1, 8, 8))
+
+    def logits(images, shift=0.0):
+        with paddle.no_grad():
+            return model(paddle.to_tensor(images)).numpy() + shift
+
+    assert onnx_export.check(out / ONNX, logits, 1, (8, 8)) < 1e-5
+    with pytest.raises(UserError, match=r"^the converted model is wrong: onnxruntime's logits at batch 1 differ "
+                                        r"from the model's by 0\.01; export with format=paddle instead$"):
+        onnx_export.check(out / ONNX, lambda images: logits(images, 0.01), 1, (8, 8))
+
+
+def test_bad_format_and_missing_onnx_tools_are_one_line_and_write_nothing(deit_checkpoint, tmp_path):
+    """format= other than paddle|onnx; format=onnx where paddle2onnx cannot be imported (a package
+    on PYTHONPATH that says so, as Python does for a missing one): the extra to install."""
+    arguments = ["model=deit_micro", f"ckpt={deit_checkpoint}", f"out={tmp_path / 'export'}"]
+    one_line_error(run(EXPORT + arguments + ["format=tflite"], cwd=tmp_path),
+                   "format='tflite' is not allowed: one of paddle, onnx")
+    missing = tmp_path / "without" / "paddle2onnx"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'paddle2onnx'\", "
+                                         "name='paddle2onnx')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(missing.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = run(EXPORT + arguments + ["format=onnx"], cwd=tmp_path, env=env)
+    one_line_error(proc, "format=onnx needs paddle2onnx, onnx, onnxruntime, and paddle2onnx cannot be imported",
+                   "pip install -e '.[onnx]'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["without"]
+
+
+@needs_onnx
+def test_a_failed_conversion_is_one_line(tmp_path):
+    """paddle2onnx ends the process it converts in when it fails (sys.exit, or a C++ abort): in
+    its child process, its reason becomes one line."""
+    program, params = tmp_path / "inference.json", tmp_path / "inference.pdiparams"
+    program.write_text("{not a program")
+    params.write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        onnx_export.convert(program, params, tmp_path / ONNX)
+    message = str(caught.value)
+    assert message.startswith("paddle2onnx could not convert the exported graph: ") and "\n" not in message
+    assert "parse error" in message and message.endswith("export with format=paddle (Paddle Inference) instead")
+    assert not (tmp_path / ONNX).exists()
+    (tmp_path / ONNX).write_bytes(b"not a model")
+    with pytest.raises(UserError, match=r"^onnxruntime cannot run the converted model \(\[ONNXRuntimeError\]"):
+        onnx_export.check(tmp_path / ONNX, lambda images: np.zeros((len(images), 10), np.float32), 1, (8, 8))
+
+
+@needs_onnx
+def test_the_expand_repair_is_made_only_where_broadcasting_makes_it_exact():
+    """paddle2onnx writes Paddle's expand_as(x) as an Expand to a constant shape with the traced
+    batch, -1; the repair makes it 1 where an elementwise op broadcasts the result over the batch
+    (the same numbers at any batch), and leaves it where the result is used otherwise."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(consumer):
+        row = helper.make_node("Constant", [], ["row"], value=numpy_helper.from_array(np.arange(4, dtype=np.float32)
+                                                                                      .reshape(1, 4), "row"))
+        shape = helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([-1, 4]), "shape"))
+        expand = helper.make_node("Expand", ["row", "shape"], ["rows"], name="Expand.0")
+        use = helper.make_node(consumer, ["x", "rows"], ["y"], **({"axis": 1} if consumer == "Concat" else {}))
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8 if consumer == "Concat" else 4])
+        return helper.make_model(helper.make_graph([row, shape, expand, use], "g", [x], [y]),
+                                 opset_imports=[helper.make_opsetid("", 17)])
+
+    added = graph("Add")
+    assert onnx_export.repair_expand_shapes(added) == [("Expand.0", [-1, 4])]
+    session = onnxruntime.InferenceSession(added.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x + np.arange(4, dtype=np.float32))
+    concatenated = graph("Concat")
+    assert onnx_export.repair_expand_shapes(concatenated) == []
+    assert numpy_helper.to_array(concatenated.graph.node[1].attribute[0].t).tolist() == [-1, 4]

@@ -43,6 +43,7 @@ SubsetRule = _choice("SubsetRule", "random", "first")  # first: the reference's 
 OptimizerName = _choice("OptimizerName", "adamw", "adam", "sgd")
 ScheduleName = _choice("ScheduleName", "cosine", "constant")
 Device = _choice("Device", "auto", "cpu", "gpu")
+ExportFormat = _choice("ExportFormat", "paddle", "onnx")  # export.py: Paddle Inference, or ONNX through paddle2onnx
 Precision = _choice("Precision", "off", "fp16", "bf16")  # mixed precision on a GPU
 ChannelAdapt = _choice("ChannelAdapt", "sum", "mean")
 
@@ -255,8 +256,10 @@ class TrainedWeights:
 
 @dataclass
 class ExportConfig(TrainedWeights):
-    """export.py: a run's best weights (run=) or a checkpoint of a named size (model=, ckpt=) to Paddle Inference."""
+    """export.py: a run's best weights (run=) or a checkpoint of a named size (model=, ckpt=) to Paddle
+    Inference, or to ONNX (format=onnx: the onnx extra)."""
     out: str = MISSING                 # the folder to write (created; an earlier export there is replaced)
+    format: ExportFormat = ExportFormat.paddle  # paddle: inference.json + .pdiparams; onnx: model.onnx (any batch)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Export a model to Paddle Inference: `paddle.jit.save` of its forward pass on float32
 [batch, in_chans, H, W] (any batch), in a folder written whole or not at all, with export.json.
+format=onnx converts that same Paddle graph to model.onnx (deploy/onnx_export.py) and keeps only it.
 
 The exported graph is made of Paddle's own ops. convitlab's CPU layers (ops/cpu_layers.py) are
 subclasses of Paddle's that change only how forward and backward run on the CPU, for training
@@ -14,6 +15,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+import numpy as np
 import paddle
 from omegaconf import OmegaConf
 
@@ -21,11 +23,12 @@ from convitlab.config import validate
 from convitlab.core.errors import UserError, broken_link
 from convitlab.core.files import file_digest, find_disk_full
 from convitlab.data.transforms import image_size_pair
-from convitlab.deploy import bundle, source
+from convitlab.deploy import bundle, onnx_export, source
 from convitlab.models.convit import square_grid
 from convitlab.models.registry import build_model
 from convitlab.models.weights import load_state_dict, read_checkpoint
 from convitlab.ops import cpu_layers
+from convitlab.ops.runtime import cpu_threads
 
 INPUT_NAME = "image"
 
@@ -109,10 +112,30 @@ def staged_folder(out: Path):
         raise
 
 
+def save_onnx(model, folder: Path, in_chans: int, size) -> int:
+    """<folder>/model.onnx: save_static's graph (written in a folder of its own, removed after),
+    converted by paddle2onnx and checked in onnxruntime against `model`'s logits; its ONNX opset."""
+    paddle_graph = folder / ".paddle"
+    save_static(model, paddle_graph / bundle.PREFIX, in_chans, size)
+    opset = onnx_export.convert(bundle.program_file(paddle_graph), paddle_graph / bundle.PARAMS, folder / bundle.ONNX)
+    shutil.rmtree(paddle_graph)
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            return model(paddle.to_tensor(images)).numpy()
+
+    onnx_export.check(folder / bundle.ONNX, logits, in_chans, size, cpu_threads())
+    return opset
+
+
 def export(cfg, overrides=()) -> bundle.Manifest:
-    """Export cfg's model with its weights (src/export.py: run=, or model= and ckpt=) to cfg.out."""
+    """Export cfg's model with its weights (src/export.py: run=, or model= and ckpt=) to cfg.out, in
+    cfg.format (paddle or onnx)."""
     if OmegaConf.is_missing(cfg, "out") or not cfg.out:
         raise UserError("out=<folder> is required: where to write the exported model")
+    to_onnx = str(cfg.format) == "onnx"
+    if to_onnx:
+        onnx_export.require_tools()
     src = source.resolve(cfg, overrides)
     cfg = src.cfg
     validate(cfg)
@@ -123,13 +146,18 @@ def export(cfg, overrides=()) -> bundle.Manifest:
     load_state_dict(model, state, layout)
     size = list(image_size_pair(cfg.data.img_size))
     with staged_folder(out) as staging:
-        save_static(model, staging / bundle.PREFIX, cfg.data.in_chans, size)
+        opset = None
+        if to_onnx:
+            opset = save_onnx(model, staging, cfg.data.in_chans, size)
+        else:
+            save_static(model, staging / bundle.PREFIX, cfg.data.in_chans, size)
         manifest = bundle.Manifest(
             model=cfg.model.name, img_size=size, in_chans=cfg.data.in_chans, mean=list(cfg.data.mean),
             std=list(cfg.data.std), framing="resize_and_centre_crop" if cfg.data.name == "imagefolder" else "resize",
             num_classes=cfg.data.num_classes, class_names=source.class_names(cfg.data), input_name=INPUT_NAME,
-            program=bundle.program_file(staging).name, params=bundle.PARAMS, checkpoint=str(Path(cfg.ckpt).resolve()),
+            program=bundle.ONNX if to_onnx else bundle.program_file(staging).name,
+            params=None if to_onnx else bundle.PARAMS, checkpoint=str(Path(cfg.ckpt).resolve()),
             checkpoint_sha256=file_digest(cfg.ckpt), run=str(Path(src.run).resolve()) if src.run else None,
-            paddle_version=paddle.__version__)
+            paddle_version=paddle.__version__, format=str(cfg.format), onnx_opset=opset)
         manifest.write(staging)
     return manifest
