@@ -72,6 +72,8 @@ MEASURED_SPEEDUP = {
     "AMD family 25 (Zen 3)":  # amd-family25-model1/
         {"gelu": 1.22, "layer_norm": 1.01, "softmax": 1.01, "head_layouts": 1.06},
     "Intel family 6 model 167": {"gelu": 3.5, "softmax": 3.2, "head_layouts": 1.9},  # intel-family6-model167/
+    "AMD family 26 (Zen 5)":  # amd-zen5/
+        {"gelu": 1.79, "layer_norm": 1.51, "softmax": 1.57, "head_layouts": 1.29},
 }
 _chosen = {}  # CONVITLAB_CPU_KERNELS's value -> the kernels it selects
 
