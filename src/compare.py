@@ -2,8 +2,9 @@
 
 Prints mean ± std over seeds per group (and each column's gain over the baseline, with its 95%
 confidence interval and the one-sided p-value that it beats the baseline) and writes
-comparison.csv, comparison.md and plots into --out (default: the first input's folder), and
-nothing else: a sweep is read as its jobs are now (--write-summary also writes its summary.csv).
+comparison.csv, comparison.md, locality_trends.csv (when runs kept a locality.csv) and plots into
+--out (default: the first input's folder), and nothing else: a sweep is read as its jobs are now
+(--write-summary also writes its summary.csv).
 """
 import argparse
 import sys

@@ -8,14 +8,14 @@ heads and seeds; the gates as the range of the GPSA layers' mean σ(λ) at the l
 from pathlib import Path
 
 import pandas as pd
+from trend_table import seed_means  # this folder's script: run as a file, its folder is on sys.path
 
 PILOTS = Path(__file__).resolve().parent / "pilot"
 
 
 def moved(trends: pd.DataFrame) -> pd.DataFrame:
     """Per model, fraction and layer: nonlocality first, last; gate last (NaN for MHSA)."""
-    per_epoch = trends.groupby(["model", "fraction", "layer", "epoch"])[["nonlocality", "gate"]].mean()
-    return per_epoch.groupby(level=["model", "fraction", "layer"]).agg(
+    return seed_means(trends).groupby(level=["model", "fraction", "layer"]).agg(
         first=("nonlocality", "first"), last=("nonlocality", "last"), gate=("gate", "last"))
 
 

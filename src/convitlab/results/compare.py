@@ -19,8 +19,8 @@ shared variation out. Otherwise they are Welch's. Not a bootstrap: 3 seeds give 
 resamples, and its intervals are too narrow at such n.
 
 compare_results is the command (src/compare.py): comparison.csv (Comparison.table, every number
-at full precision), comparison.md (markdown_table, rendered from the same table) and the figures
-of plots.py.
+at full precision), comparison.md (markdown_table, rendered from the same table),
+locality_trends.csv (curves.locality_trends) and the figures of plots.py.
 """
 import contextlib
 import math
@@ -406,7 +406,8 @@ def markdown_table(comparison) -> str:
 
 def compare_results(inputs, metric="top1", by=None, vs=None, baseline=None, out=None, plots=True,
                     kind=tables.TRAIN, write_summary=False) -> str:
-    """Compare the inputs, write comparison.csv/.md (and plots) into `out`; return the report to print.
+    """Compare the inputs, write comparison.csv/.md, locality_trends.csv (when runs kept a
+    locality.csv) and the plots into `out`; return the report to print.
 
     `out` defaults to the first input's folder (the input itself when it is a directory); nothing
     else is written, unless `write_summary`: then each sweep directory's summary.csv too.

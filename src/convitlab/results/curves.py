@@ -16,7 +16,7 @@ from convitlab.core import tables
 from convitlab.core.layout import CONFIG, LOCALITY
 from convitlab.engine.protocol import epoch_scale
 from convitlab.results import load
-from convitlab.results.cells import COLUMN, ROW
+from convitlab.results.cells import COLUMN, ROW, floats
 
 # locality_trends.csv: the run's identity, then per layer and full-data epoch the heads' mean
 # nonlocality (mean attention distance in patches) and gate, and the gate's range over the heads.
@@ -39,10 +39,6 @@ def full_epochs_per_pass(runs: pd.DataFrame) -> pd.Series:
         cfg = OmegaConf.create({"data": {"fraction": fraction}, "schedule": {"scale_epochs": scaled}})
         scales[label] = 1.0 / epoch_scale(cfg)
     return pd.Series(scales, dtype="float64")
-
-
-def floats(series) -> np.ndarray:
-    return series.astype("float64").to_numpy()
 
 
 def comparison_curves(comparison, filename) -> pd.DataFrame:

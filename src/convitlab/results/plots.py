@@ -4,8 +4,11 @@ table cell whose runs kept a locality.csv, nonlocality per layer and the GPSA ga
 
 Epochs on every x axis are full-data epochs, as the configuration counts them (schedule.epochs):
 a pass over a subset of fraction f is f of one (engine.protocol), unless the run counted passes
-(schedule.scale_epochs=false). Error bars and bands are the 95% t-interval of the mean over seeds,
-cut to the values the metric can take (0-100 for accuracies), never mean ± std, which can cross them.
+(schedule.scale_epochs=false). Error bars and the learning curves' bands are the 95% t-interval of
+the mean over seeds, cut to the values the metric can take (0-100 for accuracies), never mean ± std,
+which can cross them; gates.png's band is the heads' range (their min and max, each averaged over
+seeds). nonlocality.png and gates.png are drawn from curves.locality_trends, the rows of
+locality_trends.csv.
 
 Each plot_* function takes a Comparison and the output folder and returns one line for the report:
 "wrote <path>", or "skipped <name>: <why>" when the runs have nothing to draw. What a figure shows
@@ -21,8 +24,8 @@ import pandas as pd
 
 from convitlab.core.files import atomic_path
 from convitlab.core.layout import METRICS
-from convitlab.results.cells import COLUMN, ROW, show
-from convitlab.results.curves import comparison_curves, floats, locality_trends
+from convitlab.results.cells import COLUMN, ROW, floats, show
+from convitlab.results.curves import comparison_curves, locality_trends
 from convitlab.results.stats import mean_interval
 
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "best_top1": "best top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
